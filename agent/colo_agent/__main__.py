@@ -1,0 +1,5 @@
+import sys
+
+from colo_agent.cli import main
+
+sys.exit(main())

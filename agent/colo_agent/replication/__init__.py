@@ -1,0 +1,1 @@
+"""Checkpoint replication between a primary and a secondary agent."""
