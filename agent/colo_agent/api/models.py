@@ -1,0 +1,587 @@
+"""The agent's control API contract, version `v1`: what the operator and the agent exchange.
+
+This module is the only part of the agent the operator imports, so it depends on
+the standard library alone and never connects, logs or reads the clock. Every
+document is a frozen dataclass with `to_dict()`/`to_json()` and
+`from_dict()`/`from_json()`; JSON keys are camelCase. Parsing validates every
+field and raises `ModelError` naming the field (`peer.state`) and what is wrong
+with it, so a malformed document never turns into an `AttributeError` deep in a
+caller.
+
+Compatibility rules within `v1`: a reader ignores keys it does not know (a newer
+agent may add fields), and a writer never removes or retypes a field. Anything
+else is a new API version. Every response carries `apiVersion`; a reader checks
+it first (`check_api_version`) and refuses versions it does not speak with
+`VersionMismatch`, before looking at any other field.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, NoReturn, TypeVar
+
+API_VERSION = "v1"
+# Versions this module can read. A reader speaking several versions would list them here.
+SUPPORTED_API_VERSIONS: frozenset[str] = frozenset({API_VERSION})
+# Also sent as a response header, so a client can check the version of any
+# response, even one whose body is not ours (a proxy's error page).
+API_VERSION_HEADER = "X-Colo-Api-Version"
+
+
+class ModelError(ValueError):
+    """A document does not match the contract. `field` is the dotted path of the culprit."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        self.field = field
+        self.reason = reason
+        super().__init__(f"{field}: {reason}" if field else reason)
+
+
+class VersionMismatch(ModelError):
+    """The peer speaks an API version this side does not."""
+
+    def __init__(self, got: object) -> None:
+        self.got = got
+        spoken = ", ".join(sorted(SUPPORTED_API_VERSIONS))
+        super().__init__("apiVersion", f"{got!r} is not a version this side speaks ({spoken})")
+
+
+class Role(enum.StrEnum):
+    PRIMARY = "primary"
+    SECONDARY = "secondary"
+
+
+class ReplicationMode(enum.StrEnum):
+    CHECKPOINT = "checkpoint"
+    LOCKSTEP = "lockstep"
+
+
+class PeerState(enum.StrEnum):
+    CONNECTED = "connected"  # epochs flowing, acknowledged
+    SYNCING = "syncing"  # first sync (pre-copy) in progress
+    LOST = "lost"  # heartbeat timed out or connection failed; not protected
+    NONE = "none"  # no peer configured or none has joined yet
+
+
+class CheckpointCause(enum.StrEnum):
+    """Why a checkpoint was taken. Readers accept any other non-empty string too:
+    a newer agent may add causes, and a cause only ever labels figures."""
+
+    INTERVAL = "interval"
+    DIRTY_THRESHOLD = "dirty-threshold"
+    MISMATCH = "mismatch"  # lockstep: outputs differed
+    REQUESTED = "requested"  # POST /v1/checkpoint
+    INITIAL_SYNC = "initial-sync"
+
+
+class GuestState(enum.StrEnum):
+    """Known guest states; as with causes, readers accept other non-empty strings."""
+
+    CREATED = "created"
+    RUNNING = "running"
+    PAUSED = "paused"
+    STOPPED = "stopped"
+
+
+# --------------------------------------------------------------------------- parsing helpers
+
+_E = TypeVar("_E", bound=enum.Enum)
+
+
+class _Reader:
+    """Typed access to one JSON object, raising `ModelError` with the dotted path."""
+
+    def __init__(self, data: object, path: str) -> None:
+        if not isinstance(data, Mapping):
+            self._fail_at(path, f"expected an object, got {_kind(data)}")
+        self._data: Mapping[str, Any] = data
+        self._path = path
+
+    @staticmethod
+    def _fail_at(path: str, reason: str) -> NoReturn:
+        raise ModelError(path, reason)
+
+    def _where(self, key: str) -> str:
+        return f"{self._path}.{key}" if self._path else key
+
+    def _get(self, key: str) -> Any:
+        if key not in self._data:
+            self._fail_at(self._where(key), "is required")
+        return self._data[key]
+
+    def _has(self, key: str) -> bool:
+        return self._data.get(key) is not None
+
+    def integer(self, key: str, *, minimum: int = 0) -> int:
+        value = self._get(key)
+        # bool is an int in Python, never in the contract.
+        if not isinstance(value, int) or isinstance(value, bool):
+            self._fail_at(self._where(key), f"expected an integer, got {_kind(value)}")
+        if value < minimum:
+            self._fail_at(self._where(key), f"must be >= {minimum}, got {value}")
+        return value
+
+    def number(self, key: str) -> float:
+        value = self._get(key)
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            self._fail_at(self._where(key), f"expected a number, got {_kind(value)}")
+        if not math.isfinite(value) or value < 0:
+            self._fail_at(self._where(key), f"must be a finite number >= 0, got {value}")
+        return float(value)
+
+    def optional_number(self, key: str) -> float | None:
+        return self.number(key) if self._has(key) else None
+
+    def boolean(self, key: str) -> bool:
+        value = self._get(key)
+        if not isinstance(value, bool):
+            self._fail_at(self._where(key), f"expected true or false, got {_kind(value)}")
+        return value
+
+    def string(self, key: str) -> str:
+        value = self._get(key)
+        if not isinstance(value, str):
+            self._fail_at(self._where(key), f"expected a string, got {_kind(value)}")
+        if not value:
+            self._fail_at(self._where(key), "must not be empty")
+        return value
+
+    def optional_string(self, key: str) -> str | None:
+        return self.string(key) if self._has(key) else None
+
+    def choice(self, key: str, kind: type[_E]) -> _E:
+        value = self.string(key)
+        try:
+            return kind(value)
+        except ValueError:
+            allowed = ", ".join(str(member.value) for member in kind)
+            self._fail_at(self._where(key), f"{value!r} is not one of {allowed}")
+
+    def child(self, key: str) -> _Reader:
+        return _Reader(self._get(key), self._where(key))
+
+    def optional_child(self, key: str) -> _Reader | None:
+        return self.child(key) if self._has(key) else None
+
+    def counts(self, key: str) -> dict[str, int]:
+        """An object of non-negative integer counts (`checkpointsByCause`)."""
+        inner = self.child(key)
+        for name in inner._data:
+            if not isinstance(name, str) or not name:
+                self._fail_at(inner._path, f"keys must be non-empty strings, got {name!r}")
+        return {name: inner.integer(name) for name in inner._data}
+
+
+def _kind(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, Mapping):
+        return "an object"
+    return type(value).__name__
+
+
+def _load(data: str | bytes | bytearray) -> object:
+    try:
+        return json.loads(data)
+    except UnicodeDecodeError as exc:
+        raise ModelError("", f"body is not UTF-8: {exc.reason}") from None
+    except json.JSONDecodeError as exc:
+        where = f"line {exc.lineno} column {exc.colno}"
+        raise ModelError("", f"body is not valid JSON: {exc.msg} at {where}") from None
+    except RecursionError:
+        raise ModelError("", "body is not valid JSON: nested too deeply") from None
+
+
+def _dump(document: Mapping[str, Any]) -> str:
+    return json.dumps(document, separators=(",", ":"), allow_nan=False)
+
+
+def check_api_version(document: object) -> None:
+    """Raise `VersionMismatch` unless `document` (a parsed response) is in a version we speak."""
+    if not isinstance(document, Mapping):
+        raise ModelError("", f"expected an object, got {_kind(document)}")
+    if "apiVersion" not in document:
+        raise ModelError("apiVersion", "is required")
+    version = document["apiVersion"]
+    # Compared as a string: a list or object here must be refused, not crash a set lookup.
+    if not isinstance(version, str) or version not in SUPPORTED_API_VERSIONS:
+        raise VersionMismatch(version)
+
+
+_M = TypeVar("_M", bound="_Document")
+
+
+class _Document:
+    """JSON round trip shared by every top-level document."""
+
+    # Whether the document carries `apiVersion` (responses do; a request body does not need to).
+    _versioned: ClassVar[bool] = True
+
+    def to_dict(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def to_json(self) -> str:
+        return _dump(self.to_dict())
+
+    @classmethod
+    def _parse(cls: type[_M], reader: _Reader) -> _M:
+        raise NotImplementedError
+
+    @classmethod
+    def from_dict(cls: type[_M], document: object) -> _M:
+        if cls._versioned:
+            check_api_version(document)
+        return cls._parse(_Reader(document, ""))
+
+    @classmethod
+    def from_json(cls: type[_M], data: str | bytes | bytearray) -> _M:
+        return cls.from_dict(_load(data))
+
+
+# --------------------------------------------------------------------------- status
+
+
+@dataclass(frozen=True, slots=True)
+class PeerStatus:
+    state: PeerState
+    # The peer's replication address (HOST:PORT) when known.
+    address: str | None = None
+    # Age of the last heartbeat received from the peer, by the agent's monotonic clock.
+    last_heartbeat_age_ms: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "state": self.state.value,
+            "address": self.address,
+            "lastHeartbeatAgeMs": self.last_heartbeat_age_ms,
+        }
+
+    @classmethod
+    def _parse(cls, r: _Reader) -> PeerStatus:
+        return cls(
+            state=r.choice("state", PeerState),
+            address=r.optional_string("address"),
+            last_heartbeat_age_ms=r.optional_number("lastHeartbeatAgeMs"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointFigures:
+    """One checkpoint, from pause to acknowledgement."""
+
+    epoch: int
+    pause_ms: float  # guest paused: dirty collection, staging copy, device state
+    pages: int
+    bytes: int  # payload bytes on the wire (pages and device state)
+    duration_ms: float  # pause start to acknowledgement
+    cause: str  # a CheckpointCause value, or a newer one
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "pauseMs": self.pause_ms,
+            "pages": self.pages,
+            "bytes": self.bytes,
+            "durationMs": self.duration_ms,
+            "cause": self.cause,
+        }
+
+    @classmethod
+    def _parse(cls, r: _Reader) -> CheckpointFigures:
+        return cls(
+            epoch=r.integer("epoch", minimum=1),
+            pause_ms=r.number("pauseMs"),
+            pages=r.integer("pages"),
+            bytes=r.integer("bytes"),
+            duration_ms=r.number("durationMs"),
+            cause=r.string("cause"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Totals:
+    """Counters since the agent started."""
+
+    checkpoints: int = 0
+    pages: int = 0
+    bytes: int = 0
+    failovers: int = 0  # promotions this agent went through
+    checkpoints_by_cause: Mapping[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "checkpoints": self.checkpoints,
+            "pages": self.pages,
+            "bytes": self.bytes,
+            "failovers": self.failovers,
+            "checkpointsByCause": dict(self.checkpoints_by_cause),
+        }
+
+    @classmethod
+    def _parse(cls, r: _Reader) -> Totals:
+        return cls(
+            checkpoints=r.integer("checkpoints"),
+            pages=r.integer("pages"),
+            bytes=r.integer("bytes"),
+            failovers=r.integer("failovers"),
+            checkpoints_by_cause=r.counts("checkpointsByCause"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class GuestStatus:
+    state: str  # a GuestState value, or a newer one
+    accel: str  # "kvm", "tcg", ...
+    memory_bytes: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"state": self.state, "accel": self.accel, "memoryBytes": self.memory_bytes}
+
+    @classmethod
+    def _parse(cls, r: _Reader) -> GuestStatus:
+        return cls(state=r.string("state"), accel=r.string("accel"), memory_bytes=r.integer("memoryBytes"))
+
+
+@dataclass(frozen=True, slots=True)
+class AgentStatus(_Document):
+    """`GET /v1/status`."""
+
+    role: Role
+    # The fencing generation this agent knows: the Lease's term it holds (primary)
+    # or last saw (secondary). 0 before any primary took the Lease.
+    term: int
+    # Last epoch the secondary acknowledged in `term` (0: none yet). Epochs restart at 1 every term.
+    last_acked_epoch: int
+    mode: ReplicationMode
+    peer: PeerStatus
+    guest: GuestStatus
+    totals: Totals = field(default_factory=Totals)
+    last_checkpoint: CheckpointFigures | None = None
+    # Secondary: holds a complete committed image (promotable). Primary: its
+    # secondary is synced, i.e. the VM is protected.
+    synced: bool = False
+    api_version: str = API_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "apiVersion": self.api_version,
+            "role": self.role.value,
+            "term": self.term,
+            "lastAckedEpoch": self.last_acked_epoch,
+            "mode": self.mode.value,
+            "peer": self.peer.to_dict(),
+            "lastCheckpoint": None if self.last_checkpoint is None else self.last_checkpoint.to_dict(),
+            "totals": self.totals.to_dict(),
+            "guest": self.guest.to_dict(),
+            "synced": self.synced,
+        }
+
+    @classmethod
+    def _parse(cls, r: _Reader) -> AgentStatus:
+        last = r.optional_child("lastCheckpoint")
+        return cls(
+            api_version=r.string("apiVersion"),
+            role=r.choice("role", Role),
+            term=r.integer("term"),
+            last_acked_epoch=r.integer("lastAckedEpoch"),
+            mode=r.choice("mode", ReplicationMode),
+            peer=PeerStatus._parse(r.child("peer")),
+            last_checkpoint=None if last is None else CheckpointFigures._parse(last),
+            totals=Totals._parse(r.child("totals")),
+            guest=GuestStatus._parse(r.child("guest")),
+            synced=r.boolean("synced"),
+        )
+
+
+# --------------------------------------------------------------------------- actions
+
+
+@dataclass(frozen=True, slots=True)
+class PromoteRequest(_Document):
+    """`POST /v1/promote` body: take the arbiter with `term` (strictly higher than the current one)."""
+
+    _versioned: ClassVar[bool] = False
+
+    term: int
+
+    def __post_init__(self) -> None:
+        if isinstance(self.term, bool) or not isinstance(self.term, int) or self.term < 1:
+            raise ModelError("term", f"must be an integer >= 1, got {self.term!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"term": self.term}
+
+    @classmethod
+    def _parse(cls, r: _Reader) -> PromoteRequest:
+        return cls(term=r.integer("term", minimum=1))
+
+
+@dataclass(frozen=True, slots=True)
+class PromoteResult(_Document):
+    """`POST /v1/promote` response: the agent is now primary in `term`."""
+
+    role: Role
+    term: int
+    # The acknowledged epoch the guest resumed from (checkpoint mode), 0 for lockstep
+    # (the running guest continues) or when the agent was already primary.
+    resumed_from_epoch: int = 0
+    api_version: str = API_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "apiVersion": self.api_version,
+            "role": self.role.value,
+            "term": self.term,
+            "resumedFromEpoch": self.resumed_from_epoch,
+        }
+
+    @classmethod
+    def _parse(cls, r: _Reader) -> PromoteResult:
+        return cls(
+            api_version=r.string("apiVersion"),
+            role=r.choice("role", Role),
+            term=r.integer("term", minimum=1),
+            resumed_from_epoch=r.integer("resumedFromEpoch"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointResult(_Document):
+    """`POST /v1/checkpoint` response: `epoch` of `term` is acknowledged by the secondary."""
+
+    term: int
+    epoch: int
+    api_version: str = API_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"apiVersion": self.api_version, "term": self.term, "epoch": self.epoch}
+
+    @classmethod
+    def _parse(cls, r: _Reader) -> CheckpointResult:
+        return cls(
+            api_version=r.string("apiVersion"),
+            term=r.integer("term"),
+            epoch=r.integer("epoch", minimum=1),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class DemoteResult(_Document):
+    """`POST /v1/demote` response: the agent no longer releases output.
+
+    `role` stays `primary` (it still runs the guest and keeps its state for a
+    switchover) until the operator replaces it; `releasing` is False from now on.
+    """
+
+    role: Role
+    term: int
+    releasing: bool = False
+    api_version: str = API_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "apiVersion": self.api_version,
+            "role": self.role.value,
+            "term": self.term,
+            "releasing": self.releasing,
+        }
+
+    @classmethod
+    def _parse(cls, r: _Reader) -> DemoteResult:
+        return cls(
+            api_version=r.string("apiVersion"),
+            role=r.choice("role", Role),
+            term=r.integer("term"),
+            releasing=r.boolean("releasing"),
+        )
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class ErrorReason(enum.StrEnum):
+    """Machine-readable reason of an error response; `error` carries the human message."""
+
+    BAD_REQUEST = "BadRequest"  # 400: malformed body or parameters
+    UNAUTHORIZED = "Unauthorized"  # 401: no bearer token
+    FORBIDDEN = "Forbidden"  # 403: wrong bearer token
+    NOT_FOUND = "NotFound"  # 404
+    METHOD_NOT_ALLOWED = "MethodNotAllowed"  # 405
+    STALE_TERM = "StaleTerm"  # 409: promote term not above the current one
+    WRONG_ROLE = "WrongRole"  # 409: e.g. checkpoint asked of a secondary
+    CONFLICT = "Conflict"  # 409: arbiter held by someone else, ...
+    NOT_READY = "NotReady"  # 503: e.g. a secondary not synced yet, no peer to checkpoint to
+    UNAVAILABLE = "Unavailable"  # 503: arbiter unreachable, engine stopping
+    INTERNAL = "Internal"  # 500
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorResponse(_Document):
+    """Body of every 4xx/5xx response of the control API."""
+
+    error: str
+    reason: str  # an ErrorReason value, or a newer one
+    api_version: str = API_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"apiVersion": self.api_version, "error": self.error, "reason": self.reason}
+
+    @classmethod
+    def _parse(cls, r: _Reader) -> ErrorResponse:
+        return cls(api_version=r.string("apiVersion"), error=r.string("error"), reason=r.string("reason"))
+
+
+class ControlError(Exception):
+    """Raised by the agent engine to refuse a control request; the server maps it to a response.
+
+    Subclasses fix the HTTP status and reason so the engine speaks in domain
+    terms and never in HTTP.
+    """
+
+    status: ClassVar[int] = 409
+    reason: ClassVar[ErrorReason] = ErrorReason.CONFLICT
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+        super().__init__(message)
+
+    def to_response(self) -> ErrorResponse:
+        return ErrorResponse(error=self.message, reason=self.reason.value)
+
+
+class StaleTerm(ControlError):
+    """A promotion asked for a term not higher than the one this agent knows."""
+
+    reason = ErrorReason.STALE_TERM
+
+
+class WrongRole(ControlError):
+    reason = ErrorReason.WRONG_ROLE
+
+
+class ArbiterConflict(ControlError):
+    """The arbiter could not be taken (held and still valid, or lost a compare-and-swap)."""
+
+    reason = ErrorReason.CONFLICT
+
+
+class NotReady(ControlError):
+    status = 503
+    reason = ErrorReason.NOT_READY
+
+
+class Unavailable(ControlError):
+    status = 503
+    reason = ErrorReason.UNAVAILABLE
