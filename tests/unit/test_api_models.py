@@ -272,7 +272,7 @@ def test_arbitrary_bytes_parse_or_raise_model_error(body: bytes) -> None:
 
 def test_models_import_only_the_standard_library() -> None:
     tree = ast.parse(Path(models.__file__).read_text())
-    imported = set()
+    imported: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             imported.update(alias.name.split(".")[0] for alias in node.names)
