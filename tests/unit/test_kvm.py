@@ -1,0 +1,500 @@
+"""The kvm accelerator against tiny 64-bit guests assembled from source here.
+
+Each guest is a few instructions of GNU assembly, assembled with gcc and
+loaded at the firmware address into RAM prepared by `boot.py`, so these tests
+exercise the same long-mode entry the firmware gets.
+"""
+
+from __future__ import annotations
+
+import mmap
+import shutil
+import struct
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from colo_agent.microvm import abi, boot
+from colo_agent.microvm.accel import DescriptorTable, RunResult
+from colo_agent.microvm.kvm import KvmAccelerator, install_kick_signal_handler, kvm_available
+
+pytestmark = [
+    pytest.mark.kvm,
+    pytest.mark.skipif(not kvm_available(), reason="/dev/kvm cannot be opened (absent or no permission)"),
+    pytest.mark.skipif(
+        shutil.which("gcc") is None or shutil.which("objcopy") is None,
+        reason="the test guests need gcc and objcopy (Debian: gcc, binutils)",
+    ),
+]
+
+RAM_SIZE = abi.MIN_RAM
+PAGE = abi.PAGE_SIZE
+# Generous: only a hang should fail, never a slow shared machine.
+JOIN_TIMEOUT_S = 5.0
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _kick_handler() -> None:
+    install_kick_signal_handler()
+
+
+_assembled: dict[str, bytes] = {}
+
+
+def assemble(source: str, tmp_path: Path) -> bytes:
+    """Flat binary of `source` (GNU as, AT&T syntax, 64-bit), position-independent by construction."""
+    if source not in _assembled:
+        src = tmp_path / "guest.S"
+        obj = tmp_path / "guest.o"
+        out = tmp_path / "guest.bin"
+        src.write_text(".code64\n.text\n" + source + "\n")
+        subprocess.run(["gcc", "-c", "-o", str(obj), str(src)], check=True, capture_output=True)
+        subprocess.run(
+            ["objcopy", "-O", "binary", "-j", ".text", str(obj), str(out)], check=True, capture_output=True
+        )
+        _assembled[source] = out.read_bytes()
+    return _assembled[source]
+
+
+@dataclass
+class RecordingIo:
+    """A device model that records every access and answers INs from a queue."""
+
+    inputs: dict[int, list[int]] = field(default_factory=dict)
+    outs: list[tuple[int, int, int]] = field(default_factory=list)
+    ins: list[tuple[int, int]] = field(default_factory=list)
+    on_access: Callable[[], None] | None = None
+
+    def io_out(self, port: int, size: int, value: int) -> None:
+        self.outs.append((port, size, value))
+        if self.on_access:
+            self.on_access()
+
+    def io_in(self, port: int, size: int) -> int:
+        self.ins.append((port, size))
+        if self.on_access:
+            self.on_access()
+        return self.inputs[port].pop(0)
+
+
+@pytest.fixture
+def make_vm(tmp_path: Path) -> Iterator[Callable[..., tuple[KvmAccelerator, mmap.mmap, RecordingIo]]]:
+    made: list[tuple[KvmAccelerator, mmap.mmap]] = []
+
+    def make(
+        source: str | None = None, ram: mmap.mmap | None = None, io: RecordingIo | None = None
+    ) -> tuple[KvmAccelerator, mmap.mmap, RecordingIo]:
+        io = io or RecordingIo()
+        if ram is None:
+            ram = mmap.mmap(-1, RAM_SIZE)
+            boot.write_boot_environment(ram, RAM_SIZE)
+            if source is not None:
+                code = assemble(source, tmp_path)
+                ram[abi.FIRMWARE_ADDR : abi.FIRMWARE_ADDR + len(code)] = code
+        accel = KvmAccelerator(ram, io)
+        made.append((accel, ram))
+        if source is not None:
+            accel.set_cpu_state(boot.initial_cpu_state())
+        return accel, ram, io
+
+    yield make
+    for accel, ram in reversed(made):
+        accel.close()
+        ram.close()
+
+
+def run_in_thread(accel: KvmAccelerator) -> tuple[threading.Thread, list[RunResult]]:
+    result: list[RunResult] = []
+    thread = threading.Thread(target=lambda: result.append(accel.run()), daemon=True)
+    thread.start()
+    return thread, result
+
+
+def kick_and_join(accel: KvmAccelerator, thread: threading.Thread, result: list[RunResult]) -> RunResult:
+    accel.kick()
+    thread.join(JOIN_TIMEOUT_S)
+    assert not thread.is_alive(), "run() did not return after kick()"
+    return result[0]
+
+
+# -- port I/O -----------------------------------------------------------------
+
+IO_GUEST = """
+    mov $0x3f8, %dx
+    mov $0x41, %al
+    out %al, %dx
+    mov $0x500, %dx
+    mov $0xdeadbeef, %eax
+    out %eax, %dx
+    mov $0x510, %dx
+    in %dx, %eax
+    mov %rax, %rbx
+    xor %eax, %eax
+    mov $0x514, %dx
+    in %dx, %ax
+    mov %rax, %rcx
+    hlt
+"""
+
+
+def test_port_io_reaches_handler_and_in_lands_in_rax(make_vm) -> None:
+    accel, _ram, io = make_vm(IO_GUEST)
+    io.inputs = {0x510: [0x89ABCDEF], 0x514: [0x1234]}
+    assert accel.run() is RunResult.HALTED
+    assert io.outs == [(0x3F8, 1, 0x41), (0x500, 4, 0xDEADBEEF)]
+    assert io.ins == [(0x510, 4), (0x514, 2)]
+    state = accel.get_cpu_state()
+    assert state.gpr("rbx") == 0x89ABCDEF
+    assert state.gpr("rcx") == 0x1234
+
+
+def test_in_value_is_truncated_to_access_width(make_vm) -> None:
+    accel, _ram, io = make_vm("mov $0x510, %dx\n xor %eax, %eax\n in %dx, %al\n hlt")
+    io.inputs = {0x510: [0x1FF]}
+    assert accel.run() is RunResult.HALTED
+    assert accel.get_cpu_state().gpr("rax") == 0xFF
+
+
+STRING_IO_GUEST = """
+    cld
+    mov $0x200000, %rsi
+    mov $16, %rcx
+    mov $0x3f8, %dx
+    rep outsb
+    mov $0x201000, %rdi
+    mov $4, %rcx
+    mov $0x510, %dx
+    rep insl
+    hlt
+"""
+
+
+def test_string_io_moves_every_item_in_order(make_vm) -> None:
+    accel, ram, io = make_vm(STRING_IO_GUEST)
+    message = b"hello, string io"
+    ram[0x200000 : 0x200000 + len(message)] = message
+    io.inputs = {0x510: [0x11111111, 0x22222222, 0x33333333, 0x44444444]}
+    assert accel.run() is RunResult.HALTED
+    assert bytes(value for _port, _size, value in io.outs) == message
+    assert {(port, size) for port, size, _value in io.outs} == {(0x3F8, 1)}
+    assert struct.unpack_from("<4I", ram, 0x201000) == (0x11111111, 0x22222222, 0x33333333, 0x44444444)
+    state = accel.get_cpu_state()
+    assert state.gpr("rcx") == 0
+    assert state.gpr("rsi") == 0x200000 + len(message)
+    assert state.gpr("rdi") == 0x201000 + 16
+
+
+# -- hlt and failures ---------------------------------------------------------
+
+
+def test_hlt_returns_halted_and_run_continues_after_it(make_vm) -> None:
+    accel, _ram, io = make_vm("hlt\n mov $0x3f8, %dx\n mov $0x42, %al\n out %al, %dx\n hlt")
+    assert accel.run() is RunResult.HALTED
+    assert io.outs == []
+    assert accel.run() is RunResult.HALTED
+    assert io.outs == [(0x3F8, 1, 0x42)]
+
+
+def test_access_outside_ram_fails_with_address(make_vm) -> None:
+    accel, _ram, _io = make_vm("movq $1, 0x20000000\n hlt")
+    assert accel.run() is RunResult.FAILED
+    assert accel.failure is not None
+    assert "0x20000000" in accel.failure and "outside guest RAM" in accel.failure
+
+
+def test_triple_fault_fails(make_vm) -> None:
+    # No IDT (limit 0): #UD cannot be delivered, escalates to a triple fault.
+    accel, _ram, _io = make_vm("ud2")
+    assert accel.run() is RunResult.FAILED
+    assert accel.failure is not None and "triple fault" in accel.failure
+    assert f"rip={abi.FIRMWARE_ADDR:#x}" in accel.failure
+
+
+def test_handler_exception_propagates(make_vm) -> None:
+    accel, _ram, _io = make_vm("mov $0x510, %dx\n in %dx, %eax\n hlt")  # no input queued -> KeyError
+    with pytest.raises(KeyError):
+        accel.run()
+
+
+# -- dirty log ----------------------------------------------------------------
+
+# Writes one qword to every address of the table at 0x180000 (count first),
+# halts, then writes one more page.
+DIRTY_GUEST = """
+    mov $0x180000, %rsi
+    mov (%rsi), %rcx
+    add $8, %rsi
+1:  mov (%rsi), %rdi
+    movq $0x5a5a5a5a, (%rdi)
+    add $8, %rsi
+    dec %rcx
+    jnz 1b
+    hlt
+    movq $1, 0x3ff008
+    hlt
+"""
+
+
+def test_dirty_log_reports_exactly_the_pages_written(make_vm) -> None:
+    accel, ram, _io = make_vm(DIRTY_GUEST)
+    rng = np.random.default_rng(7)
+    # Pages 0x200..0x3fe: above the code and the table, below the last-phase page.
+    pages = rng.choice(np.arange(0x200, 0x3FF), size=97, replace=False)
+    offsets = rng.integers(0, PAGE // 8, size=pages.size) * 8
+    addrs = pages * PAGE + offsets
+    struct.pack_into(f"<Q{addrs.size}Q", ram, 0x180000, addrs.size, *addrs.tolist())
+    shadow = bytes(ram)
+    # Monitor-side writes (boot structures, the table) are not the guest's.
+    assert accel.collect_dirty().size == 0
+
+    assert accel.run() is RunResult.HALTED
+    dirty = accel.collect_dirty()
+    assert dirty.dtype == np.int64
+    np.testing.assert_array_equal(dirty, np.sort(pages))
+    changed = np.flatnonzero(
+        (np.frombuffer(ram, dtype=np.uint8) != np.frombuffer(shadow, dtype=np.uint8)).reshape(-1, PAGE).any(1)
+    )
+    assert set(changed.tolist()) <= set(dirty.tolist())
+    assert accel.collect_dirty().size == 0
+
+    assert accel.run() is RunResult.HALTED
+    np.testing.assert_array_equal(accel.collect_dirty(), [0x3FF])
+
+
+def test_dirty_log_rearms_after_collection(make_vm) -> None:
+    # The same page written in two rounds is reported in both.
+    accel, _ram, _io = make_vm("movq $1, 0x300000\n hlt\n movq $2, 0x300008\n hlt")
+    assert accel.run() is RunResult.HALTED
+    np.testing.assert_array_equal(accel.collect_dirty(), [0x300])
+    assert accel.run() is RunResult.HALTED
+    np.testing.assert_array_equal(accel.collect_dirty(), [0x300])
+
+
+# -- kick ---------------------------------------------------------------------
+
+SPIN_GUEST = "1: jmp 1b"
+
+
+def test_kick_stops_a_spinning_guest(make_vm) -> None:
+    accel, _ram, _io = make_vm(SPIN_GUEST)
+    thread, result = run_in_thread(accel)
+    time.sleep(0.05)
+    assert kick_and_join(accel, thread, result) is RunResult.KICKED
+    # The kick is consumed: the next run spins again until kicked again.
+    thread, result = run_in_thread(accel)
+    time.sleep(0.05)
+    assert thread.is_alive()
+    assert kick_and_join(accel, thread, result) is RunResult.KICKED
+
+
+def test_kick_before_run_is_not_lost(make_vm) -> None:
+    accel, _ram, io = make_vm("mov $0x3f8, %dx\n out %al, %dx\n hlt")
+    accel.kick()
+    assert accel.run() is RunResult.KICKED
+    assert io.outs == []
+    assert accel.get_cpu_state().rip == abi.FIRMWARE_ADDR
+    assert accel.run() is RunResult.HALTED
+
+
+def test_kick_during_in_completes_the_access_first(make_vm, tmp_path: Path) -> None:
+    prologue = "mov $0x510, %dx\n in %dx, %eax\n"
+    accel, _ram, io = make_vm(prologue + "1: jmp 1b")
+    io.inputs = {0x510: [0xCAFE]}
+    io.on_access = accel.kick
+    assert accel.run() is RunResult.KICKED
+    state = accel.get_cpu_state()
+    assert state.gpr("rax") == 0xCAFE
+    # rip is past the `in`, on the spin loop: the access is complete.
+    assert state.rip == abi.FIRMWARE_ADDR + len(assemble(prologue, tmp_path))
+
+
+def test_kick_from_another_thread_during_io_handler(make_vm) -> None:
+    # The monitor's pause path: kick() races a port access in the vCPU thread.
+    accel, _ram, io = make_vm("mov $0x500, %dx\n 1: out %eax, %dx\n inc %eax\n jmp 1b")
+    handler_entered = threading.Event()
+    io.on_access = handler_entered.set
+    thread, result = run_in_thread(accel)
+    assert handler_entered.wait(JOIN_TIMEOUT_S)
+    for _round in range(3):
+        assert kick_and_join(accel, thread, result) is RunResult.KICKED
+        state = accel.get_cpu_state()
+        values = [value for _port, _size, value in io.outs]
+        # The handler saw each OUT once, in order, and none is half done: eax
+        # is the last value sent if the vCPU stopped right after the `out`
+        # (at `inc`, +5), else the next one to send.
+        assert values == list(range(len(values)))
+        at_inc = state.rip == abi.FIRMWARE_ADDR + 5
+        assert state.gpr("rax") == len(values) - (1 if at_inc else 0)
+        thread, result = run_in_thread(accel)
+    assert kick_and_join(accel, thread, result) is RunResult.KICKED
+
+
+def test_run_requires_kick_handler(make_vm, monkeypatch: pytest.MonkeyPatch) -> None:
+    import signal
+
+    accel, _ram, _io = make_vm("hlt")
+    monkeypatch.setattr(signal, "getsignal", lambda _sig: signal.SIG_DFL)
+    with pytest.raises(RuntimeError, match="install_kick_signal_handler"):
+        accel.run()
+
+
+def test_install_kick_handler_keeps_existing_handler() -> None:
+    import signal
+
+    def mine(signum: int, frame: object) -> None:
+        pass
+
+    previous = signal.signal(signal.SIGUSR1, mine)
+    try:
+        install_kick_signal_handler()
+        install_kick_signal_handler()
+        assert signal.getsignal(signal.SIGUSR1) is mine
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+
+
+# -- CPU state ----------------------------------------------------------------
+
+
+def _canonical(rng: np.random.Generator) -> int:
+    return int(rng.integers(0, 1 << 47, dtype=np.int64))
+
+
+def test_cpu_state_round_trips(make_vm) -> None:
+    accel, _ram, _io = make_vm("hlt")
+    rng = np.random.default_rng(3)
+    initial = boot.initial_cpu_state()
+    segments = list(initial.segments)
+    segments[3] = replace(segments[3], base=_canonical(rng))  # fs_base
+    segments[4] = replace(segments[4], base=_canonical(rng))  # gs_base
+    state = replace(
+        initial,
+        gprs=tuple(int(x) * 2 + 1 for x in rng.integers(0, 1 << 63, size=16, dtype=np.int64)),
+        rip=0x123456,
+        rflags=0x2 | 0x1 | 0x40 | 0x80 | 0x800,  # CF ZF SF OF
+        segments=tuple(segments),
+        gdt=DescriptorTable(base=0x7000, limit=0x3F),
+        idt=DescriptorTable(base=0x8000, limit=0xFFF),
+        cr2=0xDEAD000,
+    )
+    accel.set_cpu_state(state)
+    assert accel.get_cpu_state() == state
+    accel.set_cpu_state(initial)
+    assert accel.get_cpu_state() == initial
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"gprs": (0,) * 15}, "general registers"),
+        ({"rip": -1}, "rip"),
+        ({"cr3": 1 << 64}, "cr3"),
+        ({"gdt": DescriptorTable(base=0, limit=0x10000)}, "gdt.limit"),
+        # Long mode active without paging: KVM refuses, we say so.
+        ({"cr0": boot.CR0_PE | boot.CR0_ET | boot.CR0_NE}, "rejected"),
+    ],
+)
+def test_bad_cpu_state_is_refused(make_vm, change: dict[str, object], message: str) -> None:
+    accel, _ram, _io = make_vm("hlt")
+    before = accel.get_cpu_state()
+    with pytest.raises(ValueError, match=message):
+        accel.set_cpu_state(replace(boot.initial_cpu_state(), **change))  # type: ignore[arg-type]
+    assert accel.get_cpu_state() == before
+
+
+# An endless loop that keeps a checkable invariant in several registers and the
+# stack: r9 counts iterations, rax is an LCG stepped r9 times from 0, rbx is
+# 1 + 2 + ... + r9. When the flag at 0x1f8000 is set, it stores them and halts.
+LCG_A = 0x5851F42D4C957F2D
+LCG_C = 0x14057B7EF767814F
+MIGRATION_GUEST = f"""
+    mov ${LCG_A:#x}, %r8
+    mov ${LCG_C:#x}, %r10
+    xor %eax, %eax
+    xor %ebx, %ebx
+    xor %r9d, %r9d
+1:  imul %r8, %rax
+    add %r10, %rax
+    inc %r9
+    push %r9
+    add %r9, %rbx
+    pop %r11
+    cmpq $0, 0x1f8000
+    je 1b
+    mov %rax, 0x1f0000
+    mov %rbx, 0x1f0008
+    mov %r9, 0x1f0010
+    mov %r11, 0x1f0018
+    hlt
+"""
+
+M64 = (1 << 64) - 1
+
+
+def lcg_after(steps: int) -> int:
+    """x -> a*x + c applied `steps` times to 0, by squaring the affine map."""
+    mul, add = 1, 0  # the accumulated map x -> mul*x + add
+    a, c = LCG_A, LCG_C
+    while steps:
+        if steps & 1:
+            mul, add = (a * mul) & M64, (a * add + c) & M64
+        a, c = (a * a) & M64, (a * c + c) & M64
+        steps >>= 1
+    return add
+
+
+def test_state_taken_mid_run_continues_on_a_fresh_accelerator(make_vm) -> None:
+    accel, ram, _io = make_vm(MIGRATION_GUEST)
+    counts = []
+    for _hop in range(3):
+        thread, result = run_in_thread(accel)
+        time.sleep(0.05)
+        assert kick_and_join(accel, thread, result) is RunResult.KICKED
+        state = accel.get_cpu_state()
+        counts.append(state.gpr("r9"))
+        r9 = state.gpr("r9")
+        # Kicked anywhere in the loop body: rax is 0, 1 or 2 instructions into step r9 + 1.
+        assert state.gpr("rax") in {lcg_after(r9), (LCG_A * lcg_after(r9)) & M64, lcg_after(r9 + 1)}
+        copy = mmap.mmap(-1, RAM_SIZE)
+        copy[:] = ram[:]
+        accel, ram, _io = make_vm(ram=copy)
+        accel.set_cpu_state(state)
+        assert accel.get_cpu_state() == state
+    struct.pack_into("<Q", ram, 0x1F8000, 1)
+    assert accel.run() is RunResult.HALTED
+    rax, rbx, r9, r11 = struct.unpack_from("<4Q", ram, 0x1F0000)
+    assert counts == sorted(counts) and r9 >= counts[-1] > 0
+    assert rax == lcg_after(r9)
+    assert rbx == (r9 * (r9 + 1) // 2) & M64
+    assert r11 == r9
+
+
+# -- lifecycle ----------------------------------------------------------------
+
+
+def test_ram_must_be_whole_pages() -> None:
+    ram = mmap.mmap(-1, PAGE * 2 + 1)
+    with pytest.raises(ValueError, match="multiple"):
+        KvmAccelerator(ram, RecordingIo())
+    ram.close()
+
+
+def test_close_releases_ram_and_is_idempotent() -> None:
+    ram = mmap.mmap(-1, RAM_SIZE)
+    accel = KvmAccelerator(ram, RecordingIo())
+    with pytest.raises(BufferError):
+        ram.close()  # still registered with KVM
+    accel.close()
+    accel.close()
+    accel.kick()  # harmless after close
+    with pytest.raises(RuntimeError, match="closed"):
+        accel.run()
+    with pytest.raises(RuntimeError, match="closed"):
+        accel.collect_dirty()
+    ram.close()
