@@ -71,8 +71,13 @@ def default_firmware() -> Firmware:
 
 def _make_accelerator(name: str, ram: mmap.mmap, io: DeviceModel) -> Accelerator:
     if name == "kvm":
-        from colo_agent.microvm.kvm import KvmAccelerator
+        from colo_agent.microvm.kvm import KvmAccelerator, install_kick_signal_handler
 
+        # kick() interrupts KVM_RUN with a signal, whose handler only the main
+        # thread may install; a machine created elsewhere relies on the
+        # agent's main having done it (run() says so clearly otherwise).
+        if threading.current_thread() is threading.main_thread():
+            install_kick_signal_handler()
         return KvmAccelerator(ram, io)
     from colo_agent.microvm.tcg import TcgAccelerator
 
