@@ -1,0 +1,282 @@
+"""The frame codec: round trips, and every defect is a typed error that leaves
+the decoder as it was."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from colo_agent.replication import protocol as p
+
+u64 = st.integers(0, 2**64 - 1)
+u32 = st.integers(0, 2**32 - 1)
+u16 = st.integers(0, 2**16 - 1)
+text = st.text(max_size=40)
+counts = st.lists(u64, max_size=8).map(tuple)
+
+
+@st.composite
+def pages(draw: st.DrawFn) -> p.Pages:
+    n = draw(st.integers(1, 6))
+    idx = np.array(sorted(draw(st.sets(st.integers(0, 10_000), min_size=n, max_size=n))), dtype=np.int64)
+    seed = draw(st.integers(0, 2**32 - 1))
+    data = np.random.default_rng(seed).integers(0, 256, size=n * p.PAGE_SIZE, dtype=np.uint8)
+    kind = draw(st.sampled_from([p.MessageType.PAGES, p.MessageType.SYNC_PAGES]))
+    return p.Pages(kind, draw(u64), draw(u64), draw(u32), draw(u16), idx, data)
+
+
+messages = st.one_of(
+    st.builds(
+        p.Hello, u16, st.text(min_size=1, max_size=30).filter(lambda s: len(s.encode()) <= 253),
+        st.sampled_from(p.Role), st.sampled_from(p.ChannelKind), u16, st.integers(1, p.MAX_CHANNELS),
+        u64, u64, u64, u64, st.binary(min_size=16, max_size=16),
+    ),
+    st.builds(p.AuthChallenge, st.binary(min_size=16, max_size=16)),
+    st.builds(p.AuthResponse, st.binary(min_size=32, max_size=32)),
+    st.builds(p.AuthOk, st.binary(min_size=32, max_size=32), u64, u64, u64),
+    st.builds(p.Refused, st.sampled_from(p.RefuseReason), text),
+    st.builds(p.SyncBegin, u64, u64),
+    st.builds(p.SyncEnd, u64, u32, counts),
+    st.builds(p.CheckpointBegin, u64, u64, u32, u16, u64),
+    st.builds(p.DeviceState, u64, u64, u32, st.binary(max_size=300)),
+    st.builds(p.CheckpointEnd, u64, u64, u32, u64, counts),
+    st.builds(p.Ack, u64, u64),
+    st.builds(p.Nack, u64, u64, u32, st.sampled_from(p.NackReason), text),
+    st.builds(p.Heartbeat, u64, u64, u64),
+    st.builds(p.Goodbye, st.sampled_from(p.GoodbyeReason), text),
+    pages(),
+)
+
+
+def same(a: p.Message, b: p.Message) -> bool:
+    if isinstance(a, p.Pages):
+        assert isinstance(b, p.Pages)
+        return (
+            (a.kind, a.term, a.epoch, a.attempt, a.channel) == (b.kind, b.term, b.epoch, b.attempt, b.channel)
+            and np.array_equal(a.indices, b.indices)
+            and bytes(p.byte_view(a.data)) == bytes(p.byte_view(b.data))
+        )
+    return a == b
+
+
+def encode(msgs: list[p.Message]) -> bytes:
+    return p.encode_all(p.FrameEncoder(), msgs)
+
+
+def snapshot(dec: p.FrameDecoder) -> tuple[bytes, int, bool]:
+    return bytes(dec._buf), dec._seq, dec.expecting_payload
+
+
+@given(st.lists(messages, min_size=1, max_size=6), st.integers(1, 5000))
+@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow])
+def test_round_trip_in_any_chunking(msgs: list[p.Message], chunk: int) -> None:
+    wire = encode(msgs)
+    dec = p.FrameDecoder()
+    out: list[p.Message] = []
+    for i in range(0, len(wire), chunk):
+        dec.receive(wire[i : i + chunk])
+    out = p.drain(dec)
+    assert len(out) == len(msgs)
+    assert all(same(a, b) for a, b in zip(msgs, out, strict=True))
+    assert dec.next_event() is p.NEED_DATA
+    dec.eof()
+
+
+def test_page_data_is_received_in_place_without_copies() -> None:
+    idx = np.array([3, 4, 7], dtype=np.int64)
+    src = np.random.default_rng(1).integers(0, 256, size=(3, p.PAGE_SIZE), dtype=np.uint8)
+    wire = encode([p.Pages(p.MessageType.PAGES, 1, 2, 0, 0, idx, src)])
+    dec = p.FrameDecoder()
+    pos = 0
+    # The transport reads exactly `wanted()` bytes until the header is parsed.
+    while True:
+        n = dec.wanted()
+        dec.receive(wire[pos : pos + n])
+        pos += n
+        ev = dec.next_event()
+        if ev is not p.NEED_DATA:
+            break
+    assert isinstance(ev, p.PagesHeader)
+    assert list(ev.indices) == [3, 4, 7] and ev.data_length == 3 * p.PAGE_SIZE
+    dest = np.zeros((3, p.PAGE_SIZE), dtype=np.uint8)
+    dec.begin_payload(dest)
+    assert dec.wanted() == len(wire) - pos  # nothing was over-read into a scratch buffer
+    buf = dec.payload_buffer()
+    buf[:] = wire[pos:]  # what recv_into would do
+    dec.payload_written(len(buf))
+    done = dec.next_event()
+    assert isinstance(done, p.PagesComplete) and done.count == 3 and not done.discarded
+    assert np.array_equal(dest, src)
+
+
+def test_discarded_payload_is_checked_and_skipped() -> None:
+    idx = np.array([1], dtype=np.int64)
+    wire = encode([p.Pages(p.MessageType.PAGES, 1, 1, 0, 0, idx, bytes(p.PAGE_SIZE)), p.Ack(1, 1)])
+    dec = p.FrameDecoder()
+    dec.receive(wire)
+    assert isinstance(dec.next_event(), p.PagesHeader)
+    dec.begin_payload(None)
+    done = dec.next_event()
+    assert isinstance(done, p.PagesComplete) and done.discarded
+    assert dec.next_event() == p.Ack(1, 1)
+
+
+def test_corrupted_page_data_is_a_resumable_error_and_the_stream_goes_on() -> None:
+    idx = np.array([1, 2], dtype=np.int64)
+    wire = bytearray(encode([p.Pages(p.MessageType.PAGES, 1, 1, 0, 0, idx, bytes(2 * p.PAGE_SIZE)), p.Ack(1, 1)]))
+    wire[p.HEADER_SIZE + p.PAGES_META.size + 16 + 5000] ^= 0x40
+    dec = p.FrameDecoder()
+    dec.receive(wire)
+    assert isinstance(dec.next_event(), p.PagesHeader)
+    dec.begin_payload(bytearray(2 * p.PAGE_SIZE))
+    with pytest.raises(p.RemoteProtocolError, match="checksum") as err:
+        dec.next_event()
+    assert err.value.resumable
+    assert dec.next_event() == p.Ack(1, 1)
+
+
+@given(st.lists(messages, min_size=1, max_size=3), st.data())
+@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow])
+def test_any_bit_flip_is_a_typed_error(msgs: list[p.Message], data: st.DataObject) -> None:
+    wire = bytearray(encode(msgs))
+    bit = data.draw(st.integers(0, len(wire) * 8 - 1))
+    wire[bit // 8] ^= 1 << (bit % 8)
+    dec = p.FrameDecoder()
+    dec.receive(wire)
+    with pytest.raises(p.RemoteProtocolError):
+        p.drain(dec)
+        dec.eof()
+
+
+@given(st.lists(messages, min_size=1, max_size=4), st.data())
+@settings(max_examples=100, suppress_health_check=[HealthCheck.too_slow])
+def test_truncation_needs_data_and_fails_at_eof(msgs: list[p.Message], data: st.DataObject) -> None:
+    wire = encode(msgs)
+    cut = data.draw(st.integers(0, len(wire) - 1))
+    dec = p.FrameDecoder()
+    dec.receive(wire[:cut])
+    got = p.drain(dec)
+    assert len(got) < len(msgs)
+    assert dec.next_event() is p.NEED_DATA
+    boundary = cut in {len(encode(msgs[:k])) for k in range(len(msgs) + 1)}
+    if boundary:
+        dec.eof()
+    else:
+        with pytest.raises(p.RemoteProtocolError, match="middle of a frame"):
+            dec.eof()
+
+
+@given(st.lists(messages, min_size=2, max_size=4), st.data())
+@settings(max_examples=100, suppress_health_check=[HealthCheck.too_slow])
+def test_reordered_or_dropped_frames_are_refused(msgs: list[p.Message], data: st.DataObject) -> None:
+    enc = p.FrameEncoder()
+    frames = [encode_one(enc, m) for m in msgs]
+    i = data.draw(st.integers(1, len(frames) - 1))
+    if data.draw(st.booleans()):
+        frames[0], frames[i] = frames[i], frames[0]  # reorder
+    else:
+        del frames[i - 1]  # drop one
+    dec = p.FrameDecoder()
+    dec.receive(b"".join(frames))
+    with pytest.raises(p.RemoteProtocolError, match="out of sequence"):
+        p.drain(dec)
+
+
+def encode_one(enc: p.FrameEncoder, msg: p.Message) -> bytes:
+    return p.encode_all(enc, [msg])
+
+
+@given(st.integers(0, 255).filter(lambda t: t not in {int(m) for m in p.MessageType}), st.binary(max_size=64))
+def test_unknown_type_is_refused_and_the_decoder_is_intact(mtype: int, payload: bytes) -> None:
+    head = p.HEADER.pack(p.MAGIC, p.WIRE_VERSION, mtype, 0, len(payload), 0)
+    wire = head + struct.pack("<Q", p._frame_checksum(head, 0)) + payload
+    dec = p.FrameDecoder()
+    dec.receive(wire)
+    before = snapshot(dec)
+    for _ in range(2):  # the same error again: nothing was consumed
+        with pytest.raises(p.RemoteProtocolError, match="unknown frame type"):
+            dec.next_event()
+        assert snapshot(dec) == before
+
+
+def test_other_wire_version_is_named_in_the_error() -> None:
+    wire = bytearray(encode([p.Ack(1, 1)]))
+    wire[4] = 9
+    dec = p.FrameDecoder()
+    dec.receive(wire)
+    with pytest.raises(p.RemoteProtocolError, match="unsupported wire version 9"):
+        dec.next_event()
+
+
+def test_oversized_length_is_refused_before_buffering() -> None:
+    head = p.HEADER.pack(p.MAGIC, p.WIRE_VERSION, p.MessageType.DEVICE_STATE, 0, 2**31, 0)
+    dec = p.FrameDecoder()
+    dec.receive(head + bytes(8))
+    with pytest.raises(p.RemoteProtocolError, match="exceeds"):
+        dec.next_event()
+
+
+@given(st.binary(max_size=2000))
+@settings(max_examples=500)
+def test_fuzz_random_bytes_never_crash(blob: bytes) -> None:
+    dec = p.FrameDecoder()
+    dec.receive(blob)
+    try:
+        p.drain(dec)
+        dec.eof()
+    except p.RemoteProtocolError:
+        pass
+
+
+@given(st.lists(messages, max_size=3), st.binary(min_size=1, max_size=200), st.data())
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+def test_fuzz_garbage_spliced_into_valid_stream(msgs: list[p.Message], junk: bytes, data: st.DataObject) -> None:
+    wire = encode(msgs)
+    at = data.draw(st.integers(0, len(wire)))
+    dec = p.FrameDecoder()
+    dec.receive(wire[:at] + junk + wire[at:])
+    try:
+        p.drain(dec)
+        dec.eof()
+    except p.RemoteProtocolError:
+        pass
+
+
+def test_local_misuse_is_a_local_error() -> None:
+    enc = p.FrameEncoder()
+    with pytest.raises(p.LocalProtocolError):
+        enc.encode(p.AuthChallenge(b"short"))
+    with pytest.raises(p.LocalProtocolError):
+        enc.encode_pages(p.Pages(p.MessageType.PAGES, 1, 1, 0, 0, np.array([1]), bytes(10)))
+    with pytest.raises(p.LocalProtocolError):
+        enc.encode_pages(p.Pages(p.MessageType.ACK, 1, 1, 0, 0, np.array([1]), bytes(p.PAGE_SIZE)))
+    dec = p.FrameDecoder()
+    with pytest.raises(p.LocalProtocolError):
+        dec.begin_payload(bytearray(10))
+    dec.receive(encode([p.Pages(p.MessageType.PAGES, 1, 1, 0, 0, np.array([1]), bytes(p.PAGE_SIZE))]))
+    assert isinstance(dec.next_event(), p.PagesHeader)
+    with pytest.raises(p.LocalProtocolError, match="begin_payload"):
+        dec.next_event()
+    with pytest.raises(p.LocalProtocolError, match="writable"):
+        dec.begin_payload(bytearray(7))
+    with pytest.raises(p.LocalProtocolError, match="read-only"):
+        dec.begin_payload(bytes(p.PAGE_SIZE))
+
+
+def test_semantic_payload_defects_are_remote_errors() -> None:
+    enc = p.FrameEncoder()
+    # A NACK whose reason code is unknown, with a valid checksum.
+    payload = struct.pack("<QQIH", 1, 1, 0, 999) + struct.pack("<H", 0)
+    head = p.HEADER.pack(p.MAGIC, p.WIRE_VERSION, p.MessageType.NACK, 0, len(payload), 0)
+    import xxhash
+
+    wire = head + struct.pack("<Q", p._frame_checksum(head, xxhash.xxh3_64_intdigest(payload))) + payload
+    dec = p.FrameDecoder()
+    dec.receive(wire)
+    with pytest.raises(p.RemoteProtocolError, match="unknown NackReason 999"):
+        dec.next_event()
+    assert enc.seq == 0
