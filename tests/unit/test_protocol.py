@@ -7,6 +7,7 @@ import struct
 
 import numpy as np
 import pytest
+import xxhash
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -127,7 +128,8 @@ def test_discarded_payload_is_checked_and_skipped() -> None:
 
 def test_corrupted_page_data_is_a_resumable_error_and_the_stream_goes_on() -> None:
     idx = np.array([1, 2], dtype=np.int64)
-    wire = bytearray(encode([p.Pages(p.MessageType.PAGES, 1, 1, 0, 0, idx, bytes(2 * p.PAGE_SIZE)), p.Ack(1, 1)]))
+    frame = p.Pages(p.MessageType.PAGES, 1, 1, 0, 0, idx, bytes(2 * p.PAGE_SIZE))
+    wire = bytearray(encode([frame, p.Ack(1, 1)]))
     wire[p.HEADER_SIZE + p.PAGES_META.size + 16 + 5000] ^= 0x40
     dec = p.FrameDecoder()
     dec.receive(wire)
@@ -234,7 +236,9 @@ def test_fuzz_random_bytes_never_crash(blob: bytes) -> None:
 
 @given(st.lists(messages, max_size=3), st.binary(min_size=1, max_size=200), st.data())
 @settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
-def test_fuzz_garbage_spliced_into_valid_stream(msgs: list[p.Message], junk: bytes, data: st.DataObject) -> None:
+def test_fuzz_garbage_spliced_into_valid_stream(
+    msgs: list[p.Message], junk: bytes, data: st.DataObject
+) -> None:
     wire = encode(msgs)
     at = data.draw(st.integers(0, len(wire)))
     dec = p.FrameDecoder()
@@ -272,8 +276,6 @@ def test_semantic_payload_defects_are_remote_errors() -> None:
     # A NACK whose reason code is unknown, with a valid checksum.
     payload = struct.pack("<QQIH", 1, 1, 0, 999) + struct.pack("<H", 0)
     head = p.HEADER.pack(p.MAGIC, p.WIRE_VERSION, p.MessageType.NACK, 0, len(payload), 0)
-    import xxhash
-
     wire = head + struct.pack("<Q", p._frame_checksum(head, xxhash.xxh3_64_intdigest(payload))) + payload
     dec = p.FrameDecoder()
     dec.receive(wire)
