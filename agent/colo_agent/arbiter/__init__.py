@@ -1,0 +1,1 @@
+"""Fencing arbiters: the lock a primary must hold to release output (see `base`)."""
