@@ -65,6 +65,8 @@ _ATTRIBUTE_BITS = (
     ("unusable", 16, 1),
 )
 _IO_SIZES = (1, 2, 4)
+_EXIT_REASON = struct.Struct("<I")
+_IO_EXIT = struct.Struct(K.RUN_IO_FORMAT)
 
 
 class KvmError(RuntimeError):
@@ -173,6 +175,21 @@ def _validate_state(state: CpuState) -> None:
         _check_u64(f"{name}.base", table.base)
         if not 0 <= table.limit <= 0xFFFF:
             raise ValueError(f"{name}.limit = {table.limit:#x} does not fit 16 bits")
+
+
+def pages_from_dirty_bitmap(words: npt.NDArray[np.uint64], page_count: int) -> npt.NDArray[np.int64]:
+    """Sorted page indices whose bit is set in a KVM dirty bitmap (bit b of word w is page 64w + b)."""
+    nonzero = np.flatnonzero(words)
+    if nonzero.size == 0:
+        return np.empty(0, dtype=np.int64)
+    # Unpack only the words that have a bit set: a sparse log of a large guest
+    # costs little more than the scan for non-zero words. x86 is little-endian,
+    # so the bytes of a word are in bit order already.
+    bits = np.unpackbits(words[nonzero].view(np.uint8), bitorder="little").view(np.bool_)
+    set_bits = np.flatnonzero(bits)
+    pages = nonzero[set_bits >> 6] * 64 + (set_bits & 63)
+    # Bits past the last page (the bitmap is padded to whole words) are never set by KVM.
+    return pages[pages < page_count].astype(np.int64, copy=False)
 
 
 class KvmAccelerator:
@@ -297,8 +314,10 @@ class KvmAccelerator:
 
     def _run_loop(self, run_map: mmap.mmap) -> RunResult:
         vcpu = self._vcpu
+        ioctl = _libc_ioctl
+        unpack_exit = _EXIT_REASON.unpack_from
         while True:
-            if _libc_ioctl(vcpu, K.KVM_RUN, None) < 0:
+            if ioctl(vcpu, K.KVM_RUN, None) < 0:
                 err = ctypes.get_errno()
                 if err == errno.EINTR:
                     if run_map[K.RUN_IMMEDIATE_EXIT]:
@@ -308,7 +327,7 @@ class KvmAccelerator:
                 if err == errno.EAGAIN:
                     continue
                 return self._fail(f"KVM_RUN failed: {os.strerror(err)}")
-            (reason,) = struct.unpack_from("<I", run_map, K.RUN_EXIT_REASON)
+            (reason,) = unpack_exit(run_map, K.RUN_EXIT_REASON)
             if reason == K.KVM_EXIT_IO:
                 failure = self._handle_io(run_map)
                 if failure is not None:
@@ -321,26 +340,27 @@ class KvmAccelerator:
                 return self._fail(self._describe_exit(run_map, reason))
 
     def _handle_io(self, run_map: mmap.mmap) -> str | None:
-        direction, size, port, count, data_offset = struct.unpack_from(
-            K.RUN_IO_FORMAT, run_map, K.RUN_EXIT_DATA
-        )
-        if size not in _IO_SIZES or count == 0 or data_offset + size * count > len(run_map):
-            return f"malformed port I/O exit: port {port:#x} size {size} count {count} offset {data_offset}"
-        # String I/O (rep ins/outs) arrives as `count` consecutive items; KVM
-        # itself advances rsi/rdi/rcx, so each item is one ordinary access.
-        mask = (1 << (8 * size)) - 1
+        direction, size, port, count, offset = _IO_EXIT.unpack_from(run_map, K.RUN_EXIT_DATA)
+        if size not in _IO_SIZES or count == 0 or offset + size * count > len(run_map):
+            return f"malformed port I/O exit: port {port:#x} size {size} count {count} offset {offset}"
         if direction == K.KVM_EXIT_IO_OUT:
-            items = np.frombuffer(run_map, dtype=f"<u{size}", count=count, offset=data_offset)
+            if count == 1:  # the common case, kept free of numpy's per-call overhead
+                self._io.io_out(port, size, int.from_bytes(run_map[offset : offset + size], "little"))
+                return None
+            # String I/O (rep outs) arrives as `count` consecutive items; KVM
+            # itself advances rsi/rcx, so each item is one ordinary access.
+            items = np.frombuffer(run_map, dtype=f"<u{size}", count=count, offset=offset)
             for value in items.tolist():
                 self._io.io_out(port, size, value)
-        elif direction == K.KVM_EXIT_IO_IN:
+            return None
+        if direction == K.KVM_EXIT_IO_IN:
+            mask = (1 << (8 * size)) - 1
             for i in range(count):
                 value = self._io.io_in(port, size) & mask
-                offset = data_offset + i * size
-                run_map[offset : offset + size] = value.to_bytes(size, "little")
-        else:
-            return f"port I/O exit with unknown direction {direction} on port {port:#x}"
-        return None
+                item = offset + i * size
+                run_map[item : item + size] = value.to_bytes(size, "little")
+            return None
+        return f"port I/O exit with unknown direction {direction} on port {port:#x}"
 
     def _describe_exit(self, run_map: mmap.mmap, reason: int) -> str:
         name = K.EXIT_REASON_NAMES.get(reason, f"exit reason {reason}")
@@ -458,17 +478,7 @@ class KvmAccelerator:
         # Returns and clears the log, and re-arms write tracking of the
         # reported pages, in one call; safe while the vCPU runs.
         _ioctl(self._vm, K.KVM_GET_DIRTY_LOG, log, what="KVM_GET_DIRTY_LOG")
-        nonzero = np.flatnonzero(words)
-        if nonzero.size == 0:
-            return np.empty(0, dtype=np.int64)
-        # Unpack only the words that have a bit set: a sparse log of a large
-        # guest costs little more than the scan for non-zero words.
-        bits = np.unpackbits(
-            words[nonzero].astype("<u8", copy=False).view(np.uint8).reshape(-1, 8), axis=1, bitorder="little"
-        )
-        rows, cols = np.nonzero(bits)
-        pages = nonzero[rows].astype(np.int64) * 64 + cols
-        return pages[pages < self._page_count]
+        return pages_from_dirty_bitmap(words, self._page_count)
 
     # -- teardown -------------------------------------------------------------
 
