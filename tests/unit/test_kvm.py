@@ -498,3 +498,18 @@ def test_close_releases_ram_and_is_idempotent() -> None:
     with pytest.raises(RuntimeError, match="closed"):
         accel.collect_dirty()
     ram.close()
+
+
+def test_close_from_the_vcpu_thread_happens_when_run_returns() -> None:
+    ram = mmap.mmap(-1, RAM_SIZE)
+    boot.write_boot_environment(ram, RAM_SIZE)
+    code = b"\x66\xba\xf8\x03\xee\xeb\xfe"  # mov $0x3f8, %dx; out %al, %dx; 1: jmp 1b
+    ram[abi.FIRMWARE_ADDR : abi.FIRMWARE_ADDR + len(code)] = code
+    io = RecordingIo()
+    accel = KvmAccelerator(ram, io)
+    accel.set_cpu_state(boot.initial_cpu_state())
+    io.on_access = accel.close  # a device handler stopping the machine
+    assert accel.run() is RunResult.KICKED
+    with pytest.raises(RuntimeError, match="closed"):
+        accel.run()
+    ram.close()  # the RAM export went with the close

@@ -216,6 +216,7 @@ class KvmAccelerator:
         self._kick_lock = threading.Lock()
         self._vcpu_thread: int | None = None
         self._closed = False
+        self._close_when_run_returns = False
         # One u64 word per 64 pages, as KVM_GET_DIRTY_LOG writes it (a long-aligned bitmap).
         self._dirty_words = np.zeros((self._page_count + 63) // 64, dtype=np.uint64)
         try:
@@ -311,6 +312,9 @@ class KvmAccelerator:
         finally:
             with self._kick_lock:
                 self._vcpu_thread = None
+                close = self._close_when_run_returns
+            if close:
+                self.close()
 
     def _run_loop(self, run_map: mmap.mmap) -> RunResult:
         vcpu = self._vcpu
@@ -483,8 +487,18 @@ class KvmAccelerator:
     # -- teardown -------------------------------------------------------------
 
     def close(self) -> None:
+        """Release the vCPU, the VM and the RAM export. Idempotent.
+
+        From the vCPU thread itself (a device handler stopping the machine),
+        the close happens as run() returns, which it then does at once.
+        """
         with self._kick_lock:
             if self._closed:
+                return
+            if self._vcpu_thread == threading.get_ident():
+                self._close_when_run_returns = True
+                if self._run_map is not None:
+                    self._run_map[K.RUN_IMMEDIATE_EXIT] = 1
                 return
             if self._vcpu_thread is not None:
                 raise RuntimeError("close() while run() is executing: kick the vCPU and wait for run() first")
