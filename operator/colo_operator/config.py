@@ -1,0 +1,72 @@
+"""The operator's own settings, read from its environment (set by the Helm chart)."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+
+class ConfigError(ValueError):
+    """An operator setting is malformed; the message names the variable."""
+
+
+class KvmMode(enum.StrEnum):
+    # Request `resource_name` (a device plugin advertises /dev/kvm, e.g. KubeVirt's).
+    RESOURCE = "resource"
+    # Mount the node's /dev/kvm through a hostPath; needs a privileged container.
+    HOST_PATH = "hostPath"
+
+
+DEFAULT_AGENT_IMAGE = "ghcr.io/colo-dev/colo-operator:0.1.0"
+
+
+@dataclass(frozen=True, slots=True)
+class OperatorConfig:
+    agent_image: str = DEFAULT_AGENT_IMAGE
+    agent_image_pull_policy: str = "IfNotPresent"
+    kvm_mode: KvmMode = KvmMode.RESOURCE
+    kvm_resource_name: str = "devices.kubevirt.io/kvm"
+    # How often each ColoVM is re-read and its agents polled when nothing happens.
+    poll_interval_s: float = 1.0
+    # Timeout of one agent control API request.
+    agent_timeout_s: float = 1.0
+    # Liveness endpoint (kopf probes), host and port.
+    liveness_host: str = "0.0.0.0"
+    liveness_port: int = 8080
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> OperatorConfig:
+        defaults = cls()
+
+        def number(name: str, default: float, low: float, high: float) -> float:
+            raw = env.get(name)
+            if raw is None or raw == "":
+                return default
+            try:
+                value = float(raw)
+            except ValueError:
+                raise ConfigError(f"{name}={raw!r} is not a number") from None
+            if not low <= value <= high:
+                raise ConfigError(f"{name}={raw!r} must be between {low} and {high}")
+            return value
+
+        mode_raw = env.get("COLO_KVM_MODE") or defaults.kvm_mode.value
+        try:
+            kvm_mode = KvmMode(mode_raw)
+        except ValueError:
+            allowed = ", ".join(m.value for m in KvmMode)
+            raise ConfigError(f"COLO_KVM_MODE={mode_raw!r} is not one of {allowed}") from None
+        pull = env.get("COLO_AGENT_IMAGE_PULL_POLICY") or defaults.agent_image_pull_policy
+        if pull not in ("Always", "IfNotPresent", "Never"):
+            raise ConfigError(f"COLO_AGENT_IMAGE_PULL_POLICY={pull!r} is not Always, IfNotPresent or Never")
+        return cls(
+            agent_image=env.get("COLO_AGENT_IMAGE") or defaults.agent_image,
+            agent_image_pull_policy=pull,
+            kvm_mode=kvm_mode,
+            kvm_resource_name=env.get("COLO_KVM_RESOURCE") or defaults.kvm_resource_name,
+            poll_interval_s=number("COLO_POLL_INTERVAL_S", defaults.poll_interval_s, 0.05, 600),
+            agent_timeout_s=number("COLO_AGENT_TIMEOUT_S", defaults.agent_timeout_s, 0.05, 60),
+            liveness_host=env.get("COLO_LIVENESS_HOST") or defaults.liveness_host,
+            liveness_port=int(number("COLO_LIVENESS_PORT", defaults.liveness_port, 1, 65535)),
+        )

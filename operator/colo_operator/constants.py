@@ -1,0 +1,44 @@
+"""Names shared by the operator, its manifests, the chart and the kubectl plugin."""
+
+from __future__ import annotations
+
+from typing import Final
+
+GROUP: Final = "colo.dev"
+VERSION: Final = "v1alpha1"
+API_VERSION: Final = f"{GROUP}/{VERSION}"
+KIND: Final = "ColoVM"
+PLURAL: Final = "colovms"
+
+FINALIZER: Final = "colo.dev/cleanup"
+
+# Labels on everything the operator creates for a ColoVM.
+LABEL_NAME: Final = "app.kubernetes.io/name"
+LABEL_INSTANCE: Final = "app.kubernetes.io/instance"
+LABEL_COMPONENT: Final = "app.kubernetes.io/component"
+LABEL_MANAGED_BY: Final = "app.kubernetes.io/managed-by"
+LABEL_PART_OF: Final = "app.kubernetes.io/part-of"
+LABEL_VM: Final = "colo.dev/vm"
+LABEL_ROLE: Final = "colo.dev/role"
+MANAGED_BY: Final = "colo-operator"
+APP_NAME: Final = "colo-agent"
+
+ROLE_PRIMARY: Final = "primary"
+ROLE_SECONDARY: Final = "secondary"
+
+# `kubectl colo switchover NAME` writes a fresh value (a timestamp) here; the
+# operator acts on a value once and remembers it in status.switchoverHandled.
+ANNOTATION_SWITCHOVER: Final = "colo.dev/switchover"
+# On agent pods: the pod's serial within its ColoVM (names never repeat).
+ANNOTATION_SERIAL: Final = "colo.dev/serial"
+
+# Key of the per-VM Secret holding the agents' shared key / control API token.
+SECRET_KEY: Final = "secret"
+
+# Container ports of the agent (the contract's defaults); the client Service
+# maps spec.service.port onto CLIENT_PORT.
+CLIENT_PORT: Final = 6379
+CONTROL_PORT: Final = 8080
+REPLICATION_PORT: Final = 7700
+
+AGENT_CONTAINER: Final = "agent"

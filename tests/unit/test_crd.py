@@ -1,0 +1,130 @@
+"""The ColoVM CRD: structural, defaulted, validated, and in step with the operator's own parser."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+from test_operator_decide import lost_primary_world
+from test_operator_world import UNREACHABLE, agent, world
+
+from colo_agent.api.models import Role
+from colo_operator import constants as c
+from colo_operator.decide import decide
+from colo_operator.snapshot import LeaseView
+from colo_operator.spec import ColoVMSpec
+
+ROOT = Path(__file__).resolve().parents[2]
+CRD = yaml.safe_load((ROOT / "crds" / "colovm.yaml").read_text())
+VERSION = CRD["spec"]["versions"][0]
+SCHEMA = VERSION["schema"]["openAPIV3Schema"]
+SPEC = SCHEMA["properties"]["spec"]
+
+
+def defaults(schema: dict[str, Any]) -> Any:
+    """What the API server's defaulting makes of `{}` for this schema."""
+    if schema.get("type") == "object" and "properties" in schema:
+        out = {}
+        for name, sub in schema["properties"].items():
+            value = defaults(sub)
+            if value is not None:
+                out[name] = value
+        return out if ("default" in schema or out) else None
+    return schema.get("default")
+
+
+def walk(schema: dict[str, Any], path: str = ""):
+    yield path, schema
+    for name, sub in (schema.get("properties") or {}).items():
+        yield from walk(sub, f"{path}.{name}")
+    if "items" in schema:
+        yield from walk(schema["items"], f"{path}[]")
+    if isinstance(schema.get("additionalProperties"), dict):
+        yield from walk(schema["additionalProperties"], f"{path}{{}}")
+
+
+def test_identity() -> None:
+    assert CRD["metadata"]["name"] == f"{c.PLURAL}.{c.GROUP}"
+    assert CRD["spec"]["group"] == c.GROUP and VERSION["name"] == c.VERSION
+    assert CRD["spec"]["names"]["kind"] == c.KIND and CRD["spec"]["names"]["shortNames"] == ["cvm"]
+    assert VERSION["subresources"] == {"status": {}}
+    assert VERSION["served"] and VERSION["storage"]
+
+
+def test_structural_every_node_has_a_type() -> None:
+    for path, node in walk(SCHEMA):
+        if path in (".metadata",):
+            continue
+        assert "type" in node or node.get("x-kubernetes-int-or-string"), f"{path} has no type"
+
+
+def test_defaults_match_the_operator_parser() -> None:
+    defaulted = defaults(SPEC)
+    assert defaulted["guest"] == {"backend": "microvm", "accel": "auto", "memory": "64Mi"}
+    assert ColoVMSpec.from_dict(defaulted) == ColoVMSpec.from_dict({})
+
+
+def test_cel_rules_present() -> None:
+    failover = SPEC["properties"]["failover"]
+    (rule,) = failover["x-kubernetes-validations"]
+    assert rule["rule"] == "self.heartbeatTimeoutMs > self.heartbeatIntervalMs"
+    assert rule["fieldPath"] == ".heartbeatTimeoutMs"
+    memory_rules = " ".join(
+        r["rule"] for r in SPEC["properties"]["guest"]["properties"]["memory"]["x-kubernetes-validations"]
+    )
+    assert "quantity('4Mi')" in memory_rules and "quantity('1Gi')" in memory_rules
+    assert SPEC["properties"]["guest"]["x-kubernetes-validations"][0]["rule"] == "self == oldSelf"
+
+
+def test_bounds_and_enums() -> None:
+    rep = SPEC["properties"]["replication"]["properties"]
+    assert (rep["channels"]["minimum"], rep["channels"]["maximum"]) == (1, 16)
+    assert rep["mode"]["enum"] == ["checkpoint", "lockstep"]
+    assert SPEC["properties"]["guest"]["properties"]["accel"]["enum"] == ["auto", "kvm", "tcg"]
+    assert SCHEMA["properties"]["status"]["properties"]["phase"]["enum"] == [
+        "Pending",
+        "Syncing",
+        "Protected",
+        "Degraded",
+        "FailingOver",
+        "Failed",
+    ]
+
+
+def test_printer_columns() -> None:
+    columns = {col["name"]: col["jsonPath"] for col in VERSION["additionalPrinterColumns"]}
+    assert columns == {
+        "Phase": ".status.phase",
+        "Primary": ".status.primary.node",
+        "Secondary": ".status.secondary.node",
+        "Term": ".status.term",
+        "Pause-ms": ".status.lastCheckpoint.pauseMs",
+        "Age": ".metadata.creationTimestamp",
+    }
+
+
+def test_every_status_field_the_operator_writes_is_in_the_schema() -> None:
+    """A field missing from the schema would be pruned silently by the API server."""
+    statuses = [decide(world()).status]
+    plan = decide(lost_primary_world())
+    statuses.append(plan.status)
+    s = lost_primary_world(status=plan.status, lease=LeaseView("vm-1", 2))
+    s = replace(s, agents={"vm-0": UNREACHABLE, "vm-1": agent(Role.PRIMARY, term=2)})
+    statuses.append(decide(s).status)
+    status_schema = SCHEMA["properties"]["status"]
+
+    def check(value: Any, schema: dict[str, Any], path: str) -> None:
+        if isinstance(value, dict):
+            props = schema.get("properties")
+            assert props is not None, f"{path} is not an object with properties in the schema"
+            for key, sub in value.items():
+                assert key in props, f"status{path}.{key} would be pruned"
+                check(sub, props[key], f"{path}.{key}")
+        elif isinstance(value, list):
+            for item in value:
+                check(item, schema["items"], f"{path}[]")
+
+    for st in statuses:
+        check(st, status_schema, "")

@@ -1,0 +1,149 @@
+"""Manifest builders: command, args and env per the agent contract, placement, ownership, RBAC."""
+
+from __future__ import annotations
+
+import base64
+
+from test_operator_world import vm
+
+from colo_operator import constants as c
+from colo_operator.config import KvmMode, OperatorConfig
+from colo_operator.decide import CreatePod
+from colo_operator.manifests import (
+    agent_pod,
+    base_objects,
+    client_service,
+    pod_disruption_budget,
+    role,
+    role_binding,
+    secret,
+)
+from colo_operator.placement import Place
+
+PLACE = Place(candidates=("n3",), excluded_domains=("n1", "n2"), excluded_nodes=("n1", "n2"))
+SECONDARY = CreatePod(name="vm-2", serial=2, role="secondary", peer="10.0.0.10:7700", place=PLACE)
+
+
+def flag(args: list[str], name: str) -> str:
+    return args[args.index(name) + 1]
+
+
+def test_pod_runs_colo_agent_with_the_contract_flags() -> None:
+    view = vm(spec={"guest": {"memory": "0.5Gi"}, "replication": {"mode": "lockstep", "channels": 4}})
+    p = agent_pod(view, OperatorConfig(agent_image="img:1"), SECONDARY)
+    container = p["spec"]["containers"][0]
+    assert container["command"] == ["colo-agent"]
+    args = container["args"]
+    assert args[0] == "run"
+    assert flag(args, "--role") == "secondary"
+    assert flag(args, "--vm") == "ns/vm"
+    assert flag(args, "--memory") == str(512 << 20)
+    assert flag(args, "--mode") == "lockstep" and flag(args, "--channels") == "4"
+    assert flag(args, "--peer") == "10.0.0.10:7700"
+    assert flag(args, "--arbiter") == "lease:ns/vm-primary"
+    assert flag(args, "--lease-duration-ms") == "1000"
+    assert flag(args, "--heartbeat-timeout-ms") == "500"
+    env = {e["name"]: e for e in container["env"]}
+    assert env["COLO_IDENTITY"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert env["COLO_SECRET"]["valueFrom"]["secretKeyRef"] == {"name": "vm-agent-key", "key": "secret"}
+    assert container["image"] == "img:1"
+    assert p["spec"]["restartPolicy"] == "Never"
+    assert p["spec"]["serviceAccountName"] == "vm-agent"
+    assert {port["containerPort"] for port in container["ports"]} == {6379, 7700, 8080}
+
+
+def test_primary_has_no_peer() -> None:
+    action = CreatePod(name="vm-0", serial=0, role="primary", peer=None, place=Place(("n1",), (), ()))
+    p = agent_pod(vm(), OperatorConfig(), action)
+    assert "--peer" not in p["spec"]["containers"][0]["args"]
+    assert "nodeAffinity" not in p["spec"]["affinity"]
+
+
+def test_anti_affinity_on_the_topology_key_and_excluded_domains() -> None:
+    view = vm(
+        spec={
+            "placement": {
+                "topologyKey": "topology.kubernetes.io/zone",
+                "nodeSelector": {"colo": "yes"},
+                "tolerations": [{"key": "vm", "operator": "Exists", "effect": "NoSchedule"}],
+            }
+        }
+    )
+    spec = agent_pod(view, OperatorConfig(), SECONDARY)["spec"]
+    (anti,) = spec["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert anti == {
+        "labelSelector": {"matchLabels": {"colo.dev/vm": "vm"}},
+        "topologyKey": "topology.kubernetes.io/zone",
+    }
+    (term,) = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+        "nodeSelectorTerms"
+    ]
+    assert term["matchExpressions"] == [
+        {"key": "topology.kubernetes.io/zone", "operator": "NotIn", "values": ["n1", "n2"]}
+    ]
+    assert term["matchFields"] == [{"key": "metadata.name", "operator": "NotIn", "values": ["n1", "n2"]}]
+    assert spec["nodeSelector"] == {"colo": "yes"}
+    assert spec["tolerations"] == [{"key": "vm", "operator": "Exists", "effect": "NoSchedule"}]
+
+
+def test_labels_and_owner_reference_on_everything() -> None:
+    view = vm()
+    objects = [agent_pod(view, OperatorConfig(), SECONDARY), secret(view, "k"), *base_objects(view)]
+    assert len({o["kind"] for o in objects}) == 8
+    for obj in objects:
+        meta = obj["metadata"]
+        assert meta["namespace"] == "ns"
+        assert meta["labels"][c.LABEL_VM] == "vm"
+        assert meta["labels"][c.LABEL_MANAGED_BY] == "colo-operator"
+        assert meta["labels"][c.LABEL_INSTANCE] == "vm"
+        (owner,) = meta["ownerReferences"]
+        assert owner == {
+            "apiVersion": "colo.dev/v1alpha1",
+            "kind": "ColoVM",
+            "name": "vm",
+            "uid": "uid-1",
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+    assert objects[0]["metadata"]["labels"][c.LABEL_ROLE] == "secondary"
+    assert objects[0]["metadata"]["annotations"][c.ANNOTATION_SERIAL] == "2"
+
+
+def test_kvm_only_when_asked_for() -> None:
+    tcg = agent_pod(vm(spec={"guest": {"accel": "auto"}}), OperatorConfig(), SECONDARY)
+    assert "resources" not in tcg["spec"]["containers"][0] and "volumes" not in tcg["spec"]
+    kvm = vm(spec={"guest": {"accel": "kvm"}, "resources": {"limits": {"cpu": "1"}}})
+    by_resource = agent_pod(kvm, OperatorConfig(kvm_resource_name="example.com/kvm"), SECONDARY)
+    assert by_resource["spec"]["containers"][0]["resources"]["limits"] == {"cpu": "1", "example.com/kvm": 1}
+    by_path = agent_pod(kvm, OperatorConfig(kvm_mode=KvmMode.HOST_PATH), SECONDARY)
+    assert by_path["spec"]["volumes"][0]["hostPath"] == {"path": "/dev/kvm", "type": "CharDevice"}
+    assert by_path["spec"]["containers"][0]["securityContext"] == {"privileged": True}
+
+
+def test_service_selects_the_primary_only() -> None:
+    svc = client_service(vm(spec={"service": {"type": "NodePort", "port": 16379}}))
+    assert svc["spec"]["selector"] == {"colo.dev/vm": "vm", "colo.dev/role": "primary"}
+    assert svc["spec"]["ports"] == [
+        {"name": "resp", "port": 16379, "targetPort": "client", "protocol": "TCP"}
+    ]
+    assert svc["spec"]["type"] == "NodePort"
+
+
+def test_agents_may_touch_only_their_own_lease() -> None:
+    (rule,) = role(vm())["rules"]
+    assert rule["resources"] == ["leases"] and rule["resourceNames"] == ["vm-primary"]
+    assert set(rule["verbs"]) <= {"get", "update", "patch"}
+    assert role_binding(vm())["subjects"] == [
+        {"kind": "ServiceAccount", "name": "vm-agent", "namespace": "ns"}
+    ]
+
+
+def test_secret_and_pdb() -> None:
+    s = secret(vm(), "key-123")
+    assert base64.b64decode(s["data"]["secret"]) == b"key-123" and s["immutable"] is True
+    pdb = pod_disruption_budget(vm())
+    assert pdb["spec"]["minAvailable"] == 2
+    assert pdb["spec"]["selector"]["matchLabels"] == {
+        "colo.dev/vm": "vm",
+        "app.kubernetes.io/component": "agent",
+    }

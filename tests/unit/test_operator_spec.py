@@ -1,0 +1,82 @@
+"""ColoVM spec parsing: defaults equal to the CRD's, bounds, quantities, clear errors."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pytest
+
+from colo_operator.config import ConfigError, KvmMode, OperatorConfig
+from colo_operator.spec import ColoVMSpec, SpecError, parse_quantity
+
+
+def test_defaults() -> None:
+    spec = ColoVMSpec.from_dict({})
+    assert spec.guest.memory_bytes == 64 << 20
+    assert spec.replication.checkpoint_interval_ms == 100 and spec.replication.channels == 2
+    assert spec.failover.heartbeat_timeout_ms == 500 and spec.failover.auto_reprotect is True
+    assert spec.placement.topology_key == "kubernetes.io/hostname"
+    assert spec.service.port == 6379
+    assert ColoVMSpec.from_dict(None) == spec
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("64Mi", 64 << 20),
+        ("0.5Gi", 512 << 20),
+        ("1e9", 10**9),
+        ("512M", 512 * 10**6),
+        ("100m", Decimal("0.1")),
+        ("4194304", 4 << 20),
+        (".5Ki", 512),
+    ],
+)
+def test_quantities(text: str, value: object) -> None:
+    assert parse_quantity(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "Mi", "64 Mi", "1.2.3", "64XB", "--1"])
+def test_bad_quantities(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_quantity(text)
+
+
+@pytest.mark.parametrize(
+    ("spec", "field"),
+    [
+        ({"guest": {"memory": "2Mi"}}, "guest.memory"),
+        ({"guest": {"memory": "2Gi"}}, "guest.memory"),
+        ({"guest": {"memory": "4097Ki"}}, "guest.memory"),
+        ({"guest": {"memory": "lots"}}, "guest.memory"),
+        ({"guest": {"accel": "hvf"}}, "guest.accel"),
+        ({"replication": {"channels": 0}}, "replication.channels"),
+        ({"replication": {"channels": 17}}, "replication.channels"),
+        ({"replication": {"channels": True}}, "replication.channels"),
+        (
+            {"failover": {"heartbeatIntervalMs": 500, "heartbeatTimeoutMs": 500}},
+            "failover.heartbeatTimeoutMs",
+        ),
+        ({"placement": {"nodeSelector": {"a": 1}}}, "placement.nodeSelector"),
+        ({"placement": {"tolerations": [{"operator": "Maybe"}]}}, "placement.tolerations[0].operator"),
+        ({"guest": "big"}, "guest"),
+        ({"service": {"port": 70000}}, "service.port"),
+    ],
+)
+def test_invalid_specs_name_the_field(spec: dict, field: str) -> None:
+    with pytest.raises(SpecError) as err:
+        ColoVMSpec.from_dict(spec)
+    assert err.value.field == field
+    assert str(err.value).startswith(f"spec.{field}: ")
+
+
+def test_operator_config_from_env() -> None:
+    cfg = OperatorConfig.from_env(
+        {"COLO_AGENT_IMAGE": "img:1", "COLO_KVM_MODE": "hostPath", "COLO_POLL_INTERVAL_S": "0.5"}
+    )
+    assert (cfg.agent_image, cfg.kvm_mode, cfg.poll_interval_s) == ("img:1", KvmMode.HOST_PATH, 0.5)
+    assert OperatorConfig.from_env({}) == OperatorConfig()
+    with pytest.raises(ConfigError, match="COLO_KVM_MODE"):
+        OperatorConfig.from_env({"COLO_KVM_MODE": "magic"})
+    with pytest.raises(ConfigError, match="COLO_POLL_INTERVAL_S"):
+        OperatorConfig.from_env({"COLO_POLL_INTERVAL_S": "soon"})
