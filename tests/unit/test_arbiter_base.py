@@ -295,3 +295,26 @@ def test_configuration_is_checked(store: Store, clock: FakeClock) -> None:
         MemoryArbiter(store, "a", clock, duration=math.nan)
     with pytest.raises(ValueError, match="safety margin"):
         MemoryArbiter(store, "a", clock, duration=0.2)  # margin 0.2 is not below 0.2
+
+
+async def test_a_take_whose_reply_was_lost_is_adopted_on_retry(store: Store, clock: FakeClock) -> None:
+    a, b = MemoryArbiter(store, "a", clock), MemoryArbiter(store, "b", clock)
+    assert await b.acquire(1)
+    await a.observe()
+    clock.now += 1.0
+
+    real_swap = MemoryArbiter._swap
+
+    async def landed_but_unanswered(expected: LeaseRecord | None, term: int, holder: str | None) -> None:
+        await real_swap(a, expected, term, holder)
+        raise ArbiterError("timed out")
+
+    a._swap = landed_but_unanswered  # type: ignore[method-assign]
+    with pytest.raises(ArbiterError):
+        await a.acquire(2)
+    del a._swap
+    assert not a.holding and store.record is not None and store.record.holder == "a"
+    clock.now += 0.1
+    assert await a.acquire(2)  # not TermTooLow: the term is ours
+    assert a.holding and a.valid_until == pytest.approx(clock.now + 0.8)
+    assert not await b.renew()

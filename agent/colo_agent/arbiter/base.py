@@ -269,6 +269,10 @@ class Arbiter(abc.ABC):
             return self.is_valid()
         record = await self.observe()
         assert self._observation is not None
+        if record is not None and record.term == term and record.holder == self.identity:
+            # Our own earlier attempt landed although its reply was lost (a timeout).
+            # Nobody else can have written this term, so a fresh write adopts it.
+            return await self._adopt(record)
         verdict = decide_acquire(record, self._observation, term, self._clock())
         if verdict is AcquireVerdict.TERM_TOO_LOW:
             raise TermTooLow(term, record.term if record else 0, record.holder if record else None)
@@ -283,6 +287,17 @@ class Arbiter(abc.ABC):
         self._note(written)
         self._valid_until = lease_valid_until(started, self.lease_duration, self.safety_margin)
         log.info("arbiter: took term %d (previous holder %s)", term, record.holder if record else None)
+        return True
+
+    async def _adopt(self, record: LeaseRecord) -> bool:
+        started = self._clock()
+        written = await self._swap(record, record.term, self.identity)
+        if written is None:
+            return False
+        self._held = written
+        self._note(written)
+        self._valid_until = lease_valid_until(started, self.lease_duration, self.safety_margin)
+        log.info("arbiter: term %d was already recorded as ours; adopted it", record.term)
         return True
 
     async def wait_acquire(self, term: int, timeout: float, *, poll: float | None = None) -> bool:
