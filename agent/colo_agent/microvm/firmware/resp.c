@@ -1,0 +1,499 @@
+/* RESP2 framing and connection state: turns each connection's byte stream
+ * into commands, and replies into bytes.
+ *
+ * Bytes are parsed where they lie: a frame that holds whole commands is
+ * executed straight from the RX ring, and only the unfinished tail of a
+ * command is copied into a per-connection buffer on the heap. The parser is
+ * resumable (it remembers how far it validated the unfinished command), so a
+ * value arriving in many frames is scanned once, and a known bulk length
+ * reserves its whole buffer up front instead of doubling towards it.
+ *
+ * Malformed input gets `-ERR Protocol error: ...` and the connection is
+ * closed; nothing a client sends can do more than that. */
+#include "alloc.h"
+#include "kv_internal.h"
+#include "store.h"
+
+#define MAX_INLINE 65536ULL              /* inline request line, as Redis */
+#define MAX_HEADER_LINE 32ULL            /* "*<n>" or "$<n>": 20 digits fit easily */
+#define MAX_BULK (512ULL << 20)          /* proto-max-bulk-len of Redis */
+#define MAX_MULTIBULK (1024LL * 1024)    /* arguments per command, as Redis */
+#define MIN_BUFFER 512ULL
+#define KEEP_BUFFER 16384ULL             /* an emptied buffer above this is freed */
+#define STATIC_ARGS 256
+#define CONN_SLOTS (KV_MAX_CONNS * 2)    /* open addressing, load <= 1/2 */
+#define CONN_HASH_SHIFT (32 - 13)        /* log2(CONN_SLOTS) == 13 */
+
+_Static_assert(CONN_SLOTS == 1 << 13, "CONN_HASH_SHIFT follows CONN_SLOTS");
+
+enum { KIND_NONE, KIND_MULTIBULK, KIND_INLINE };
+enum { PARSE_DONE, PARSE_MORE, PARSE_ERROR };
+
+/* How far the command at the start of the connection's input was validated. */
+struct parse_state {
+    u8 kind;
+    i32 argc; /* multibulk: -1 until the "*<n>" line is read; inline: words */
+    i32 done; /* multibulk arguments validated */
+    i32 bulk; /* length of the bulk being read, -1 before its "$<n>" line */
+    u32 pos;  /* bytes validated (DONE: bytes the command occupies) */
+    u32 need; /* the command is incomplete until this many bytes are there */
+};
+
+/* Input is capped well below 4 GiB, so 32-bit positions suffice. */
+_Static_assert(MAX_MULTIBULK < 0x7FFFFFFF && MAX_BULK < 0x7FFFFFFF, "parse_state fields are 32-bit");
+
+struct conn {
+    u32 id; /* 0 = free slot */
+    u32 len, cap;
+    u8 *buf;
+    struct parse_state ps;
+};
+
+static struct conn conns[CONN_SLOTS];
+static u64 nconns;
+static u64 input_limit;
+static u64 boot_ns;
+static u64 ncommands;
+
+static u32 cur;        /* connection whose command runs */
+static int cur_close;  /* QUIT asked to close it after the reply */
+static const char *parse_error;
+static struct arg static_args[STATIC_ARGS];
+
+/* --- the virtual clock, read at most once per batch ------------------- */
+
+static u64 batch_ns;
+static int batch_ns_valid;
+
+void kv_batch_begin(void) { batch_ns_valid = 0; }
+
+static u64 now_ns(void) {
+    if (!batch_ns_valid) {
+        batch_ns = plat_now_ns();
+        batch_ns_valid = 1;
+    }
+    return batch_ns;
+}
+
+i64 kv_now_ms(void) { return (i64)(now_ns() / 1000000ULL); }
+u64 boot_time_ns(void) { return boot_ns; }
+u64 commands_processed(void) { return ncommands; }
+u64 open_connections(void) { return nconns; }
+u32 current_conn(void) { return cur; }
+void request_close(void) { cur_close = 1; }
+
+/* --- replies ------------------------------------------------------------ */
+
+void reply_raw(const void *p, u64 n) { out_data(cur, p, n); }
+
+void reply_error(const char *msg) {
+    u8 buf[256];
+    usize n = 0;
+    buf[n++] = '-';
+    while (*msg && n < sizeof(buf) - 2)
+        buf[n++] = (u8)*msg++;
+    buf[n++] = '\r';
+    buf[n++] = '\n';
+    reply_raw(buf, n);
+}
+
+static void reply_prefixed(u8 type, i64 v) {
+    u8 buf[32];
+    buf[0] = type;
+    usize n = 1 + fmt_i64(v, buf + 1);
+    buf[n++] = '\r';
+    buf[n++] = '\n';
+    reply_raw(buf, n);
+}
+
+void reply_int(i64 v) { reply_prefixed(':', v); }
+void reply_array(u64 n) { reply_prefixed('*', (i64)n); }
+void reply_nil(void) { reply_lit("$-1\r\n"); }
+
+void reply_bulk(const u8 *p, u64 n) {
+    u8 buf[288];
+    buf[0] = '$';
+    usize h = 1 + fmt_u64(n, buf + 1);
+    buf[h++] = '\r';
+    buf[h++] = '\n';
+    if (n <= sizeof(buf) - h - 2) { /* one piece of output for small values */
+        mem_copy(buf + h, p, n);
+        buf[h + n] = '\r';
+        buf[h + n + 1] = '\n';
+        reply_raw(buf, h + n + 2);
+        return;
+    }
+    reply_raw(buf, h);
+    reply_raw(p, n);
+    reply_lit("\r\n");
+}
+
+/* --- the connection table ----------------------------------------------- */
+
+static inline u64 conn_home(u32 id) { return (u64)((id * 0x9E3779B1u) >> CONN_HASH_SHIFT); }
+
+static struct conn *conn_find(u32 id) {
+    for (u64 i = conn_home(id);; i = (i + 1) & (CONN_SLOTS - 1)) {
+        if (conns[i].id == id)
+            return &conns[i];
+        if (conns[i].id == 0)
+            return NULL_PTR;
+    }
+}
+
+static struct conn *conn_insert(u32 id) {
+    u64 i = conn_home(id);
+    while (conns[i].id != 0)
+        i = (i + 1) & (CONN_SLOTS - 1);
+    mem_set(&conns[i], 0, sizeof(conns[i]));
+    conns[i].id = id;
+    nconns++;
+    return &conns[i];
+}
+
+/* Frees a slot and shifts later members of its probe run back into the
+ * hole, so lookups never need tombstones. */
+static void conn_remove(struct conn *c) {
+    heap_free(c->buf);
+    u64 hole = (u64)(c - conns);
+    conns[hole].id = 0;
+    conns[hole].buf = NULL_PTR;
+    nconns--;
+    for (u64 i = (hole + 1) & (CONN_SLOTS - 1); conns[i].id != 0; i = (i + 1) & (CONN_SLOTS - 1)) {
+        u64 home = conn_home(conns[i].id);
+        /* Movable into the hole unless its home lies cyclically in (hole, i]. */
+        int stays = (hole <= i) ? (hole < home && home <= i) : (hole < home || home <= i);
+        if (!stays) {
+            conns[hole] = conns[i];
+            conns[i].id = 0;
+            conns[i].buf = NULL_PTR;
+            hole = i;
+        }
+    }
+}
+
+static void close_current(struct conn *c) {
+    out_close(c->id);
+    conn_remove(c);
+}
+
+static void protocol_error(struct conn *c, const char *what) {
+    u8 buf[160];
+    static const char prefix[] = "-ERR Protocol error: ";
+    usize n = sizeof(prefix) - 1;
+    mem_copy(buf, prefix, n);
+    while (*what && n < sizeof(buf) - 2)
+        buf[n++] = (u8)*what++;
+    buf[n++] = '\r';
+    buf[n++] = '\n';
+    out_data(c->id, buf, n);
+    close_current(c);
+}
+
+/* --- parsing ------------------------------------------------------------- */
+
+static inline void parse_reset(struct parse_state *ps) {
+    mem_set(ps, 0, sizeof(*ps));
+    ps->argc = -1;
+    ps->bulk = -1;
+}
+
+/* Reads "<type><integer>\r\n" at b[at]. Returns the integer's line end
+ * (index after "\n") through *end; 0 = incomplete, -1 = malformed. */
+static int header_line(const u8 *b, u64 at, u64 n, i64 *value, u64 *end) {
+    u64 limit = MIN(n, at + MAX_HEADER_LINE);
+    for (u64 i = at + 1; i < limit; i++) {
+        if (b[i] == '\r') {
+            if (i + 1 >= n)
+                return 0;
+            if (b[i + 1] != '\n' || !parse_i64(b + at + 1, i - at - 1, value))
+                return -1;
+            *end = i + 2;
+            return 1;
+        }
+    }
+    return limit == n && n < at + MAX_HEADER_LINE ? 0 : -1;
+}
+
+static int parse_multibulk(struct parse_state *ps, const u8 *b, u64 n) {
+    if (ps->argc < 0) {
+        i64 v;
+        u64 end;
+        int r = header_line(b, 0, n, &v, &end);
+        if (r == 0)
+            return PARSE_MORE;
+        if (r < 0 || v > MAX_MULTIBULK) {
+            parse_error = "invalid multibulk length";
+            return PARSE_ERROR;
+        }
+        ps->argc = v > 0 ? v : 0; /* "*0" and "*-1" are empty requests */
+        ps->pos = end;
+    }
+    while (ps->done < ps->argc) {
+        if (ps->bulk < 0) {
+            if (ps->pos >= n)
+                return PARSE_MORE;
+            if (b[ps->pos] != '$') {
+                parse_error = "expected '$' before a bulk string";
+                return PARSE_ERROR;
+            }
+            i64 v;
+            u64 end;
+            int r = header_line(b, ps->pos, n, &v, &end);
+            if (r == 0)
+                return PARSE_MORE;
+            if (r < 0 || v < 0 || (u64)v > MAX_BULK) {
+                parse_error = "invalid bulk length";
+                return PARSE_ERROR;
+            }
+            if (end + (u64)v + 2 > input_limit) {
+                parse_error = "request exceeds the input buffer limit";
+                return PARSE_ERROR;
+            }
+            ps->bulk = v;
+            ps->pos = end;
+        }
+        u64 body_end = ps->pos + (u64)ps->bulk + 2;
+        if (n < body_end) {
+            ps->need = body_end;
+            return PARSE_MORE;
+        }
+        if (b[body_end - 2] != '\r' || b[body_end - 1] != '\n') {
+            parse_error = "bulk string not followed by CRLF";
+            return PARSE_ERROR;
+        }
+        ps->pos = body_end;
+        ps->bulk = -1;
+        ps->need = 0;
+        ps->done++;
+    }
+    return PARSE_DONE;
+}
+
+static inline int is_space(u8 c) { return c == ' ' || c == '\t'; }
+
+static int parse_inline(struct parse_state *ps, const u8 *b, u64 n) {
+    for (u64 i = ps->pos; i < n; i++) {
+        u8 c = b[i];
+        if (c == '\n') {
+            u64 len = (i > 0 && b[i - 1] == '\r') ? i - 1 : i;
+            i64 words = 0;
+            for (u64 j = 0; j < len; j++) {
+                if (!is_space(b[j]) && (j == 0 || is_space(b[j - 1])))
+                    words++;
+            }
+            ps->argc = words;
+            ps->pos = i + 1;
+            return PARSE_DONE;
+        }
+        /* Control bytes never belong in a typed command: this is binary
+         * garbage or a client speaking some other protocol. A CR is fine as
+         * the first half of a line end (its LF may still be on its way). */
+        if (c < 0x20 && c != '\t' && (c != '\r' || (i + 1 < n && b[i + 1] != '\n'))) {
+            parse_error = "invalid byte in inline request";
+            return PARSE_ERROR;
+        }
+    }
+    ps->pos = n;
+    if (n > MAX_INLINE) {
+        parse_error = "too big inline request";
+        return PARSE_ERROR;
+    }
+    return PARSE_MORE;
+}
+
+static int parse(struct parse_state *ps, const u8 *b, u64 n) {
+    if (ps->kind == KIND_NONE) {
+        u8 c = b[0];
+        if (c == '*') {
+            ps->kind = KIND_MULTIBULK;
+        } else if (c == '$' || c == '+' || c == '-' || c == ':' || c >= 0x7F ||
+                   (c < 0x20 && c != '\r' && c != '\n' && c != '\t')) {
+            /* A RESP reply type or a binary byte where a request must start. */
+            parse_error = "expected '*' or an inline command";
+            return PARSE_ERROR;
+        } else {
+            ps->kind = KIND_INLINE;
+        }
+    }
+    return ps->kind == KIND_MULTIBULK ? parse_multibulk(ps, b, n) : parse_inline(ps, b, n);
+}
+
+/* Fills argv for a command `parse` accepted (headers already validated). */
+static void collect_args(const struct parse_state *ps, const u8 *b, struct arg *argv) {
+    if (ps->kind == KIND_MULTIBULK) {
+        u64 p = 0;
+        while (b[p] != '\n')
+            p++;
+        p++;
+        for (i64 i = 0; i < ps->argc; i++) {
+            u64 len = 0;
+            p++; /* '$' */
+            while (b[p] != '\r')
+                len = len * 10 + (u64)(b[p++] - '0');
+            p += 2;
+            argv[i].p = b + p;
+            argv[i].n = len;
+            p += len + 2;
+        }
+        return;
+    }
+    u64 end = ps->pos - 1; /* the '\n' */
+    if (end > 0 && b[end - 1] == '\r')
+        end--;
+    i64 k = 0;
+    for (u64 j = 0; j < end;) {
+        while (j < end && is_space(b[j]))
+            j++;
+        if (j == end)
+            break;
+        u64 start = j;
+        while (j < end && !is_space(b[j]))
+            j++;
+        argv[k].p = b + start;
+        argv[k].n = j - start;
+        k++;
+    }
+}
+
+static const char oom_error[] = "OOM command not allowed when used memory > 'maxmemory'.";
+
+/* Executes the complete commands at the start of [b, b + n). Returns the
+ * bytes consumed, or -1 when the connection was closed. */
+static i64 run_commands(struct conn *c, const u8 *b, u64 n) {
+    u64 off = 0;
+    while (off < n) {
+        int r = parse(&c->ps, b + off, n - off);
+        if (r == PARSE_MORE)
+            break;
+        if (r == PARSE_ERROR) {
+            protocol_error(c, parse_error);
+            return -1;
+        }
+        u64 argc = (u64)c->ps.argc;
+        if (argc > 0) {
+            struct arg *argv = static_args;
+            if (argc > STATIC_ARGS)
+                argv = heap_alloc(argc * sizeof(*argv));
+            if (!argv) {
+                reply_error(oom_error);
+            } else {
+                collect_args(&c->ps, b + off, argv);
+                ncommands++;
+                execute_command(argv, argc);
+                if (argv != static_args)
+                    heap_free(argv);
+            }
+        }
+        off += c->ps.pos;
+        parse_reset(&c->ps);
+        if (cur_close) {
+            cur_close = 0;
+            close_current(c);
+            return -1;
+        }
+    }
+    return (i64)off;
+}
+
+/* Appends to the connection's buffer; on failure the connection is closed
+ * with an error and 0 returned. */
+static int buffer_append(struct conn *c, const u8 *p, u64 n) {
+    u64 want = c->len + n;
+    if (want > input_limit) {
+        protocol_error(c, "request exceeds the input buffer limit");
+        return 0;
+    }
+    if (want > c->cap) {
+        u64 cap = MAX(want, c->ps.need); /* a known bulk: reserve it whole */
+        if (cap < c->cap * 2)
+            cap = c->cap * 2;
+        cap = MAX(cap, MIN_BUFFER);
+        cap = MIN(cap, MAX(input_limit, want));
+        u8 *nb = heap_realloc(c->buf, cap);
+        if (!nb) {
+            reply_error(oom_error);
+            close_current(c);
+            return 0;
+        }
+        c->buf = nb;
+        c->cap = heap_usable(nb);
+    }
+    mem_copy(c->buf + c->len, p, n);
+    c->len = want;
+    return 1;
+}
+
+void kv_data(u32 id, const u8 *p, u64 n) {
+    struct conn *c = conn_find(id);
+    if (!c || n == 0)
+        return; /* the guest drops data of connections it does not know */
+    cur = id;
+    if (c->len == 0) {
+        i64 used = run_commands(c, p, n);
+        if (used >= 0 && (u64)used < n)
+            buffer_append(c, p + used, n - (u64)used);
+        return;
+    }
+    if (!buffer_append(c, p, n))
+        return;
+    if (c->ps.need > c->len)
+        return; /* still inside a bulk string: nothing to parse yet */
+    i64 used = run_commands(c, c->buf, c->len);
+    if (used < 0)
+        return;
+    c->len -= (u64)used;
+    if (c->len) {
+        if (used)
+            mem_move(c->buf, c->buf + used, c->len);
+    } else if (c->cap > KEEP_BUFFER) {
+        heap_free(c->buf);
+        c->buf = NULL_PTR;
+        c->cap = 0;
+    }
+}
+
+void kv_open(u32 id) {
+    if (id == 0)
+        return;
+    struct conn *c = conn_find(id);
+    if (c) { /* a reused id: the old client is gone */
+        conn_remove(c);
+    } else if (nconns >= KV_MAX_CONNS) {
+        static const char full[] = "-ERR max number of clients reached\r\n";
+        out_data(id, full, sizeof(full) - 1);
+        out_close(id);
+        return;
+    }
+    c = conn_insert(id);
+    parse_reset(&c->ps);
+}
+
+void kv_close(u32 id) {
+    struct conn *c = conn_find(id);
+    if (c)
+        conn_remove(c);
+}
+
+int kv_init(void *heap, u64 size) {
+    if (!heap_init(heap, size) || !store_init())
+        return 0;
+    mem_set(conns, 0, sizeof(conns));
+    nconns = 0;
+    ncommands = 0;
+    /* One connection may hold up to half the heap in an unfinished request. */
+    input_limit = MIN(heap_total() / 2, 1ULL << 30);
+    batch_ns_valid = 0;
+    boot_ns = plat_now_ns();
+    return 1;
+}
+
+void kv_get_stats(struct kv_stats *out) {
+    out->keys = store_count();
+    out->expires = store_expires();
+    out->used_memory = heap_used();
+    out->heap_size = heap_total();
+    out->heap_blocks = heap_blocks();
+    out->connections = nconns;
+    out->commands = ncommands;
+}
