@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 from aiohttp import ClientResponse
@@ -16,6 +17,7 @@ from colo_agent.api.metrics import AgentMetrics
 from colo_agent.api.models import (
     API_VERSION_HEADER,
     AgentStatus,
+    ArbiterConflict,
     CheckpointFigures,
     CheckpointResult,
     DemoteResult,
@@ -30,7 +32,8 @@ from colo_agent.api.models import (
     StaleTerm,
     WrongRole,
 )
-from colo_agent.api.server import MAX_BODY_BYTES, create_app
+from colo_agent.api.server import MAX_BODY_BYTES, arbiter_refusals, create_app
+from colo_agent.arbiter.local import FileArbiter
 
 SECRET = "s3cret-per-vm-key-0123456789"
 AUTH = {"Authorization": f"Bearer {SECRET}"}
@@ -301,3 +304,49 @@ def test_an_empty_token_is_refused(agent: SmallAgent, registry: CollectorRegistr
         create_app(agent, "", registry)
     with pytest.raises(ValueError, match="bearer token"):
         create_app(agent, b"  ", registry)
+
+
+class FencedAgent(SmallAgent):
+    """Promotes only after taking a real FileArbiter, as the engine does."""
+
+    def __init__(self, metrics: AgentMetrics, arbiter: FileArbiter) -> None:
+        super().__init__(metrics)
+        self.arbiter = arbiter
+
+    async def promote(self, term: int) -> PromoteResult:
+        with arbiter_refusals():
+            if not await self.arbiter.wait_acquire(term, timeout=0.05, poll=0.01):
+                raise ArbiterConflict(f"the arbiter is still held by {self.arbiter.holder}")
+        return await super().promote(term)
+
+
+@pytest.fixture
+async def fenced(tmp_path: Path, registry: CollectorRegistry) -> AsyncIterator[tuple[TestClient, Path]]:
+    record = tmp_path / "vm.arbiter"
+    agent = FencedAgent(AgentMetrics(registry), FileArbiter(record, "db-b", 30.0))
+    async with TestClient(TestServer(create_app(agent, SECRET, registry), host="127.0.0.1")) as c:
+        yield c, record
+
+
+async def test_promotion_refused_by_the_arbiter(fenced: tuple[TestClient, Path]) -> None:
+    client, record = fenced
+    other = FileArbiter(record, "db-a", 30.0)
+    assert await other.acquire(5)
+    # The agent only knew term 1; the arbiter knows better.
+    error = await error_of(await client.post("/v1/promote", json={"term": 3}, headers=AUTH), 409)
+    assert error.reason == "StaleTerm" and "term 3 is not above the arbiter's term 5" in error.error
+    # A higher term, but the holder's 30 s lease has not run out.
+    error = await error_of(await client.post("/v1/promote", json={"term": 6}, headers=AUTH), 409)
+    assert error.reason == "Conflict" and "db-a" in error.error
+    # Released: taken at once.
+    await other.release()
+    response = await client.post("/v1/promote", json={"term": 6}, headers=AUTH)
+    assert response.status == 200
+    assert json.loads(record.read_text())["holder"] == "db-b"
+
+
+async def test_an_unusable_arbiter_is_503(fenced: tuple[TestClient, Path]) -> None:
+    client, record = fenced
+    record.write_text("not a record")
+    error = await error_of(await client.post("/v1/promote", json={"term": 2}, headers=AUTH), 503)
+    assert error.reason == "Unavailable" and "not a valid arbiter record" in error.error

@@ -19,9 +19,10 @@ Routes that change the agent need the per-VM secret as a bearer token.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Protocol
 
 from aiohttp import web
@@ -42,7 +43,9 @@ from colo_agent.api.models import (
     PromoteResult,
     Role,
     StaleTerm,
+    Unavailable,
 )
+from colo_agent.arbiter.base import ArbiterError, TermTooLow
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +76,23 @@ class AgentController(Protocol):
 
     async def demote(self) -> DemoteResult:
         """Stop releasing output and step down (planned switchover)."""
+
+
+@contextlib.contextmanager
+def arbiter_refusals() -> Iterator[None]:
+    """Turn the arbiter's refusals into control API errors, for the engine's `promote`:
+    a term the arbiter already passed is 409 StaleTerm, an unusable store 503.
+
+        with arbiter_refusals():
+            if not await arbiter.wait_acquire(term, timeout):
+                raise ArbiterConflict(...)
+    """
+    try:
+        yield
+    except TermTooLow as exc:
+        raise StaleTerm(str(exc)) from exc
+    except ArbiterError as exc:
+        raise Unavailable(f"the arbiter cannot be used: {exc}") from exc
 
 
 def _json_response(status: int, body: str) -> web.Response:
