@@ -32,7 +32,7 @@ from colo_agent.api.models import (
     StaleTerm,
     WrongRole,
 )
-from colo_agent.api.server import MAX_BODY_BYTES, arbiter_refusals, create_app
+from colo_agent.api.server import MAX_BODY_BYTES, arbiter_refusals, bound_port, create_app, serve
 from colo_agent.arbiter.local import FileArbiter
 
 SECRET = "s3cret-per-vm-key-0123456789"
@@ -350,3 +350,21 @@ async def test_an_unusable_arbiter_is_503(fenced: tuple[TestClient, Path]) -> No
     record.write_text("not a record")
     error = await error_of(await client.post("/v1/promote", json={"term": 2}, headers=AUTH), 503)
     assert error.reason == "Unavailable" and "not a valid arbiter record" in error.error
+
+
+async def test_serve_on_a_real_port(agent: SmallAgent, registry: CollectorRegistry) -> None:
+    runner = await serve(create_app(agent, SECRET, registry), "127.0.0.1", 0)
+    try:
+        port = bound_port(runner)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /v1/status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        raw = await reader.read()
+        writer.close()
+        head, _, body = raw.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200")
+        assert b"X-Colo-Api-Version: v1" in head
+        assert AgentStatus.from_json(body).term == agent.term
+    finally:
+        await runner.cleanup()
+    with pytest.raises(OSError):
+        await asyncio.open_connection("127.0.0.1", port)

@@ -271,3 +271,27 @@ def create_app(
     app.router.add_get("/readyz", api.readyz)
     app.router.add_get("/metrics", metrics)
     return app
+
+
+async def serve(app: web.Application, host: str, port: int) -> web.AppRunner:
+    """Listen on `host:port` (port 0: any free port; see `bound_port`). Stop with `runner.cleanup()`.
+
+    No access log: the kubelet probes and Prometheus scrapes would drown the agent's own log.
+    """
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, reuse_address=True)
+    try:
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner
+
+
+def bound_port(runner: web.AppRunner) -> int:
+    """The port a runner from `serve` listens on."""
+    for address in runner.addresses:
+        if isinstance(address, tuple):
+            return int(address[1])
+    raise RuntimeError("the control API is not listening on a TCP port")
