@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 
 import pytest
@@ -318,3 +319,22 @@ async def test_a_take_whose_reply_was_lost_is_adopted_on_retry(store: Store, clo
     assert await a.acquire(2)  # not TermTooLow: the term is ours
     assert a.holding and a.valid_until == pytest.approx(clock.now + 0.8)
     assert not await b.renew()
+
+
+async def test_a_secondary_that_keeps_observing_is_ready_sooner(store: Store, clock: FakeClock) -> None:
+    a, b = MemoryArbiter(store, "a", clock), MemoryArbiter(store, "b", clock)
+    assert await a.acquire(1)
+    watcher = asyncio.create_task(b.keep_observing(interval=0.001))
+    try:
+        await asyncio.sleep(0.01)
+        clock.now += 0.25
+        assert await a.renew()
+        last_renewal = clock.now
+        store.down = True  # observation errors do not stop the watcher
+        await asyncio.sleep(0.01)
+        store.down = False
+        await asyncio.sleep(0.01)
+    finally:
+        watcher.cancel()
+    # The clock started at the renewal b saw, not at the promotion.
+    assert b.acquirable_at() == pytest.approx(last_renewal + 1.0)

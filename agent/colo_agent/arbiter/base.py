@@ -376,6 +376,18 @@ class Arbiter(abc.ABC):
                 return
             await asyncio.sleep(self.renew_interval)
 
+    async def keep_observing(self, interval: float | None = None) -> None:
+        """Secondary: read the record every `interval` (default `renew_interval`) until
+        cancelled, so the clock on the primary's last renewal is already running when a
+        promotion comes. Store errors are logged and retried: observing is advisory."""
+        interval = self.renew_interval if interval is None else interval
+        while True:
+            try:
+                await self.observe()
+            except ArbiterError as exc:
+                log.debug("arbiter: observation failed: %s", exc)
+            await asyncio.sleep(interval)
+
     @abc.abstractmethod
     async def close(self) -> None:
         """Release resources (connections); does not release the lease."""
