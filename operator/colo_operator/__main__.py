@@ -1,0 +1,105 @@
+"""`colo-operator`: run the ColoVM operator (kopf) with its handlers, liveness endpoint and peering."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+import sys
+from collections.abc import Sequence
+
+from .config import ConfigError, OperatorConfig
+
+
+def build_parser() -> argparse.ArgumentParser:
+    env = os.environ
+    parser = argparse.ArgumentParser(
+        prog="colo-operator",
+        description="Reconcile ColoVM resources: agent pods, fencing Lease, failover and re-protection.",
+        epilog=(
+            "Agent pods are configured from the environment: COLO_AGENT_IMAGE, "
+            "COLO_AGENT_IMAGE_PULL_POLICY, COLO_KVM_MODE (resource|hostPath), COLO_KVM_RESOURCE, "
+            "COLO_POLL_INTERVAL_S, COLO_AGENT_TIMEOUT_S."
+        ),
+    )
+    parser.add_argument(
+        "-n",
+        "--namespace",
+        action="append",
+        default=[n for n in env.get("COLO_NAMESPACES", "").split(",") if n],
+        help="watch only this namespace (repeatable; env COLO_NAMESPACES, comma-separated); default: all",
+    )
+    parser.add_argument(
+        "--standalone",
+        action="store_true",
+        default=env.get("COLO_STANDALONE", "") in ("1", "true"),
+        help="run without peering (only one replica may run then; env COLO_STANDALONE=1)",
+    )
+    parser.add_argument(
+        "--peering",
+        default=env.get("COLO_PEERING", "colo-operator"),
+        help="name of the (Cluster)KopfPeering object replicas coordinate through (env COLO_PEERING)",
+    )
+    parser.add_argument(
+        "--priority",
+        type=int,
+        default=int(env["COLO_PRIORITY"]) if env.get("COLO_PRIORITY") else None,
+        help=(
+            "peering priority; replicas must differ, the highest one is active "
+            "(env COLO_PRIORITY; default: random)"
+        ),
+    )
+    parser.add_argument(
+        "--liveness",
+        default=env.get("COLO_LIVENESS", "http://0.0.0.0:8080/healthz"),
+        help="liveness endpoint URL served by kopf (env COLO_LIVENESS; empty: none)",
+    )
+    parser.add_argument("--kubeconfig", default=env.get("KUBECONFIG") or None, help="default: in-cluster")
+    parser.add_argument(
+        "--log-level",
+        default=env.get("COLO_LOG_LEVEL", "INFO"),
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="log verbosity (env COLO_LOG_LEVEL; default: %(default)s)",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        config = OperatorConfig.from_env(os.environ)
+    except ConfigError as exc:
+        logging.getLogger("colo_operator").error("bad configuration: %s", exc)
+        return 2
+
+    # Imported here: the handlers register themselves with kopf on import.
+    import kopf
+
+    from . import handlers
+
+    handlers.configure(config, args.kubeconfig)
+    # Two replicas with equal priority would both freeze; a random one makes
+    # them differ without per-pod configuration.
+    priority = args.priority if args.priority is not None else random.SystemRandom().randint(1, 2**31 - 1)
+    settings = kopf.OperatorSettings()
+    settings.peering.mandatory = not args.standalone
+    kopf.run(
+        settings=settings,
+        standalone=args.standalone,
+        priority=priority,
+        peering_name=args.peering,
+        liveness_endpoint=args.liveness or None,
+        clusterwide=not args.namespace,
+        namespaces=args.namespace,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

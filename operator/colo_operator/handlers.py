@@ -1,0 +1,362 @@
+"""kopf wiring: thin handlers that read the world, call `decide`, and apply the plan.
+
+One daemon per ColoVM loops: read a snapshot (the ColoVM, its pods, the
+Lease, the node cache, every agent's `/v1/status`), `decide`, apply the
+actions in order, write the status, post the events. It runs again at once
+when a transition step advanced, when a pod or node of interest changed (the
+pod and node watches "kick" it), or after `COLO_POLL_INTERVAL_S`.
+
+Nothing connects at import time: `configure()` (called by `__main__`) records
+the settings and the startup handler creates the clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import datetime as dt
+import logging
+import secrets
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import kopf
+
+from . import constants as c
+from . import manifests
+from .agent_client import AgentClient, AgentError
+from .config import OperatorConfig
+from .decide import (
+    Action,
+    CheckpointAgent,
+    CreatePod,
+    DeletePod,
+    DemoteAgent,
+    EnsureObjects,
+    LabelPod,
+    Plan,
+    PromoteAgent,
+    decide,
+)
+from .kube import Kube, KubeError, merge_patch
+from .snapshot import (
+    UNPOLLED,
+    AgentReport,
+    NodeHealth,
+    NodeView,
+    PodView,
+    Snapshot,
+    VMView,
+    lease_view,
+    node_view,
+    pod_view,
+    vm_view,
+)
+from .spec import SpecError
+from .status import ConditionType, EventNote, Reason, false, merge_conditions, should_write
+
+log = logging.getLogger("colo_operator")
+
+# At most this many immediate re-runs in a row, so a decision that keeps
+# asking for one can never spin.
+MAX_IMMEDIATE_RUNS = 8
+
+VMKey = tuple[str, str]
+EventPoster = Callable[[Mapping[str, Any], EventNote], None]
+
+
+def _kopf_event(body: Mapping[str, Any], note: EventNote) -> None:
+    kopf.event(body, type=note.type, reason=note.reason, message=note.message[:1024])  # type: ignore[arg-type]
+
+
+@dataclass
+class Runtime:
+    """What the handlers share: clients, caches and the per-VM wake-up events."""
+
+    config: OperatorConfig
+    kube: Kube
+    agents: AgentClient
+    post_event: EventPoster = _kopf_event
+    control_port: int = c.CONTROL_PORT
+    nodes: dict[str, NodeView] = field(default_factory=dict)
+    nodes_listed: bool = False
+    kicks: dict[VMKey, asyncio.Event] = field(default_factory=dict)
+    tokens: dict[VMKey, str] = field(default_factory=dict)
+    summaries: dict[VMKey, str] = field(default_factory=dict)
+
+    def kick_event(self, key: VMKey) -> asyncio.Event:
+        return self.kicks.setdefault(key, asyncio.Event())
+
+    def kick(self, key: VMKey) -> None:
+        event = self.kicks.get(key)
+        if event is not None:
+            event.set()
+
+    def forget(self, key: VMKey) -> None:
+        for cache in (self.kicks, self.tokens, self.summaries):
+            cache.pop(key, None)
+
+    async def close(self) -> None:
+        await self.agents.aclose()
+        self.kube.close()
+
+
+_settings: dict[str, Any] = {"config": OperatorConfig(), "kubeconfig": None}
+_runtime: Runtime | None = None
+
+
+def configure(config: OperatorConfig, kubeconfig: str | None = None) -> None:
+    """Record settings for the startup handler (called before kopf runs)."""
+    _settings.update(config=config, kubeconfig=kubeconfig)
+
+
+def runtime() -> Runtime:
+    if _runtime is None:
+        raise kopf.TemporaryError("the operator is still starting", delay=1)
+    return _runtime
+
+
+# --------------------------------------------------------------------------- one reconcile
+
+
+async def _nodes(rt: Runtime, pods: tuple[PodView, ...]) -> dict[str, NodeView]:
+    # The node watch keeps the cache current; a list fills it before the
+    # first events arrive or when a pod names a node the cache lacks.
+    if not rt.nodes_listed or any(p.node and p.node not in rt.nodes for p in pods):
+        rt.nodes = {view.name: view for view in map(node_view, await rt.kube.list_nodes())}
+        rt.nodes_listed = True
+    return dict(rt.nodes)
+
+
+async def _token(rt: Runtime, vm: VMView) -> str:
+    key = (vm.namespace, vm.name)
+    if key not in rt.tokens:
+        value = await rt.kube.get_secret_value(vm.namespace, manifests.Names(vm.name).secret, c.SECRET_KEY)
+        if value is None:
+            raise KubeError(f"read secret of {vm.namespace}/{vm.name}", 404, "agent key missing")
+        rt.tokens[key] = value.decode()
+    return rt.tokens[key]
+
+
+async def _poll(rt: Runtime, pods: tuple[PodView, ...]) -> dict[str, AgentReport]:
+    live = [p for p in pods if p.ip and p.phase == "Running" and not p.deleting]
+    reports = await asyncio.gather(*(rt.agents.status(p.ip or "", rt.control_port) for p in live))
+    out = {p.name: UNPOLLED for p in pods}
+    out.update({p.name: r for p, r in zip(live, reports, strict=True)})
+    return out
+
+
+async def read_world(rt: Runtime, namespace: str, name: str) -> tuple[dict[str, Any], Snapshot] | None:
+    body = await rt.kube.get_vm(namespace, name)
+    if body is None:
+        return None
+    vm = vm_view(body)
+    raw_pods, raw_lease = await asyncio.gather(
+        rt.kube.list_pods(namespace, name), rt.kube.get_lease(namespace, manifests.Names(name).lease)
+    )
+    pods = tuple(pod_view(p) for p in raw_pods)
+    nodes, agents = await asyncio.gather(_nodes(rt, pods), _poll(rt, pods))
+    snapshot = Snapshot(
+        vm=vm,
+        pods=pods,
+        nodes=nodes,
+        agents=agents,
+        lease=None if raw_lease is None else lease_view(raw_lease),
+        now=dt.datetime.now(dt.UTC),
+    )
+    return body, snapshot
+
+
+async def ensure_objects(rt: Runtime, vm: VMView) -> None:
+    names = manifests.Names(vm.name)
+    if await rt.kube.get("Secret", vm.namespace, names.secret) is None:
+        await rt.kube.create(manifests.secret(vm, secrets.token_urlsafe(32)))
+    for obj in manifests.base_objects(vm):
+        created = await rt.kube.create(obj)
+        if not created and obj["kind"] == "Service":
+            # Type and port follow the spec; the selector never changes.
+            spec = {"type": obj["spec"]["type"], "ports": obj["spec"]["ports"]}
+            await rt.kube.patch("Service", vm.namespace, names.service, {"spec": spec}, missing_ok=True)
+
+
+async def apply(rt: Runtime, s: Snapshot, action: Action) -> None:
+    vm = s.vm
+    ns = vm.namespace
+    if isinstance(action, EnsureObjects):
+        await ensure_objects(rt, vm)
+    elif isinstance(action, CreatePod):
+        await rt.kube.create(manifests.agent_pod(vm, rt.config, action))
+    elif isinstance(action, DeletePod):
+        await rt.kube.delete_pod(ns, action.name, force=action.force)
+    elif isinstance(action, LabelPod):
+        await rt.kube.label_pod(ns, action.name, action.role)
+    else:
+        pod = s.pod(action.pod)
+        if pod is None or pod.ip is None:
+            raise AgentError(f"pod {action.pod} has no address")
+        token = await _token(rt, vm)
+        if isinstance(action, PromoteAgent):
+            await rt.agents.promote(pod.ip, rt.control_port, token, action.term)
+        elif isinstance(action, CheckpointAgent):
+            await rt.agents.checkpoint(pod.ip, rt.control_port, token)
+        elif isinstance(action, DemoteAgent):
+            await rt.agents.demote(pod.ip, rt.control_port, token)
+
+
+async def reconcile(rt: Runtime, namespace: str, name: str, logger: Any = log) -> bool:
+    """One pass; returns True when the plan asks to run again at once."""
+    key = (namespace, name)
+    try:
+        world = await read_world(rt, namespace, name)
+    except SpecError as exc:
+        await _report_invalid_spec(rt, namespace, name, exc)
+        return False
+    if world is None:
+        return False
+    body, snapshot = world
+    if snapshot.vm.deleting:
+        return False
+    plan = decide(snapshot)
+    if rt.summaries.get(key) != plan.summary:
+        logger.info("%s/%s: %s", namespace, name, plan.summary)
+        rt.summaries[key] = plan.summary
+    for action in plan.actions:
+        try:
+            await apply(rt, snapshot, action)
+        except (KubeError, AgentError) as exc:
+            logger.warning("%s/%s: %s failed: %s", namespace, name, type(action).__name__, exc)
+            rt.post_event(body, EventNote("Warning", "ActionFailed", f"{type(action).__name__}: {exc}"))
+            return False
+    await _write_status(rt, snapshot, plan)
+    for note in plan.events:
+        rt.post_event(body, note)
+    return plan.again
+
+
+async def _write_status(rt: Runtime, s: Snapshot, plan: Plan) -> None:
+    previous = dict(s.vm.status)
+    if should_write(previous, plan.status, s.now):
+        patch = merge_patch(previous, plan.status)
+        if patch:
+            await rt.kube.patch_vm_status(s.vm.namespace, s.vm.name, patch)
+
+
+async def _report_invalid_spec(rt: Runtime, namespace: str, name: str, exc: SpecError) -> None:
+    body = await rt.kube.get_vm(namespace, name)
+    if body is None:
+        return
+    status = body.get("status") or {}
+    now = dt.datetime.now(dt.UTC)
+    conditions = merge_conditions(
+        status.get("conditions"),
+        [false(ConditionType.READY, Reason.INVALID_SPEC, str(exc))],
+        now,
+        int(body["metadata"].get("generation") or 0),
+    )
+    await rt.kube.patch_vm_status(namespace, name, {"message": str(exc), "conditions": conditions})
+    rt.post_event(body, EventNote("Warning", Reason.INVALID_SPEC.value, str(exc)))
+
+
+# --------------------------------------------------------------------------- kopf handlers
+
+
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+    global _runtime
+    config: OperatorConfig = _settings["config"]
+    settings.persistence.finalizer = c.FINALIZER
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="operator.colo.dev")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="operator.colo.dev", key="last-handled-configuration"
+    )
+    settings.posting.level = logging.INFO
+    # A standby replica takes over this long after the active one stopped renewing.
+    settings.peering.lifetime = 10
+    # Kubernetes calls run in worker threads, many ColoVMs at once.
+    asyncio.get_running_loop().set_default_executor(concurrent.futures.ThreadPoolExecutor(max_workers=32))
+    kube = await asyncio.to_thread(Kube.connect, _settings["kubeconfig"])
+    _runtime = Runtime(config=config, kube=kube, agents=AgentClient(timeout_s=config.agent_timeout_s))
+
+
+@kopf.on.cleanup()
+async def cleanup(**_: Any) -> None:
+    global _runtime
+    if _runtime is not None:
+        await _runtime.close()
+        _runtime = None
+
+
+@kopf.daemon(c.GROUP, c.VERSION, c.PLURAL, cancellation_timeout=10.0)
+async def run_vm(
+    namespace: str | None, name: str, stopped: kopf.DaemonStopped, logger: Any, **_: Any
+) -> None:
+    if namespace is None:  # ColoVMs are namespaced; kopf types it for every resource
+        return
+    rt = runtime()
+    key = (namespace, name)
+    kick = rt.kick_event(key)
+    immediate = 0
+    while not stopped:
+        kick.clear()
+        try:
+            again = await reconcile(rt, namespace, name, logger)
+        except Exception:
+            logger.exception("%s/%s: reconcile failed", namespace, name)
+            again = False
+        if again and immediate < MAX_IMMEDIATE_RUNS:
+            immediate += 1
+            continue
+        immediate = 0
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(kick.wait(), timeout=rt.config.poll_interval_s)
+
+
+@kopf.on.update(c.GROUP, c.VERSION, c.PLURAL)
+async def vm_changed(namespace: str | None, name: str, **_: Any) -> None:
+    # Spec or annotation changes (a switchover request) are acted on at once.
+    runtime().kick((namespace or "", name))
+
+
+@kopf.on.delete(c.GROUP, c.VERSION, c.PLURAL)
+async def vm_deleted(namespace: str | None, name: str, logger: Any, **_: Any) -> None:
+    if namespace is None:
+        return
+    rt = runtime()
+    remaining = await rt.kube.delete_vm_objects(namespace, name)
+    if remaining:
+        # Pods on a lost node never confirm their deletion: do not wait for them.
+        for raw in await rt.kube.list_pods(namespace, name):
+            pod = pod_view(raw)
+            node = rt.nodes.get(pod.node or "")
+            if pod.deleting and (node is None or node.health is not NodeHealth.READY):
+                await rt.kube.delete_pod(namespace, pod.name, force=True)
+        raise kopf.TemporaryError(f"waiting for {remaining} agent pod(s) to terminate", delay=1)
+    logger.info("%s/%s: everything removed", namespace, name)
+    rt.forget((namespace, name))
+
+
+@kopf.on.event("", "v1", "pods", labels={c.LABEL_MANAGED_BY: c.MANAGED_BY})
+async def pod_event(body: Mapping[str, Any], namespace: str | None, **_: Any) -> None:
+    vm = (body.get("metadata", {}).get("labels") or {}).get(c.LABEL_VM)
+    if vm and namespace and _runtime is not None:
+        _runtime.kick((namespace, vm))
+
+
+@kopf.on.event("", "v1", "nodes")
+async def node_event(event: Mapping[str, Any], body: Mapping[str, Any], **_: Any) -> None:
+    rt = _runtime
+    if rt is None:
+        return
+    view = node_view(body)
+    before = rt.nodes.get(view.name)
+    if event.get("type") == "DELETED":
+        rt.nodes.pop(view.name, None)
+        changed = True
+    else:
+        rt.nodes[view.name] = view
+        changed = before is None or (before.health, before.unschedulable) != (view.health, view.unschedulable)
+    if changed:
+        for key in list(rt.kicks):
+            rt.kick(key)
