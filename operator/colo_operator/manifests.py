@@ -246,9 +246,9 @@ def role(vm: VMView) -> dict[str, Any]:
                 "apiGroups": ["coordination.k8s.io"],
                 "resources": ["leases"],
                 "resourceNames": [names.lease],
-                # patch: pykube-ng writes updates as merge patches carrying the
-                # resourceVersion, which is still a compare-and-swap.
-                "verbs": ["get", "update", "patch"],
+                # The agent's compare-and-swap is a PUT carrying the resourceVersion
+                # it read; the operator creates the Lease, so no create either.
+                "verbs": ["get", "update"],
             }
         ],
     }

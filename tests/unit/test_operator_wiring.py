@@ -1,0 +1,296 @@
+"""Handler wiring: one reconcile pass against a Kubernetes API (kmock's emulator) and real agent
+control API servers (`colo_agent.api.server` over a scripted engine), end to end over HTTP."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import socket
+from collections.abc import AsyncIterator
+from typing import Any
+
+import kmock
+import kubernetes
+import pytest
+from prometheus_client import CollectorRegistry
+from test_operator_world import vm as vm_view
+
+from colo_agent.api.models import (
+    AgentStatus,
+    CheckpointResult,
+    DemoteResult,
+    GuestStatus,
+    PeerState,
+    PeerStatus,
+    PromoteResult,
+    ReplicationMode,
+    Role,
+)
+from colo_agent.api.server import create_app, serve
+from colo_operator import constants as c
+from colo_operator.agent_client import AgentClient
+from colo_operator.config import OperatorConfig
+from colo_operator.handlers import Runtime, reconcile
+from colo_operator.kube import Kube
+from colo_operator.manifests import secret
+from colo_operator.status import EventNote
+
+RESOURCES = [
+    "v1/pods",
+    "v1/nodes",
+    "v1/secrets",
+    "v1/services",
+    "v1/serviceaccounts",
+    "coordination.k8s.io/v1/leases",
+    "rbac.authorization.k8s.io/v1/roles",
+    "rbac.authorization.k8s.io/v1/rolebindings",
+    "policy/v1/poddisruptionbudgets",
+    "colo.dev/v1alpha1/colovms",
+]
+TOKEN = "s3cret-token"
+
+
+class ScriptedAgent:
+    """An agent engine reduced to its control surface: reports what the test sets, records commands."""
+
+    def __init__(self, role: Role, *, peer: PeerState = PeerState.CONNECTED, synced: bool = True) -> None:
+        self.role, self.peer, self.synced, self.term = role, peer, synced, 1
+        self.calls: list[str] = []
+
+    def status(self) -> AgentStatus:
+        return AgentStatus(
+            role=self.role,
+            term=self.term,
+            last_acked_epoch=7,
+            mode=ReplicationMode.CHECKPOINT,
+            peer=PeerStatus(state=self.peer, last_heartbeat_age_ms=10.0),
+            guest=GuestStatus(state="running", accel="tcg", memory_bytes=64 << 20),
+            synced=self.synced,
+        )
+
+    def ready(self) -> bool:
+        return True
+
+    async def promote(self, term: int) -> PromoteResult:
+        self.calls.append(f"promote {term}")
+        self.role, self.term = Role.PRIMARY, term
+        return PromoteResult(role=Role.PRIMARY, term=term, resumed_from_epoch=7)
+
+    async def checkpoint(self) -> CheckpointResult:
+        self.calls.append("checkpoint")
+        return CheckpointResult(term=self.term, epoch=8)
+
+    async def demote(self) -> DemoteResult:
+        self.calls.append("demote")
+        return DemoteResult(role=self.role, term=self.term)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.asynccontextmanager
+async def agents(*pairs: tuple[str, ScriptedAgent]) -> AsyncIterator[int]:
+    """Serve each scripted agent's control API on its own loopback address, all on one port."""
+    port = _free_port()
+    runners = [await serve(create_app(agent, TOKEN, CollectorRegistry()), ip, port) for ip, agent in pairs]
+    try:
+        yield port
+    finally:
+        for runner in runners:
+            await runner.cleanup()
+
+
+@pytest.fixture
+async def world(kmock: kmock.KubernetesEmulator) -> AsyncIterator[tuple[Kube, list[EventNote]]]:
+    for resource in RESOURCES:
+        kmock.resources[resource] = {}
+    configuration = kubernetes.client.Configuration()
+    configuration.host = str(kmock.url).rstrip("/")
+    kube = Kube(kubernetes.client.ApiClient(configuration))
+    for name in ("n1", "n2", "n3"):
+        await kube.request("node", "POST", "/api/v1/nodes", body=node(name, ready=True))
+    events: list[EventNote] = []
+    yield kube, events
+    kube.close()
+
+
+def node(name: str, *, ready: bool) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
+        "status": {"conditions": [{"type": "Ready", "status": "True" if ready else "Unknown"}]},
+    }
+
+
+def colovm(status: dict[str, Any] | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "apiVersion": c.API_VERSION,
+        "kind": c.KIND,
+        "metadata": {"name": "vm", "namespace": "ns", "uid": "uid-1", "generation": 1},
+        "spec": {"guest": {"memory": "32Mi"}},
+    }
+    if status:
+        body["status"] = status
+    return body
+
+
+def agent_pod(name: str, role: str) -> dict[str, Any]:
+    labels = {c.LABEL_VM: "vm", c.LABEL_MANAGED_BY: c.MANAGED_BY, c.LABEL_ROLE: role}
+    meta = {"name": name, "namespace": "ns", "labels": labels, "annotations": {c.ANNOTATION_SERIAL: name[-1]}}
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": meta}
+
+
+def lease(holder: str, term: int) -> dict[str, Any]:
+    return {
+        "apiVersion": "coordination.k8s.io/v1",
+        "kind": "Lease",
+        "metadata": {"name": "vm-primary", "namespace": "ns"},
+        "spec": {"holderIdentity": holder, "leaseTransitions": term},
+    }
+
+
+def runtime(kube: Kube, events: list[EventNote], port: int = 1) -> Runtime:
+    return Runtime(
+        config=OperatorConfig(agent_image="colo:test"),
+        kube=kube,
+        agents=AgentClient(timeout_s=2.0),
+        post_event=lambda body, note: events.append(note),
+        control_port=port,
+    )
+
+
+async def run_plan(rt: Runtime, times: int = 10) -> None:
+    for _ in range(times):
+        if not await reconcile(rt, "ns", "vm"):
+            return
+
+
+async def running(kube: Kube, pod: str, node_name: str, ip: str) -> None:
+    await kube.patch("Pod", "ns", pod, {"spec": {"nodeName": node_name}})
+    await kube.patch("Pod", "ns", pod, {"status": {"phase": "Running", "podIP": ip}}, subresource="status")
+
+
+async def test_creation_wires_objects_pods_and_status(world: tuple[Kube, list[EventNote]]) -> None:
+    kube, events = world
+    await kube.create(colovm())
+    primary = ScriptedAgent(Role.PRIMARY, peer=PeerState.NONE, synced=False)
+    async with agents(("127.0.0.1", primary)) as port:
+        rt = runtime(kube, events, port)
+        await reconcile(rt, "ns", "vm")
+        for kind, name in [("Secret", "vm-agent-key"), ("Lease", "vm-primary"), ("Service", "vm"),
+                           ("ServiceAccount", "vm-agent"), ("Role", "vm-agent"), ("RoleBinding", "vm-agent"),
+                           ("PodDisruptionBudget", "vm")]:  # fmt: skip
+            assert await kube.get(kind, "ns", name) is not None, f"{kind} {name} missing"
+        secret = await kube.get("Secret", "ns", "vm-agent-key")
+        assert secret is not None and len(base64.b64decode(secret["data"]["secret"])) >= 32
+        pod = await kube.get("Pod", "ns", "vm-0")
+        assert pod is not None
+        assert pod["spec"]["containers"][0]["command"] == ["colo-agent"]
+        assert pod["metadata"]["labels"][c.LABEL_ROLE] == "primary"
+        vm = await kube.get_vm("ns", "vm")
+        assert vm is not None
+        assert vm["status"]["phase"] == "Pending" and vm["status"]["currentPrimary"] == "vm-0"
+        assert any(e.reason == "CreatingPrimary" for e in events)
+
+        await running(kube, "vm-0", "n1", "127.0.0.1")
+        await reconcile(rt, "ns", "vm")
+        secondary = await kube.get("Pod", "ns", "vm-1")
+        assert secondary is not None
+        args = secondary["spec"]["containers"][0]["args"]
+        assert args[args.index("--peer") + 1] == "127.0.0.1:7700"
+        assert args[args.index("--role") + 1] == "secondary"
+        vm = await kube.get_vm("ns", "vm")
+        assert vm is not None
+        assert vm["status"]["phase"] == "Syncing"
+        assert vm["status"]["primary"]["node"] == "n1"
+
+
+async def test_failover_promotes_over_http_and_moves_the_labels(world: tuple[Kube, list[EventNote]]) -> None:
+    kube, events = world
+    protected = {
+        "observedGeneration": 1,
+        "phase": "Protected",
+        "currentPrimary": "vm-0",
+        "targetPrimary": "vm-0",
+        "podSerial": 2,
+        "term": 1,
+        "secondary": {"pod": "vm-1", "synced": True},
+    }
+    await kube.create(colovm(protected))
+    await kube.create(secret(vm_view(), TOKEN))
+    await kube.create(lease("vm-0", 1))
+    for name, role, node_name, ip in (
+        ("vm-0", "primary", "n1", "127.0.0.1"),
+        ("vm-1", "secondary", "n2", "127.0.0.2"),
+    ):
+        await kube.create(agent_pod(name, role))
+        await running(kube, name, node_name, ip)
+    # The primary's node stops reporting and its agent is gone; the secondary lost the heartbeat.
+    await kube.request(
+        "node",
+        "PATCH",
+        "/api/v1/nodes/n1",
+        body=node("n1", ready=False),
+        content_type="application/merge-patch+json",
+    )
+    secondary = ScriptedAgent(Role.SECONDARY, peer=PeerState.LOST)
+    async with agents(("127.0.0.2", secondary)) as port:
+        await run_plan(runtime(kube, events, port))
+    assert secondary.calls == ["promote 2"]
+    assert await kube.get("Pod", "ns", "vm-0") is None
+    promoted = await kube.get("Pod", "ns", "vm-1")
+    assert promoted is not None and promoted["metadata"]["labels"][c.LABEL_ROLE] == "primary"
+    vm = await kube.get_vm("ns", "vm")
+    assert vm is not None
+    st = vm["status"]
+    assert (st["currentPrimary"], st["targetPrimary"], st["term"], st["failovers"]) == ("vm-1", "vm-1", 2, 1)
+    assert "transition" not in st
+    assert st["lastFailover"]["cause"] == "NodeUnknown"
+    # Re-protection: a new secondary, kept off both n1 (lost) and n2 (the new primary).
+    fresh = await kube.get("Pod", "ns", "vm-2")
+    assert fresh is not None
+    affinity = fresh["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    (term,) = affinity["nodeSelectorTerms"]
+    assert set(term["matchFields"][0]["values"]) == {"n1", "n2"}
+    reasons = [e.reason for e in events]
+    assert reasons.index("FailoverStarted") < reasons.index("Promoted") < reasons.index("CreatingSecondary")
+
+
+async def test_a_refused_promotion_is_reported_and_retried(world: tuple[Kube, list[EventNote]]) -> None:
+    kube, events = world
+    transition = {
+        "kind": "Failover",
+        "cause": "NodeUnknown",
+        "from": "vm-0",
+        "to": "vm-1",
+        "step": "Promote",
+        "term": 2,
+        "startedAt": "2026-11-25T20:00:00Z",
+    }
+    status = {
+        "observedGeneration": 1,
+        "phase": "FailingOver",
+        "currentPrimary": "vm-0",
+        "targetPrimary": "vm-1",
+        "podSerial": 2,
+        "term": 1,
+        "transition": transition,
+    }
+    await kube.create(colovm(status))
+    await kube.create(secret(vm_view(), "a-different-key"))
+    await kube.create(lease("vm-0", 1))
+    await kube.create(agent_pod("vm-1", "secondary"))
+    await running(kube, "vm-1", "n2", "127.0.0.2")
+    secondary = ScriptedAgent(Role.SECONDARY, peer=PeerState.LOST)
+    async with agents(("127.0.0.2", secondary)) as port:
+        assert await reconcile(runtime(kube, events, port), "ns", "vm") is False
+    # The agent refused the wrong bearer token: nothing promoted, the step is still pending.
+    assert secondary.calls == []
+    (failed,) = [e for e in events if e.reason == "ActionFailed"]
+    assert "PromoteAgent" in failed.message and ("401" in failed.message or "403" in failed.message)
+    vm = await kube.get_vm("ns", "vm")
+    assert vm is not None and vm["status"]["transition"]["step"] == "Promote"
