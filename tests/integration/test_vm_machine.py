@@ -1,0 +1,166 @@
+"""The micro-VM monitor with real accelerators and the real firmware: dirty log,
+save/restore within and across accelerators, pause under load, RAM lifecycle."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+from test_vm_helpers import ACCELS, KVM_REASON, VmServer, changed_pages, serve
+
+from colo_agent.microvm.machine import Machine, MachineError
+from colo_agent.microvm.state import DeviceStateError
+
+
+@pytest.mark.parametrize("accel", ACCELS)
+def test_dirty_log_never_misses_a_changed_page(accel: str) -> None:
+    with serve(accel) as vm:
+        client = vm.client()
+        assert client.ping()
+        machine = vm.machine
+        machine.pause()
+        machine.collect_dirty()
+        shadow = machine.ram_array.copy()
+        machine.resume()
+        rng = np.random.default_rng(7)
+        for round_ in range(6):
+            for i in range(40):
+                size = int(rng.integers(1, 20000))
+                client.set(f"key:{round_}:{i}", rng.integers(0, 256, size, dtype=np.uint8).tobytes())
+            client.incr("counter")
+            machine.pause()
+            dirty = machine.collect_dirty()
+            current = machine.ram_array.copy()
+            machine.resume()
+            changed = changed_pages(shadow, current)
+            missed = np.setdiff1d(changed, dirty)
+            assert missed.size == 0, f"round {round_}: pages {missed[:20].tolist()} changed, not logged"
+            assert np.all(np.diff(dirty) > 0), "collect_dirty must be sorted and unique"
+            assert dirty.dtype == np.int64
+            assert 0 < dirty.size < machine.page_count // 4, "the dirty log must not be 'everything'"
+            shadow = current
+        # Nothing happens: (almost) nothing is dirty. A WAIT timeout may run
+        # a little firmware housekeeping, but the log must stay small.
+        time.sleep(0.2)
+        machine.pause()
+        machine.collect_dirty()
+        machine.resume()
+        time.sleep(0.2)
+        machine.pause()
+        idle = machine.collect_dirty()
+        machine.resume()
+        assert idle.size < 32
+
+
+def _pairs() -> list[object]:
+    pairs = [("tcg", "tcg"), ("kvm", "kvm"), ("kvm", "tcg"), ("tcg", "kvm")]
+    out = []
+    for src, dst in pairs:
+        marks = []
+        if "kvm" in (src, dst):
+            marks = [pytest.mark.kvm, pytest.mark.skipif(KVM_REASON is not None, reason=str(KVM_REASON))]
+        out.append(pytest.param(src, dst, id=f"{src}-to-{dst}", marks=marks))
+    return out
+
+
+@pytest.mark.parametrize(("src", "dst"), _pairs())
+def test_save_restore_preserves_every_key(src: str, dst: str) -> None:
+    keys = {f"k{i}".encode(): os.urandom(1 + i % 3000) for i in range(300)}
+    with serve(src) as first:
+        client = first.client()
+        client.mset(keys)
+        client.set("counter", 41)
+        lingering = first.client()
+        lingering.ping()  # a connection that is open in the saved state
+        time_before = int(client.time()[0])
+        first.machine.pause()
+        saved = first.machine.save_device_state()
+        image = first.machine.ram_array.copy()
+    second = Machine.create("64Mi", accel=dst)
+    second.ram_array[:] = image
+    second.load_device_state(saved)
+    vm = VmServer(second)
+    try:
+        client = vm.client()
+        got = client.mget(list(keys))
+        assert got == list(keys.values())
+        assert client.incr("counter") == 42
+        dbsize = client.dbsize()
+        assert dbsize == len(keys) + 1
+        # The guest clock continues from the saved value: no jump back.
+        assert int(client.time()[0]) >= time_before
+        # The connection that was open in the saved state was closed in the
+        # guest; new ones keep working.
+        assert vm.machine.devices.counters["tx_errors"] == 0
+        assert vm.client().ping()
+    finally:
+        vm.close()
+
+
+@pytest.mark.parametrize("accel", ACCELS)
+def test_pause_returns_while_the_guest_is_busy(accel: str) -> None:
+    with serve(accel, dirty_rate=200_000) as vm:
+        client = vm.client()
+        assert client.ping()
+        for _ in range(30):
+            vm.machine.pause()
+            vm.machine.collect_dirty()
+            vm.machine.resume()
+        assert client.ping()
+
+
+@pytest.mark.parametrize("accel", ACCELS)
+def test_paused_means_ram_stands_still(accel: str) -> None:
+    with serve(accel, dirty_rate=1000) as vm:
+        client = vm.client()
+        client.set("a", "1")
+        vm.machine.pause()
+        before = vm.machine.ram_array.copy()
+        # Input that arrives while paused is queued on the host, not put in RAM.
+        other = vm.client(timeout=0.3)
+        with pytest.raises(redis.TimeoutError):
+            other.set("b", "2")
+        time.sleep(0.1)
+        after = vm.machine.ram_array.copy()
+        assert changed_pages(before, after).size == 0
+        vm.machine.resume()
+        assert client.get("a") == b"1"
+
+
+@pytest.mark.parametrize("accel", ACCELS)
+def test_ram_file_lifecycle(accel: str, tmp_path: Path) -> None:
+    path = tmp_path / "guest.ram"
+    machine = Machine.create("8Mi", accel=accel, ram_path=path)
+    assert path.stat().st_size == 8 << 20
+    with pytest.raises(MachineError, match="already exists"):
+        Machine.create("8Mi", accel=accel, ram_path=path)
+    machine.start()
+    machine.pause()
+    machine.resume()
+    machine.stop()
+    machine.stop()  # idempotent
+    assert not path.exists()
+
+
+def test_default_ram_file_is_removed_on_stop() -> None:
+    machine = Machine.create("4Mi", accel="tcg")
+    path = machine.ram_path
+    assert path.exists()
+    machine.start()
+    machine.stop()
+    assert not path.exists()
+
+
+def test_loading_a_bad_state_is_refused_clearly() -> None:
+    with Machine.create("4Mi", accel="tcg") as machine:
+        with pytest.raises(DeviceStateError, match="magic"):
+            machine.load_device_state(b"x" * 100)
+        machine.start()
+        with pytest.raises(MachineError, match="paused"):
+            machine.save_device_state()
+        with pytest.raises(MachineError, match="already"):
+            machine.start()
