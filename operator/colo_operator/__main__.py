@@ -83,17 +83,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from . import handlers
 
-    handlers.configure(config, args.kubeconfig)
+    handlers.configure(
+        config,
+        args.kubeconfig,
+        peering=None if args.standalone else args.peering,
+        namespaces=tuple(args.namespace),
+    )
     # Two replicas with equal priority would both freeze; a random one makes
     # them differ without per-pod configuration.
     priority = args.priority if args.priority is not None else random.SystemRandom().randint(1, 2**31 - 1)
-    settings = kopf.OperatorSettings()
-    settings.peering.mandatory = not args.standalone
     kopf.run(
-        settings=settings,
         standalone=args.standalone,
         priority=priority,
-        peering_name=args.peering,
+        # Naming the peering makes it mandatory: two replicas never both act for want of one.
+        peering_name=None if args.standalone else args.peering,
         liveness_endpoint=args.liveness or None,
         clusterwide=not args.namespace,
         namespaces=args.namespace,

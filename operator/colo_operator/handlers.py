@@ -103,13 +103,54 @@ class Runtime:
         self.kube.close()
 
 
-_settings: dict[str, Any] = {"config": OperatorConfig(), "kubeconfig": None}
+_settings: dict[str, Any] = {
+    "config": OperatorConfig(),
+    "kubeconfig": None,
+    "peering": None,
+    "namespaces": (),
+}
 _runtime: Runtime | None = None
 
 
-def configure(config: OperatorConfig, kubeconfig: str | None = None) -> None:
-    """Record settings for the startup handler (called before kopf runs)."""
-    _settings.update(config=config, kubeconfig=kubeconfig)
+def configure(
+    config: OperatorConfig,
+    kubeconfig: str | None = None,
+    *,
+    peering: str | None = None,
+    namespaces: tuple[str, ...] = (),
+) -> None:
+    """Record settings for the startup handler (called before kopf runs).
+
+    `peering`: the name of the peering object replicas coordinate through
+    (None: standalone); `namespaces`: the watched ones (empty: all).
+    """
+    _settings.update(config=config, kubeconfig=kubeconfig, peering=peering, namespaces=namespaces)
+
+
+async def ensure_peering(kube: Kube, name: str, namespaces: tuple[str, ...]) -> None:
+    """Create the peering object(s) kopf needs before it starts, so a fresh install needs no manual step."""
+    if not namespaces:
+        body = {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": name}}
+        path = "/apis/kopf.dev/v1/clusterkopfpeerings"
+        targets = [(path, body)]
+    else:
+        targets = [
+            (
+                f"/apis/kopf.dev/v1/namespaces/{ns}/kopfpeerings",
+                {
+                    "apiVersion": "kopf.dev/v1",
+                    "kind": "KopfPeering",
+                    "metadata": {"name": name, "namespace": ns},
+                },
+            )
+            for ns in namespaces
+        ]
+    for path, body in targets:
+        try:
+            await kube.request(f"create peering {name}", "POST", path, body=body)
+        except KubeError as exc:
+            if exc.status != 409:
+                raise
 
 
 def runtime() -> Runtime:
@@ -277,6 +318,8 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     # Kubernetes calls run in worker threads, many ColoVMs at once.
     asyncio.get_running_loop().set_default_executor(concurrent.futures.ThreadPoolExecutor(max_workers=32))
     kube = await asyncio.to_thread(Kube.connect, _settings["kubeconfig"])
+    if _settings["peering"]:
+        await ensure_peering(kube, _settings["peering"], _settings["namespaces"])
     _runtime = Runtime(config=config, kube=kube, agents=AgentClient(timeout_s=config.agent_timeout_s))
 
 
