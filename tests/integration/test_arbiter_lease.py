@@ -39,7 +39,7 @@ def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     lacking = [b for b in ("etcd", "kube-apiserver") if not (bin_dir / b).exists()]
     if lacking:
         pytest.skip(f"control plane binaries missing ({', '.join(lacking)}): run bash .ci/e2e-tools")
-    plane = ControlPlane(tmp_path_factory.mktemp("apiserver"), controllers=False)
+    plane = ControlPlane(tmp_path_factory.mktemp("apiserver"), controllers=False, bin_dir=bin_dir)
     plane.start()
     try:
         yield plane
