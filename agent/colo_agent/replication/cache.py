@@ -123,6 +123,9 @@ class _Reservation:
     # place when `direct`, else the channel's bounce buffer.
     slot: int
     direct: bool
+    # Its epoch was aborted while the data was still arriving: the bytes are
+    # garbage, but the memory must not be handed out again until they stop.
+    zombie: bool = False
 
 
 @dataclass(frozen=True)
@@ -161,6 +164,7 @@ class ColoCache:
         else:
             self._mirror = np.zeros((n, PAGE_SIZE), dtype=np.uint8)
         self._used = 0
+        self._base = 0  # first slot of the epoch in flight; slots below belong to zombies
         self._pending: dict[int, _Reservation] = {}
         self._bounce: dict[int, PageArray] = {}
         self.committed: Committed | None = None
@@ -189,8 +193,8 @@ class ColoCache:
         return self.capacity - self._used if self.mode is CacheMode.CHECKPOINT else self.capacity
 
     def outstanding(self) -> int:
-        """Batches reserved but not yet landed or dropped."""
-        return len(self._pending)
+        """Batches of the epoch in flight reserved but not yet landed or dropped."""
+        return sum(not r.zombie for r in self._pending.values())
 
     # -- receiving ----------------------------------------------------------
 
@@ -237,9 +241,10 @@ class ColoCache:
 
     def land(self, channel: int) -> None:
         """The batch on `channel` arrived and its checksum holds."""
-        r = self._pending.pop(channel, None)
-        if r is None:
-            raise LocalProtocolError(f"channel {channel} has no batch outstanding")
+        r = self._pending.get(channel)
+        if r is None or r.zombie:
+            raise LocalProtocolError(f"channel {channel} has no batch of the epoch in flight outstanding")
+        del self._pending[channel]
         n = len(r.indices)
         if r.sync:
             if not r.direct:
@@ -251,18 +256,30 @@ class ColoCache:
             self._mirror[r.indices] = self._bounce[channel][:n]
 
     def drop(self, channel: int) -> None:
-        """The batch on `channel` failed its checksum; the epoch must be aborted."""
+        """Release the batch on `channel`, if any, without landing it: it failed
+        its checksum (the epoch must then be aborted) or belonged to an
+        aborted epoch and its data has stopped arriving."""
         self._pending.pop(channel, None)
+        if self._used == self._base:
+            self._used = self._base = self._zombie_end()
 
     def abort(self) -> None:
         """Forget the epoch in flight; RAM (the committed image) is untouched.
 
-        In lockstep mode pages that already landed stay in the mirror: they
-        are the primary's and the re-sent epoch rewrites them anyway.
+        Batches still arriving become zombies: their memory stays reserved
+        until `drop`, so a re-sent epoch never shares memory with them. In
+        lockstep mode pages that already landed stay in the mirror: they are
+        the primary's and the re-sent epoch rewrites them anyway.
         """
-        self._pending.clear()
-        self._used = 0
+        for r in self._pending.values():
+            # First-sync batches are not part of any epoch: they carry on.
+            r.zombie = r.zombie or not r.sync
+        self._used = self._base = self._zombie_end()
         self.incoming.clear()
+
+    def _zombie_end(self) -> int:
+        ends = [r.slot + len(r.indices) for r in self._pending.values() if r.zombie and not r.sync]
+        return max(ends, default=0) if self.mode is CacheMode.CHECKPOINT else 0
 
     # -- committing ---------------------------------------------------------
 
@@ -274,14 +291,15 @@ class ColoCache:
         `local_dirty` (lockstep mode): pages the secondary guest wrote since
         the last commit; they are restored from the mirror as well.
         """
-        if self._pending:
-            raise LocalProtocolError(f"commit with {len(self._pending)} batches still outstanding")
+        if self.outstanding():
+            raise LocalProtocolError(f"commit with {self.outstanding()} batches still outstanding")
         if self.mode is CacheMode.CHECKPOINT:
             if local_dirty is not None and len(local_dirty):
                 raise LocalProtocolError("checkpoint mode: the secondary guest must not run between commits")
             assert self._slots is not None and self._slot_page is not None
-            n = self._used
-            self._ram[self._slot_page[:n]] = self._slots[:n]
+            lo, hi = self._base, self._used
+            n = hi - lo
+            self._ram[self._slot_page[lo:hi]] = self._slots[lo:hi]
             # Sync is over once an epoch committed; its bounce buffers are garbage now.
             self._bounce.clear()
         else:
@@ -291,7 +309,7 @@ class ColoCache:
             self._ram[pages] = self._mirror[pages]
         self.device_state = bytes(device_state)
         self.committed = Committed((term, epoch), n)
-        self._used = 0
+        self._used = self._base = self._zombie_end()
         self.incoming.clear()
         return self.committed
 
