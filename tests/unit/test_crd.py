@@ -128,3 +128,22 @@ def test_every_status_field_the_operator_writes_is_in_the_schema() -> None:
 
     for st in statuses:
         check(st, status_schema, "")
+
+
+def test_examples_are_valid_and_use_only_schema_fields() -> None:
+    examples = sorted((ROOT / "examples").glob("*.yaml"))
+    assert len(examples) >= 3
+
+    def fields(value: Any, schema: dict[str, Any], path: str) -> None:
+        if isinstance(value, dict) and "properties" in schema:
+            for key, sub in value.items():
+                assert key in schema["properties"], f"{path}.{key} is not in the CRD (it would be pruned)"
+                fields(sub, schema["properties"][key], f"{path}.{key}")
+        if "enum" in schema:
+            assert value in schema["enum"], f"{path}: {value!r}"
+
+    for path in examples:
+        doc = yaml.safe_load(path.read_text())
+        assert doc["apiVersion"] == f"{c.GROUP}/{c.VERSION}" and doc["kind"] == c.KIND
+        ColoVMSpec.from_dict(doc["spec"])
+        fields(doc["spec"], SPEC, f"{path.name}:spec")
