@@ -1,0 +1,97 @@
+"""pytest helpers shared by ``tests/conftest.py`` and ``tests/e2e/conftest.py``."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from . import build
+from .cluster import LocalCluster
+
+FAILED = pytest.StashKey[bool]()
+
+
+def mark_failed(session: pytest.Session) -> None:
+    session.stash[FAILED] = True
+
+
+def any_test_failed(session: pytest.Session) -> bool:
+    return session.stash.get(FAILED, False)
+
+
+def binaries_or_skip() -> None:
+    """Skip when the control plane binaries are not built; fail instead under CI, where they must be."""
+    lacking = build.missing()
+    if lacking:
+        message = f"control plane binaries missing ({', '.join(lacking)}): run bash .ci/e2e-tools"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+@dataclass
+class ClusterHandle:
+    """What a test may know and do about the cluster under test, whichever the driver."""
+
+    driver: str
+    kubeconfig: Path
+    node_names: list[str]
+    local: LocalCluster | None = None
+
+    def _need_local(self, what: str) -> LocalCluster:
+        if self.local is None:
+            pytest.skip(f"{what} needs --e2e-driver local (with kind: docker stop the node's container)")
+        return self.local
+
+    def kill_node(self, name: str) -> None:
+        self._need_local("kill_node").kill_node(name)
+
+    def revive_node(self, name: str) -> None:
+        self._need_local("revive_node").revive_node(name)
+
+    def partition(self, a: str, b: str) -> None:
+        self._need_local("partition").partition(a, b)
+
+    def partition_from_apiserver(self, a: str) -> None:
+        self._need_local("partition_from_apiserver").partition_from_apiserver(a)
+
+    def heal(self) -> None:
+        self._need_local("heal").heal()
+
+    def run_in_node(
+        self, name: str, argv: Sequence[str], timeout: float = 30.0
+    ) -> subprocess.CompletedProcess[str]:
+        """Run ``argv`` where node ``name``'s pods are reachable (inside its network namespace)."""
+        return self._need_local("run_in_node").run_in_node(name, argv, timeout=timeout)
+
+    def pod_log(self, namespace: str, pod: str, container: str) -> str:
+        """A container's output (local driver: the runner's log file of it)."""
+        return self._need_local("pod_log").pod_log(namespace, pod, container)
+
+    def kubectl(
+        self, *args: str, check: bool = True, timeout: float = 120.0
+    ) -> subprocess.CompletedProcess[str]:
+        """kubectl of the cluster's version (the cached build), against this cluster."""
+        local_kubectl = build.bin_dir() / "kubectl"
+        binary = str(local_kubectl) if local_kubectl.exists() else "kubectl"
+        return subprocess.run(
+            [binary, f"--kubeconfig={self.kubeconfig}", *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=check,
+        )
+
+
+def model(cls: Any, body: dict[str, Any]) -> Any:
+    """A ``kubernetes`` client model from a manifest dict (camelCase keys, as in YAML)."""
+    obj = cls.from_dict(body)
+    if obj is None:
+        raise ValueError(f"{cls.__name__}: empty manifest")
+    return obj

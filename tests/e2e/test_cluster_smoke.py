@@ -1,0 +1,334 @@
+"""The cluster under test behaves like Kubernetes where the suite relies on it.
+
+Pods run where they are scheduled, get Ready through their probes, reach
+each other across nodes, back Services through EndpointSlices, carry a
+service-account token whose RBAC the API server enforces, and stop when
+deleted; a killed node goes NotReady within the node-monitor grace period.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import secrets
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import kubernetes
+import pytest
+from cluster.testing import ClusterHandle, model
+from kubernetes.client import (
+    ApiException,
+    V1Namespace,
+    V1Pod,
+    V1Role,
+    V1RoleBinding,
+    V1Secret,
+    V1Service,
+    V1ServiceAccount,
+)
+
+T = TypeVar("T")
+
+# A pod's program: an HTTP server that answers /healthz and reports its env.
+WEB_SERVER = textwrap.dedent(
+    """
+    import json, os, http.server
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            keys = ("POD_NAME", "POD_NAMESPACE", "POD_IP", "NODE_NAME", "GREETING", "EXPANDED")
+            body = json.dumps({k: os.environ.get(k) for k in keys}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(body)
+        def log_message(self, *args):
+            pass
+    http.server.ThreadingHTTPServer(("0.0.0.0", 8080), Handler).serve_forever()
+    """
+)
+
+# A pod's program: uses in-cluster config (token mounted where the client
+# looks) and reports what the API server allowed it to do.
+RBAC_PROBE = textwrap.dedent(
+    """
+    import json, socket, sys
+    import kubernetes
+    kubernetes.config.load_incluster_config()
+    api = kubernetes.client.CoreV1Api()
+    ns = open("/var/run/secrets/kubernetes.io/serviceaccount/namespace").read()
+    result = {"namespace": ns}
+    try:
+        result["pods"] = len(api.list_namespaced_pod(ns).items)
+    except kubernetes.client.ApiException as exc:
+        result["pods"] = exc.status
+    try:
+        api.list_namespaced_secret(ns)
+        result["secrets"] = 200
+    except kubernetes.client.ApiException as exc:
+        result["secrets"] = exc.status
+    try:
+        socket.create_connection(("10.96.0.1", 443), timeout=2).close()
+        result["service_ip"] = "reachable"
+    except OSError as exc:
+        result["service_ip"] = type(exc).__name__
+    print(json.dumps(result), flush=True)
+    ok = result["pods"] >= 1 and result["secrets"] == 403 and result["service_ip"] != "reachable"
+    sys.exit(0 if ok else 1)
+    """
+)
+
+
+def wait_for(predicate: Callable[[], T | None], timeout: float, what: str, interval: float = 0.25) -> T:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+@pytest.fixture
+def namespace(kube_api: kubernetes.client.ApiClient) -> Iterator[str]:
+    core = kubernetes.client.CoreV1Api(kube_api)
+    name = f"smoke-{secrets.token_hex(3)}"
+    core.create_namespace(model(V1Namespace, {"metadata": {"name": name}}))
+    wait_for(lambda: _has_default_account(core, name), 60, f"the default ServiceAccount of namespace {name}")
+    yield name
+    with contextlib.suppress(ApiException):
+        core.delete_namespace(name)
+
+
+def _has_default_account(core: kubernetes.client.CoreV1Api, namespace: str) -> bool:
+    try:
+        core.read_namespaced_service_account("default", namespace)
+        return True
+    except ApiException:
+        return False
+
+
+GREETING = {"metadata": {"name": "greeting"}, "stringData": {"text": "hi"}}
+
+
+def web_pod(name: str, node: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "labels": {"app": name}},
+        "spec": {
+            "nodeSelector": {"kubernetes.io/hostname": node},
+            "terminationGracePeriodSeconds": 5,
+            "containers": [
+                {
+                    "name": "web",
+                    "image": "python",
+                    "command": [sys.executable, "-c", WEB_SERVER],
+                    "ports": [{"name": "http", "containerPort": 8080}],
+                    "env": [
+                        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                        {
+                            "name": "POD_NAMESPACE",
+                            "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}},
+                        },
+                        {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+                        {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+                        {
+                            "name": "GREETING",
+                            "valueFrom": {"secretKeyRef": {"name": "greeting", "key": "text"}},
+                        },
+                        {"name": "EXPANDED", "value": "$(NODE_NAME)/$(POD_NAME)"},
+                    ],
+                    "readinessProbe": {
+                        "httpGet": {"path": "/healthz", "port": "http"},
+                        "periodSeconds": 1,
+                    },
+                    "livenessProbe": {
+                        "exec": {"command": ["true"]},
+                        "periodSeconds": 2,
+                    },
+                }
+            ],
+        },
+    }
+
+
+def pod_ready(core: kubernetes.client.CoreV1Api, namespace: str, name: str) -> Any:
+    pod = core.read_namespaced_pod(name, namespace)
+    for condition in (pod.status.conditions if pod.status else None) or []:
+        if condition.type == "Ready" and condition.status == "True":
+            return pod
+    return None
+
+
+def pod_gone(core: kubernetes.client.CoreV1Api, namespace: str, name: str) -> bool:
+    try:
+        core.read_namespaced_pod(name, namespace)
+    except ApiException as exc:
+        return exc.status == 404
+    return False
+
+
+def process_alive(pid: int) -> bool:
+    """Running, as opposed to gone or a zombie (a killed node's orphans wait for init to reap them)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def container_pid(pod: Any) -> int:
+    container_id = pod.status.container_statuses[0].container_id
+    assert container_id.startswith("process://"), container_id
+    return int(container_id.removeprefix("process://"))
+
+
+def test_pod_serves_other_nodes_backs_a_service_and_stops_on_delete(
+    cluster: ClusterHandle, kube_api: kubernetes.client.ApiClient, namespace: str
+) -> None:
+    core = kubernetes.client.CoreV1Api(kube_api)
+    discovery = kubernetes.client.DiscoveryV1Api(kube_api)
+    server_node, client_node = cluster.node_names[0], cluster.node_names[1]
+    core.create_namespaced_secret(namespace, model(V1Secret, GREETING))
+    service = {
+        "metadata": {"name": "web"},
+        "spec": {"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": "http"}]},
+    }
+    core.create_namespaced_service(namespace, model(V1Service, service))
+    core.create_namespaced_pod(namespace, model(V1Pod, web_pod("web", server_node)))
+
+    pod = wait_for(lambda: pod_ready(core, namespace, "web"), 90, "pod web to be Ready")
+    assert pod.spec.node_name == server_node
+    assert pod.status.phase == "Running"
+    pod_ip = pod.status.pod_ip
+    assert pod_ip and pod_ip != pod.status.host_ip
+
+    # Reached from another node's namespace, over the bridge.
+    url = f"http://{pod_ip}:8080/env"
+    fetch = f"import urllib.request; print(urllib.request.urlopen({url!r}, timeout=5).read().decode())"
+    done = cluster.run_in_node(client_node, [sys.executable, "-c", fetch])
+    assert done.returncode == 0, done.stderr
+    env = json.loads(done.stdout)
+    assert env == {
+        "POD_NAME": "web",
+        "POD_NAMESPACE": namespace,
+        "POD_IP": pod_ip,
+        "NODE_NAME": server_node,
+        "GREETING": "hi",
+        "EXPANDED": f"{server_node}/web",
+    }
+
+    def ready_endpoint() -> bool:
+        slices = discovery.list_namespaced_endpoint_slice(
+            namespace, label_selector="kubernetes.io/service-name=web"
+        ).items
+        return any(
+            pod_ip in (e.addresses or [])
+            and e.conditions is not None
+            and e.conditions.ready
+            and (s.ports or [])[0].port == 8080
+            for s in slices
+            for e in s.endpoints or []
+        )
+
+    wait_for(ready_endpoint, 60, "an EndpointSlice with the pod's address")
+
+    pid = container_pid(pod)
+    assert process_alive(pid)
+    core.delete_namespaced_pod("web", namespace)
+    wait_for(lambda: pod_gone(core, namespace, "web"), 60, "pod web to be removed")
+    wait_for(lambda: not process_alive(pid), 10, f"process {pid} to exit")
+
+
+def test_service_account_token_carries_its_rbac(
+    cluster: ClusterHandle, kube_api: kubernetes.client.ApiClient, namespace: str
+) -> None:
+    core = kubernetes.client.CoreV1Api(kube_api)
+    rbac = kubernetes.client.RbacAuthorizationV1Api(kube_api)
+    account = {"metadata": {"name": "reader"}}
+    core.create_namespaced_service_account(namespace, model(V1ServiceAccount, account))
+    rbac.create_namespaced_role(
+        namespace,
+        model(
+            V1Role,
+            {
+                "metadata": {"name": "pod-reader"},
+                "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]}],
+            },
+        ),
+    )
+    rbac.create_namespaced_role_binding(
+        namespace,
+        model(
+            V1RoleBinding,
+            {
+                "metadata": {"name": "reader"},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "pod-reader"},
+                "subjects": [{"kind": "ServiceAccount", "name": "reader", "namespace": namespace}],
+            },
+        ),
+    )
+    core.create_namespaced_pod(
+        namespace,
+        model(
+            V1Pod,
+            {
+                "metadata": {"name": "rbac"},
+                "spec": {
+                    "serviceAccountName": "reader",
+                    "restartPolicy": "Never",
+                    "containers": [
+                        {"name": "probe", "image": "python", "command": [sys.executable, "-c", RBAC_PROBE]}
+                    ],
+                },
+            },
+        ),
+    )
+
+    def finished() -> Any:
+        pod = core.read_namespaced_pod("rbac", namespace)
+        return pod if pod.status and pod.status.phase in ("Succeeded", "Failed") else None
+
+    pod = wait_for(finished, 90, "pod rbac to finish")
+    report = cluster.pod_log(namespace, "rbac", "probe") if cluster.local else ""
+    assert pod.status.phase == "Succeeded", f"in-pod API checks failed: {report}"
+    if cluster.local:
+        result = json.loads(report.strip().splitlines()[-1])
+        assert result["secrets"] == 403
+        assert result["namespace"] == namespace
+        assert result["service_ip"] != "reachable"
+
+
+def test_killed_node_goes_not_ready_within_grace_and_comes_back(
+    cluster: ClusterHandle, kube_api: kubernetes.client.ApiClient, namespace: str
+) -> None:
+    local = cluster.local
+    if local is None:
+        pytest.skip("node loss needs --e2e-driver local")
+    core = kubernetes.client.CoreV1Api(kube_api)
+    victim = cluster.node_names[-1]
+    core.create_namespaced_secret(namespace, model(V1Secret, GREETING))
+    core.create_namespaced_pod(namespace, model(V1Pod, web_pod("doomed", victim)))
+    pod = wait_for(lambda: pod_ready(core, namespace, "doomed"), 90, "pod doomed to be Ready")
+    pid = container_pid(pod)
+
+    killed_at = time.monotonic()
+    cluster.kill_node(victim)
+    wait_for(lambda: not process_alive(pid), 10, "kill_node to kill the pod's process")
+    wait_for(lambda: local.node_ready(victim) != "True", 120, f"{victim} to go NotReady")
+    seen_after = time.monotonic() - killed_at
+    grace = local.grace
+    print(f"\n{victim} NotReady {seen_after:.1f}s after it was killed (grace {grace}s)")
+    # The node-lifecycle controller checks every second; allow for a loaded
+    # machine on top of the grace period, which is what is being checked.
+    assert seen_after < grace + 15
+
+    cluster.revive_node(victim)
+    wait_for(lambda: local.node_ready(victim) == "True", 120, f"{victim} to be Ready again")
+    wait_for(lambda: pod_ready(core, namespace, "doomed"), 90, "pod doomed to run again on the revived node")
