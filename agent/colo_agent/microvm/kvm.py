@@ -124,9 +124,6 @@ def install_kick_signal_handler() -> None:
     if callable(current):
         return
     signal.signal(KICK_SIGNAL, _ignore_kick)
-    # Python installs handlers without SA_RESTART already; be explicit, since
-    # a restarted wait elsewhere in the vCPU thread would delay the kick.
-    signal.siginterrupt(KICK_SIGNAL, True)
 
 
 def _kick_handler_installed() -> bool:
