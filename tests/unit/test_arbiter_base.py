@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
+from collections.abc import Callable
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -41,7 +43,9 @@ class Store:
 
 
 class MemoryArbiter(Arbiter):
-    def __init__(self, store: Store, identity: str, clock: FakeClock, duration: float = 1.0) -> None:
+    def __init__(
+        self, store: Store, identity: str, clock: Callable[[], float], duration: float = 1.0
+    ) -> None:
         super().__init__(identity, duration, safety_margin=0.2, clock=clock)
         self.store = store
 
@@ -338,3 +342,25 @@ async def test_a_secondary_that_keeps_observing_is_ready_sooner(store: Store, cl
         watcher.cancel()
     # The clock started at the renewal b saw, not at the promotion.
     assert b.acquirable_at() == pytest.approx(last_renewal + 1.0)
+
+
+async def test_wait_acquire_rides_out_store_errors_until_its_deadline(store: Store) -> None:
+    # Real time: wait_acquire sleeps.
+    a = MemoryArbiter(store, "a", time.monotonic)
+    store.down = True
+
+    async def recover() -> None:
+        await asyncio.sleep(0.05)
+        store.down = False
+
+    healer = asyncio.create_task(recover())
+    assert await a.wait_acquire(1, timeout=5.0, poll=0.01)
+    await healer
+    store.down = True
+    b = MemoryArbiter(store, "b", time.monotonic)
+    with pytest.raises(ArbiterError, match="unreachable"):
+        await b.wait_acquire(2, timeout=0.05, poll=0.01)
+    store.down = False
+    assert not await b.wait_acquire(2, timeout=0.05, poll=0.01)  # held, not an error
+    with pytest.raises(TermTooLow):
+        await b.wait_acquire(1, timeout=5.0)

@@ -303,14 +303,26 @@ class Arbiter(abc.ABC):
     async def wait_acquire(self, term: int, timeout: float, *, poll: float | None = None) -> bool:
         """Take the arbiter with `term`, waiting up to `timeout` seconds for the previous
         holder's lease to run out. Sleeps until the observed expiry rather than polling
-        blindly, but rereads at least every `poll` seconds (a release frees it at once)."""
+        blindly, but rereads at least every `poll` seconds (a release frees it at once).
+
+        A store error is retried until the deadline and raised if it was the last outcome,
+        so a caller can tell "still held" (False) from "could not ask" (ArbiterError).
+        TermTooLow is raised at once."""
         poll = self.renew_interval if poll is None else poll
         deadline = self._clock() + timeout
         while True:
-            if await self.acquire(term):
-                return True
+            failure: ArbiterError | None = None
+            try:
+                if await self.acquire(term):
+                    return True
+            except TermTooLow:
+                raise
+            except ArbiterError as exc:
+                failure = exc
             now = self._clock()
             if now >= deadline:
+                if failure is not None:
+                    raise failure
                 return False
             wake = min(self.acquirable_at(), now + poll, deadline)
             await asyncio.sleep(max(0.0, wake - now))
