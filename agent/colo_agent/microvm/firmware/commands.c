@@ -138,6 +138,57 @@ static void cmd_client(struct arg *argv, u64 argc) {
 
 static u64 command_count(void);
 
+/* HELLO [protover [AUTH user pass] [SETNAME name]]: switches the connection
+ * to RESP2 or RESP3 (new clients, redis-py among them, start with HELLO 3).
+ * No password is configured, so AUTH is accepted as Redis accepts it then. */
+static void cmd_hello(struct arg *argv, u64 argc) {
+    int version = current_protocol();
+    u64 i = 1;
+    if (argc >= 2) {
+        i64 v;
+        if (!parse_i64(argv[1].p, argv[1].n, &v)) {
+            reply_error("ERR Protocol version is not an integer or out of range");
+            return;
+        }
+        if (v != 2 && v != 3) {
+            reply_error("NOPROTO unsupported protocol version");
+            return;
+        }
+        version = (int)v;
+        i = 2;
+    }
+    for (; i < argc; i++) {
+        if (arg_is(&argv[i], "AUTH") && i + 2 < argc)
+            i += 2;
+        else if (arg_is(&argv[i], "SETNAME") && i + 1 < argc)
+            i += 1;
+        else {
+            struct text t = {.n = 0};
+            text_str(&t, "ERR Syntax error in HELLO option '");
+            text_sanitized(&t, argv[i].p, argv[i].n, 64);
+            text_str(&t, "'");
+            reply_text_error(&t);
+            return;
+        }
+    }
+    set_protocol(version);
+    reply_map(7);
+    reply_bulk((const u8 *)"server", 6);
+    reply_bulk((const u8 *)"colo-kv", 7);
+    reply_bulk((const u8 *)"version", 7);
+    reply_bulk((const u8 *)KV_VERSION, sizeof(KV_VERSION) - 1);
+    reply_bulk((const u8 *)"proto", 5);
+    reply_int(version);
+    reply_bulk((const u8 *)"id", 2);
+    reply_int(current_conn());
+    reply_bulk((const u8 *)"mode", 4);
+    reply_bulk((const u8 *)"standalone", 10);
+    reply_bulk((const u8 *)"role", 4);
+    reply_bulk((const u8 *)"master", 6);
+    reply_bulk((const u8 *)"modules", 7);
+    reply_array(0);
+}
+
 static void cmd_command(struct arg *argv, u64 argc) {
     /* No command table is published: clients (redis-cli hints) cope with an
      * empty one and fall back to plain behaviour. */
@@ -189,7 +240,7 @@ static void cmd_config(struct arg *argv, u64 argc) {
                 }
             }
         }
-        reply_array(matches * 2);
+        reply_map(matches);
         for (usize k = 0; k < ARRAY_LEN(known); k++) {
             if (!hit[k])
                 continue;
@@ -345,7 +396,14 @@ static void cmd_set(struct arg *argv, u64 argc) {
         flags |= f;
     }
     const struct arg *k = &argv[1], *v = &argv[2];
-    struct entry *old = (flags & (SET_NX | SET_XX | SET_GET | SET_KEEPTTL)) ? store_get(k->p, k->n) : NULL_PTR;
+    if (!(flags & (SET_NX | SET_XX | SET_GET | SET_KEEPTTL)) && (!expire_ms || expire_ms > kv_now_ms())) {
+        if (store_upsert(k->p, k->n, v->p, v->n, expire_ms))
+            reply_ok();
+        else
+            reply_error(err_oom);
+        return;
+    }
+    struct entry *old = store_get(k->p, k->n);
     if (((flags & SET_NX) && old) || ((flags & SET_XX) && !old)) {
         if (flags & SET_GET)
             old ? reply_bulk(entry_val(old), old->vlen) : reply_nil();
@@ -716,6 +774,7 @@ static const struct command commands[] = {
     CMD("SELECT", "select", 2, cmd_select),
     CMD("CLIENT", "client", -2, cmd_client),
     CMD("QUIT", "quit", -1, cmd_quit),
+    CMD("HELLO", "hello", -1, cmd_hello),
 };
 
 static u64 command_count(void) { return ARRAY_LEN(commands); }

@@ -17,6 +17,13 @@ void reply_int(i64 v);
 void reply_bulk(const u8 *p, u64 n);
 void reply_nil(void);
 void reply_array(u64 n);
+/* `n` key/value pairs: a RESP3 map, or a flat array of 2n under RESP2. */
+void reply_map(u64 n);
+
+/* The reply protocol of the current connection (2 or 3, chosen by HELLO).
+ * RESP3 only changes nulls and maps for the commands served here. */
+int current_protocol(void);
+void set_protocol(int version);
 
 /* Commands the protocol layer must see: QUIT closes after its reply. */
 void request_close(void);

@@ -1,12 +1,17 @@
 /* The few libc functions gcc emits calls to, for the guest build only (the
- * host test driver uses the real libc). `rep movsb`/`rep stosb` are fast on
- * CPUs with ERMS and are a single emulated instruction per byte run under
- * software emulation. */
+ * host test driver uses the real libc). Whole words with `rep movsq`/`rep
+ * stosq`, then the odd bytes: fast on hardware, and under emulation (unicorn,
+ * or a nested hypervisor that steps the guest) each repetition costs about
+ * one instruction, so moving 8 bytes per step is 8 times cheaper. */
 #include "util.h"
 
 void *memcpy(void *dst, const void *src, usize n) {
     void *d = dst;
-    __asm__ __volatile__("rep movsb" : "+D"(d), "+S"(src), "+c"(n) : : "memory");
+    usize words = n >> 3, rest = n & 7;
+    __asm__ __volatile__("rep movsq\n\tmov %3, %%rcx\n\trep movsb"
+                         : "+D"(d), "+S"(src), "+c"(words)
+                         : "r"(rest)
+                         : "memory");
     return dst;
 }
 
@@ -22,7 +27,12 @@ void *memmove(void *dst, const void *src, usize n) {
 
 void *memset(void *dst, int c, usize n) {
     void *d = dst;
-    __asm__ __volatile__("rep stosb" : "+D"(d), "+c"(n) : "a"(c) : "memory");
+    usize words = n >> 3, rest = n & 7;
+    u64 pattern = 0x0101010101010101ULL * (u8)c;
+    __asm__ __volatile__("rep stosq\n\tmov %3, %%rcx\n\trep stosb"
+                         : "+D"(d), "+c"(words)
+                         : "a"(pattern), "r"(rest)
+                         : "memory");
     return dst;
 }
 

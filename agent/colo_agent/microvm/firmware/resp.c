@@ -15,7 +15,6 @@
 #include "store.h"
 
 #define MAX_INLINE 65536ULL              /* inline request line, as Redis */
-#define MAX_HEADER_LINE 32ULL            /* "*<n>" or "$<n>": 20 digits fit easily */
 #define MAX_BULK (512ULL << 20)          /* proto-max-bulk-len of Redis */
 #define MAX_MULTIBULK (1024LL * 1024)    /* arguments per command, as Redis */
 #define MIN_BUFFER 512ULL
@@ -37,6 +36,7 @@ struct parse_state {
     i32 bulk; /* length of the bulk being read, -1 before its "$<n>" line */
     u32 pos;  /* bytes validated (DONE: bytes the command occupies) */
     u32 need; /* the command is incomplete until this many bytes are there */
+    u8 resumed; /* validated over several calls: argument pointers are stale */
 };
 
 /* Input is capped well below 4 GiB, so 32-bit positions suffice. */
@@ -44,6 +44,7 @@ _Static_assert(MAX_MULTIBULK < 0x7FFFFFFF && MAX_BULK < 0x7FFFFFFF, "parse_state
 
 struct conn {
     u32 id; /* 0 = free slot */
+    u8 resp3;
     u32 len, cap;
     u8 *buf;
     struct parse_state ps;
@@ -56,6 +57,7 @@ static u64 boot_ns;
 static u64 ncommands;
 
 static u32 cur;        /* connection whose command runs */
+static struct conn *cur_conn;
 static int cur_close;  /* QUIT asked to close it after the reply */
 static const char *parse_error;
 static struct arg static_args[STATIC_ARGS];
@@ -108,7 +110,22 @@ static void reply_prefixed(u8 type, i64 v) {
 
 void reply_int(i64 v) { reply_prefixed(':', v); }
 void reply_array(u64 n) { reply_prefixed('*', (i64)n); }
-void reply_nil(void) { reply_lit("$-1\r\n"); }
+void reply_map(u64 n) {
+    if (cur_conn->resp3)
+        reply_prefixed('%', (i64)n);
+    else
+        reply_array(2 * n);
+}
+
+void reply_nil(void) {
+    if (cur_conn->resp3)
+        reply_lit("_\r\n");
+    else
+        reply_lit("$-1\r\n");
+}
+
+int current_protocol(void) { return cur_conn->resp3 ? 3 : 2; }
+void set_protocol(int version) { cur_conn->resp3 = version == 3; }
 
 void reply_bulk(const u8 *p, u64 n) {
     u8 buf[288];
@@ -198,28 +215,60 @@ static inline void parse_reset(struct parse_state *ps) {
     ps->bulk = -1;
 }
 
-/* Reads "<type><integer>\r\n" at b[at]. Returns the integer's line end
- * (index after "\n") through *end; 0 = incomplete, -1 = malformed. */
-static int header_line(const u8 *b, u64 at, u64 n, i64 *value, u64 *end) {
-    u64 limit = MIN(n, at + MAX_HEADER_LINE);
-    for (u64 i = at + 1; i < limit; i++) {
-        if (b[i] == '\r') {
-            if (i + 1 >= n)
-                return 0;
-            if (b[i + 1] != '\n' || !parse_i64(b + at + 1, i - at - 1, value))
-                return -1;
-            *end = i + 2;
+/* Reads the length in a "*<n>\r\n" or "$<n>\r\n" line at b[at]. Returns 1
+ * with the value and the index after the LF, 0 if the line is incomplete, -1
+ * if it is malformed. One pass over the bytes: this runs for every argument
+ * of every request, and under emulation every instruction counts. */
+#define MAX_LENGTH_DIGITS 12 /* no valid length has more */
+static int length_line(const u8 *b, u64 at, u64 n, i64 *value, u64 *end) {
+    /* Most lengths have one or two digits and the whole line is there. */
+    if (likely(at + 5 <= n)) {
+        u32 d0 = (u32)b[at + 1] - '0', d1 = (u32)b[at + 2] - '0';
+        if (d0 <= 9 && b[at + 2] == '\r' && b[at + 3] == '\n') {
+            *value = d0;
+            *end = at + 4;
+            return 1;
+        }
+        if (d0 - 1 <= 8 && d1 <= 9 && b[at + 3] == '\r' && b[at + 4] == '\n') {
+            *value = d0 * 10 + d1;
+            *end = at + 5;
             return 1;
         }
     }
-    return limit == n && n < at + MAX_HEADER_LINE ? 0 : -1;
+    u64 i = at + 1;
+    int neg = 0;
+    if (i < n && b[i] == '-') {
+        neg = 1;
+        i++;
+    }
+    u64 first = i;
+    i64 v = 0;
+    for (;; i++) {
+        if (i >= n)
+            return 0;
+        u32 d = (u32)b[i] - '0';
+        if (d > 9)
+            break;
+        if (i - first >= MAX_LENGTH_DIGITS)
+            return -1;
+        v = v * 10 + d;
+    }
+    if (i == first || b[i] != '\r' || (b[first] == '0' && i - first > 1))
+        return -1;
+    if (i + 1 >= n)
+        return 0;
+    if (b[i + 1] != '\n')
+        return -1;
+    *value = neg ? -v : v;
+    *end = i + 2;
+    return 1;
 }
 
 static int parse_multibulk(struct parse_state *ps, const u8 *b, u64 n) {
     if (ps->argc < 0) {
         i64 v;
         u64 end;
-        int r = header_line(b, 0, n, &v, &end);
+        int r = length_line(b, 0, n, &v, &end);
         if (r == 0)
             return PARSE_MORE;
         if (r < 0 || v > MAX_MULTIBULK) {
@@ -239,7 +288,7 @@ static int parse_multibulk(struct parse_state *ps, const u8 *b, u64 n) {
             }
             i64 v;
             u64 end;
-            int r = header_line(b, ps->pos, n, &v, &end);
+            int r = length_line(b, ps->pos, n, &v, &end);
             if (r == 0)
                 return PARSE_MORE;
             if (r < 0 || v < 0 || (u64)v > MAX_BULK) {
@@ -261,6 +310,12 @@ static int parse_multibulk(struct parse_state *ps, const u8 *b, u64 n) {
         if (b[body_end - 2] != '\r' || b[body_end - 1] != '\n') {
             parse_error = "bulk string not followed by CRLF";
             return PARSE_ERROR;
+        }
+        /* Note where the argument lies while we are here; a command parsed
+         * in one go then needs no second pass to find its arguments. */
+        if (ps->done < STATIC_ARGS) {
+            static_args[ps->done].p = b + ps->pos;
+            static_args[ps->done].n = (u64)ps->bulk;
         }
         ps->pos = body_end;
         ps->bulk = -1;
@@ -302,7 +357,16 @@ static int parse_inline(struct parse_state *ps, const u8 *b, u64 n) {
     return PARSE_MORE;
 }
 
+static int parse_any(struct parse_state *ps, const u8 *b, u64 n);
+
 static int parse(struct parse_state *ps, const u8 *b, u64 n) {
+    int r = parse_any(ps, b, n);
+    if (r == PARSE_MORE)
+        ps->resumed = 1;
+    return r;
+}
+
+static int parse_any(struct parse_state *ps, const u8 *b, u64 n) {
     if (ps->kind == KIND_NONE) {
         u8 c = b[0];
         if (c == '*') {
@@ -378,7 +442,8 @@ static i64 run_commands(struct conn *c, const u8 *b, u64 n) {
             if (!argv) {
                 reply_error(oom_error);
             } else {
-                collect_args(&c->ps, b + off, argv);
+                if (argv != static_args || c->ps.resumed || c->ps.kind != KIND_MULTIBULK)
+                    collect_args(&c->ps, b + off, argv);
                 ncommands++;
                 execute_command(argv, argc);
                 if (argv != static_args)
@@ -429,6 +494,7 @@ void kv_data(u32 id, const u8 *p, u64 n) {
     if (!c || n == 0)
         return; /* the guest drops data of connections it does not know */
     cur = id;
+    cur_conn = c;
     if (c->len == 0) {
         i64 used = run_commands(c, p, n);
         if (used >= 0 && (u64)used < n)

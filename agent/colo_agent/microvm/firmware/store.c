@@ -174,10 +174,9 @@ struct entry *store_get(const u8 *k, u64 klen) {
     return *link;
 }
 
-void store_put(struct entry *e) {
-    rehash_step();
-    int t;
-    struct entry **link = find_link(e->data, e->klen, e->hash, &t);
+/* Links the new entry `e` where `link` (found for its key in table `t`)
+ * points, or as a new key when `link` is NULL. */
+static void link_entry(struct entry *e, struct entry **link) {
     if (link) {
         struct entry *old = *link;
         e->next = old->next;
@@ -186,7 +185,7 @@ void store_put(struct entry *e) {
             expires_count--;
         heap_free(old);
     } else {
-        t = rehash_idx >= 0 ? 1 : 0;
+        int t = rehash_idx >= 0 ? 1 : 0;
         struct entry **head = &ht[t].b[e->hash & ht[t].mask];
         e->next = *head;
         *head = e;
@@ -198,16 +197,53 @@ void store_put(struct entry *e) {
         expires_count++;
 }
 
+void store_put(struct entry *e) {
+    rehash_step();
+    int t;
+    link_entry(e, find_link(e->data, e->klen, e->hash, &t));
+}
+
+static inline int fits_in_place(struct entry *e, u64 vlen) {
+    u64 need = sizeof(*e) + e->klen + vlen;
+    u64 have = heap_usable(e);
+    /* Without wasting much: INCR and same-size SETs rewrite in place. */
+    return need <= have && have - need <= 64 + need / 2;
+}
+
+int store_upsert(const u8 *k, u64 klen, const u8 *v, u64 vlen, i64 expire_ms) {
+    rehash_step();
+    u64 h = store_hash(k, klen);
+    int t;
+    struct entry **link = find_link(k, klen, h, &t);
+    if (link && fits_in_place(*link, vlen)) {
+        struct entry *e = *link;
+        mem_move(entry_val(e), v, vlen);
+        e->vlen = (u32)vlen;
+        store_set_expire(e, expire_ms);
+        return 1;
+    }
+    if (klen > 0xFFFFFFFFULL || vlen > 0xFFFFFFFFULL)
+        return 0;
+    struct entry *e = heap_alloc(sizeof(*e) + klen + vlen);
+    if (!e)
+        return 0;
+    e->hash = h;
+    e->expire_ms = expire_ms;
+    e->klen = (u32)klen;
+    e->vlen = (u32)vlen;
+    mem_copy(e->data, k, klen);
+    mem_copy(e->data + klen, v, vlen);
+    link_entry(e, link); /* allocating changed no table: `link` still holds */
+    return 1;
+}
+
 void store_set_expire(struct entry *e, i64 expire_ms) {
     expires_count += (expire_ms != 0) - (e->expire_ms != 0);
     e->expire_ms = expire_ms;
 }
 
 struct entry *store_set_value(struct entry *e, const u8 *v, u64 vlen) {
-    u64 need = sizeof(*e) + e->klen + vlen;
-    u64 have = heap_usable(e);
-    /* In place when it fits without wasting much (INCR rewrites a few digits). */
-    if (need <= have && have - need <= 64 + need / 2) {
+    if (fits_in_place(e, vlen)) {
         mem_move(e->data + e->klen, v, vlen);
         e->vlen = (u32)vlen;
         return e;

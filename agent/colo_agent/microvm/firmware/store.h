@@ -33,6 +33,9 @@ void entry_free(struct entry *e);
 struct entry *store_get(const u8 *k, u64 klen);
 /* Links `e`, replacing (and freeing) an entry with the same key. */
 void store_put(struct entry *e);
+/* SET: the key gets this value and expiry, rewritten in place when the old
+ * block fits. 0 when memory is short (and nothing changed). */
+int store_upsert(const u8 *k, u64 klen, const u8 *v, u64 vlen, i64 expire_ms);
 /* Replaces the value of a linked entry, in place when it fits; returns the
  * (possibly moved) entry or NULL when memory is short (the old value stays). */
 struct entry *store_set_value(struct entry *e, const u8 *v, u64 vlen);
