@@ -14,6 +14,7 @@ import secrets
 import sys
 import textwrap
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -332,3 +333,41 @@ def test_killed_node_goes_not_ready_within_grace_and_comes_back(
     cluster.revive_node(victim)
     wait_for(lambda: local.node_ready(victim) == "True", 120, f"{victim} to be Ready again")
     wait_for(lambda: pod_ready(core, namespace, "doomed"), 90, "pod doomed to run again on the revived node")
+
+
+def fetch_from(cluster: ClusterHandle, node: str, url: str) -> bool:
+    """Whether a client inside ``node``'s namespace gets an answer from ``url``."""
+    code = f"import urllib.request; urllib.request.urlopen({url!r}, timeout=3).read()"
+    return cluster.run_in_node(node, [sys.executable, "-c", code]).returncode == 0
+
+
+def test_partitions_cut_what_they_say_and_heal(
+    cluster: ClusterHandle, kube_api: kubernetes.client.ApiClient, namespace: str
+) -> None:
+    local = cluster.local
+    if local is None:
+        pytest.skip("partitions need --e2e-driver local")
+    core = kubernetes.client.CoreV1Api(kube_api)
+    isolated, cut_off, bystander = cluster.node_names[:3]
+    core.create_namespaced_secret(namespace, model(V1Secret, GREETING))
+    core.create_namespaced_pod(namespace, model(V1Pod, web_pod("island", isolated)))
+    pod = wait_for(lambda: pod_ready(core, namespace, "island"), 90, "pod island to be Ready")
+    url = f"http://{pod.status.pod_ip}:8080/"
+    assert fetch_from(cluster, cut_off, url)
+    try:
+        cluster.partition(isolated, cut_off)
+        assert not fetch_from(cluster, cut_off, url)
+        assert fetch_from(cluster, bystander, url)
+
+        cluster.heal()
+        assert fetch_from(cluster, cut_off, url)
+
+        cluster.partition_from_apiserver(isolated)
+        wait_for(lambda: local.node_ready(isolated) != "True", 120, f"{isolated} to go NotReady")
+        # The node lost the API server, not its pods: clients still get answers.
+        with urllib.request.urlopen(url, timeout=5) as response:
+            assert response.status == 200
+        assert fetch_from(cluster, bystander, url)
+    finally:
+        cluster.heal()
+    wait_for(lambda: local.node_ready(isolated) == "True", 120, f"{isolated} to be Ready again")

@@ -86,8 +86,18 @@ def list_names(prefix: str) -> list[str]:
 def add_veth_to_bridge(
     root_ns: str | None, bridge: str, host_end: str, ns: str, address: str, prefix_len: int
 ) -> None:
-    """A veth pair: ``host_end`` on ``bridge`` (in ``root_ns``), ``eth0`` with ``address`` in ``ns``."""
-    ip("link", "add", host_end, "type", "veth", "peer", "name", "eth0", "netns", ns, ns=root_ns)
+    """A veth pair: ``host_end`` on ``bridge`` (in ``root_ns``), ``eth0`` with ``address`` in ``ns``.
+
+    eth0's MAC address is derived from its IP address. A pod's address is
+    reused by a later pod; with the same MAC, the neighbour entries other
+    namespaces still hold for it stay right, where a fresh random MAC would
+    leave them sending to a vanished port until their entry goes stale.
+    """
+    mac = "02:c0:" + ":".join(f"{int(octet):02x}" for octet in address.split("."))
+    ip(
+        "link", "add", host_end, "type", "veth", "peer", "name", "eth0", "address", mac, "netns", ns,
+        ns=root_ns,
+    )  # fmt: skip
     ip("link", "set", host_end, "master", bridge, "up", ns=root_ns)
     ip("addr", "add", f"{address}/{prefix_len}", "dev", "eth0", ns=ns)
     ip("link", "set", "eth0", "up", ns=ns)
