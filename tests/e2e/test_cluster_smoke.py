@@ -371,3 +371,81 @@ def test_partitions_cut_what_they_say_and_heal(
     finally:
         cluster.heal()
     wait_for(lambda: local.node_ready(isolated) == "True", 120, f"{isolated} to be Ready again")
+
+
+def simple_pod(name: str, code: str, **spec: Any) -> dict[str, Any]:
+    container = {"name": "main", "image": "python", "command": [sys.executable, "-c", code]}
+    container.update(spec.pop("container", {}))
+    return {"metadata": {"name": name}, "spec": {"containers": [container], **spec}}
+
+
+def container_status(core: kubernetes.client.CoreV1Api, namespace: str, name: str) -> Any:
+    pod = core.read_namespaced_pod(name, namespace)
+    statuses = (pod.status.container_statuses if pod.status else None) or []
+    return statuses[0] if statuses else None
+
+
+def test_exits_restart_per_policy_and_deletion_honours_the_grace_period(
+    cluster: ClusterHandle, kube_api: kubernetes.client.ApiClient, namespace: str, tmp_path: Path
+) -> None:
+    if cluster.local is None:
+        pytest.skip("reads process state of the local driver")
+    core = kubernetes.client.CoreV1Api(kube_api)
+    crash = "import sys, time; time.sleep(0.2); sys.exit(3)"
+    core.create_namespaced_pod(namespace, model(V1Pod, simple_pod("crasher", crash, restartPolicy="Always")))
+    core.create_namespaced_pod(namespace, model(V1Pod, simple_pod("once", crash, restartPolicy="Never")))
+    sick = simple_pod(
+        "sick",
+        "import time; time.sleep(3600)",
+        container={
+            "livenessProbe": {"exec": {"command": ["false"]}, "periodSeconds": 1, "failureThreshold": 2}
+        },
+    )
+    core.create_namespaced_pod(namespace, model(V1Pod, sick))
+    marker = tmp_path / "signals"
+    stubborn = textwrap.dedent(
+        f"""
+        import signal, time
+        def term(signum, frame):
+            open({str(marker)!r}, "a").write("TERM\\n")
+        signal.signal(signal.SIGTERM, term)
+        open({str(marker)!r}, "a").write("up\\n")
+        while True:
+            time.sleep(1)
+        """
+    )
+    core.create_namespaced_pod(
+        namespace, model(V1Pod, simple_pod("stubborn", stubborn, terminationGracePeriodSeconds=2))
+    )
+
+    def restarted(name: str, times: int) -> Any:
+        status = container_status(core, namespace, name)
+        if status is None or status.restart_count < times or status.last_state.terminated is None:
+            return None
+        return status
+
+    crashed = wait_for(lambda: restarted("crasher", 2), 90, "crasher to be restarted twice")
+    assert crashed.last_state.terminated.exit_code == 3
+    killed = wait_for(lambda: restarted("sick", 1), 90, "the failing liveness probe to restart sick")
+    assert killed.last_state.terminated.exit_code == 137  # SIGKILL
+
+    def finished_once() -> Any:
+        pod = core.read_namespaced_pod("once", namespace)
+        return pod if pod.status and pod.status.phase in ("Succeeded", "Failed") else None
+
+    once = wait_for(finished_once, 90, "pod once to finish")
+    assert once.status.phase == "Failed"
+    assert once.status.container_statuses[0].restart_count == 0
+    assert once.status.container_statuses[0].state.terminated.exit_code == 3
+
+    pod = wait_for(lambda: pod_ready(core, namespace, "stubborn"), 90, "pod stubborn to be Ready")
+    wait_for(lambda: marker.exists(), 30, "stubborn to start")
+    pid = container_pid(pod)
+    deleted_at = time.monotonic()
+    core.delete_namespaced_pod("stubborn", namespace)
+    wait_for(lambda: pod_gone(core, namespace, "stubborn"), 60, "pod stubborn to be removed")
+    took = time.monotonic() - deleted_at
+    wait_for(lambda: not process_alive(pid), 10, "stubborn's process to die")
+    assert marker.read_text().splitlines() == ["up", "TERM"]
+    # It ignored SIGTERM, so only SIGKILL at the end of the grace period ended it.
+    assert took >= 1.5

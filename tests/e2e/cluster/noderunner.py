@@ -205,6 +205,7 @@ class PodRun:
     last_status: str | None = None
     setup_error: str | None = None
     retry_at: float = 0.0
+    pod: JSON = field(default_factory=dict)  # as last listed
 
 
 class NodeRunner:
@@ -743,43 +744,58 @@ class NodeRunner:
     # -- main loop -----------------------------------------------------------
 
     def sync_pods(self) -> None:
-        listing = self.kube.get(f"/api/v1/pods?fieldSelector=spec.nodeName%3D{self.spec.name}")
+        try:
+            listing = self.kube.get(f"/api/v1/pods?fieldSelector=spec.nodeName%3D{self.spec.name}")
+        except (ApiError, OSError):
+            # Cut off from the API server: like a kubelet, keep the pods it
+            # knows running (restarts, probes) and report once it is back.
+            now = time.monotonic()
+            for run in list(self.pods.values()):
+                if run.setup_error is None and run.terminating_deadline is None:
+                    self._drive(run, run.pod, now)
+            raise
         seen: set[str] = set()
-        now = time.monotonic()
         for pod in listing.get("items", []):
             meta = pod["metadata"]
-            uid = meta["uid"]
-            seen.add(uid)
-            run = self.pods.get(uid)
-            if meta.get("deletionTimestamp"):
-                if run is None:
-                    self._finalize_delete(meta)
-                    continue
-                self._terminate(run, float(meta.get("deletionGracePeriodSeconds") or 0))
-                if self._finish_termination(run):
-                    self._finalize_delete(meta)
-                continue
-            phase = (pod.get("status") or {}).get("phase")
-            if run is not None and run.setup_error is not None and now >= run.retry_at:
-                self._cleanup(run)
-                run = None
-            if run is None:
-                if phase in ("Succeeded", "Failed"):
-                    continue  # finished before this runner started
-                run = self._admit(pod)
-            if run.setup_error is None:
-                self._drive(run, pod, now)
-            self._report(run, pod)
+            seen.add(meta["uid"])
+            try:
+                self._sync_pod(pod)
+            except (ApiError, OSError, ValueError, KeyError, TypeError) as exc:
+                # One pod's trouble must not stop the others.
+                log.warning("pod %s/%s: %s", meta.get("namespace"), meta.get("name"), exc)
         for uid in list(self.pods):
             if uid not in seen:  # force-deleted: stop at once
                 run = self.pods[uid]
                 log.info("pod %s/%s vanished; killing it", run.namespace, run.name)
                 self._cleanup(run)
 
+    def _sync_pod(self, pod: JSON) -> None:
+        meta = pod["metadata"]
+        now = time.monotonic()
+        run = self.pods.get(meta["uid"])
+        if meta.get("deletionTimestamp"):
+            if run is None:
+                self._finalize_delete(meta)
+                return
+            self._terminate(run, float(meta.get("deletionGracePeriodSeconds") or 0))
+            if self._finish_termination(run):
+                self._finalize_delete(meta)
+            return
+        phase = (pod.get("status") or {}).get("phase")
+        if run is not None and run.setup_error is not None and now >= run.retry_at:
+            self._cleanup(run)
+            run = None
+        if run is None:
+            if phase in ("Succeeded", "Failed"):
+                return  # finished before this runner started
+            run = self._admit(pod)
+        run.pod = pod
+        if run.setup_error is None:
+            self._drive(run, pod, now)
+        self._report(run, pod)
+
     def _drive(self, run: PodRun, pod: JSON, now: float) -> None:
         policy = pod["spec"].get("restartPolicy", "Always")
-        if run.token_dir is not None and now >= run.token_refresh_at:
-            self._write_token(run, pod)
         for container in run.containers:
             self._reap(run, container, policy, now)
             if container.done:
@@ -788,6 +804,12 @@ class NodeRunner:
                 self._start(run, container)
             if container.running:
                 self._run_probes(run, container, now)
+        if run.token_dir is not None and now >= run.token_refresh_at:
+            try:
+                self._write_token(run, pod)
+            except (ApiError, OSError) as exc:
+                run.token_refresh_at = now + 10.0  # the old token is still valid for a while
+                log.warning("token refresh for %s/%s failed: %s", run.namespace, run.name, exc)
 
     def _finalize_delete(self, meta: JSON) -> None:
         body = {
