@@ -140,10 +140,10 @@ class Pair:
                     dec.begin_payload(dest)
                     self.run_secondary(actions)
                 else:
-                    assert not isinstance(ev, p._NeedData)
+                    assert not isinstance(ev, p.NeedData)
                     self.run_secondary(self.secondary.receive(ch, ev, self.now))
             else:
-                assert not isinstance(ev, p._NeedData)
+                assert not isinstance(ev, p.NeedData)
                 self.run_primary(self.primary.receive(ch, ev, self.now))
 
     def flush(self) -> None:

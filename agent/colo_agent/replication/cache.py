@@ -281,6 +281,12 @@ class ColoCache:
         ends = [r.slot + len(r.indices) for r in self._pending.values() if r.zombie and not r.sync]
         return max(ends, default=0) if self.mode is CacheMode.CHECKPOINT else 0
 
+    def reset(self) -> None:
+        """A new pairing will sync from scratch: forget the committed image."""
+        self.abort()
+        self.committed = None
+        self.device_state = None
+
     # -- committing ---------------------------------------------------------
 
     def commit(

@@ -36,7 +36,7 @@ from __future__ import annotations
 import enum
 import struct
 from dataclasses import dataclass, field
-from typing import Final, TypeAlias
+from typing import Final, TypeAlias, TypeGuard
 
 import numpy as np
 import numpy.typing as npt
@@ -336,16 +336,21 @@ class PagesComplete:
     discarded: bool
 
 
-class _NeedData:
+class NeedData:
     __slots__ = ()
 
     def __repr__(self) -> str:
         return "NEED_DATA"
 
 
-NEED_DATA: Final = _NeedData()
+NEED_DATA: Final = NeedData()
 
 Event: TypeAlias = Message | PagesHeader | PagesComplete
+
+
+def is_message(ev: Event) -> TypeGuard[Message]:
+    """A whole message, not one of the two halves of a page batch."""
+    return not isinstance(ev, PagesHeader | PagesComplete)
 
 
 # -- payload codecs -------------------------------------------------------------
@@ -779,7 +784,7 @@ class FrameDecoder:
             p.prefix_hash.update(memoryview(self._scratch)[:n])
         p.filled += n
 
-    def next_event(self) -> Event | _NeedData:
+    def next_event(self) -> Event | NeedData:
         if self._payload is not None:
             return self._finish_payload()
         if len(self._buf) < HEADER_SIZE:
@@ -837,7 +842,7 @@ class FrameDecoder:
 
     def _pages_header(
         self, mtype: MessageType, length: int, head16: bytes, checksum: int
-    ) -> Event | _NeedData:
+    ) -> Event | NeedData:
         body = length - PAGES_META.size
         if body <= 0 or body % _PAGE_ENTRY:
             raise RemoteProtocolError(f"{mtype.name}: length {length} is not a whole number of pages")
@@ -860,7 +865,7 @@ class FrameDecoder:
         self._payload = _Payload(header, hasher, head16=head16, expected=count * PAGE_SIZE, checksum=checksum)
         return header
 
-    def _finish_payload(self) -> Event | _NeedData:
+    def _finish_payload(self) -> Event | NeedData:
         p = self._payload
         assert p is not None
         if p.dest is None and not p.discard:
@@ -925,5 +930,5 @@ def drain(decoder: FrameDecoder) -> list[Message]:
             )
             pending = dest = None
         else:
-            assert not isinstance(ev, _NeedData)
+            assert not isinstance(ev, NeedData)
             out.append(ev)

@@ -1,0 +1,866 @@
+"""asyncio transport of the replication stream: the only module here doing I/O.
+
+A pairing is one control connection, `channels` data connections and one
+heartbeat connection, each authenticated on connect (`handshake`). The
+sessions decide; this module moves bytes and reads the clock:
+
+- Sends go out with `socket.sendmsg` of the frame header and a memoryview of
+  the staged pages, never concatenated.
+- Page data is received straight into the destination the session picked (a
+  cache slot or guest RAM) with `recv_into`; only headers pass through a
+  small buffer, read no further than `FrameDecoder.wanted()`.
+- Raw non-blocking sockets on the event loop (`sock_recv_into`, a writer
+  callback around `sendmsg`): asyncio streams would copy every byte again.
+- Yank: when a session gives up on its peer (heartbeat timeout, epoch not
+  acknowledged, connection lost) every socket of the pairing is shut down
+  and its tasks cancelled, so nothing stays blocked on a stopped peer.
+
+`CheckpointSender` is the primary's end, `CheckpointReceiver` the
+secondary's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import secrets
+import socket
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from colo_agent.replication.cache import ColoCache, PageArray
+from colo_agent.replication.handshake import AuthRefused, ClientHandshake, ServerHandshake
+from colo_agent.replication.protocol import (
+    MAX_BATCH_PAGES,
+    PAGE_SIZE,
+    AuthOk,
+    ChannelKind,
+    Event,
+    FrameDecoder,
+    FrameEncoder,
+    Hello,
+    LocalProtocolError,
+    Message,
+    MessageType,
+    NeedData,
+    Pages,
+    PagesHeader,
+    Refused,
+    RemoteProtocolError,
+    is_message,
+)
+from colo_agent.replication.session import (
+    CONTROL,
+    HEARTBEAT,
+    Action,
+    Channel,
+    Closed,
+    CommitEpoch,
+    EpochRejected,
+    PeerLost,
+    PrimarySession,
+    Promoted,
+    ReleaseOutput,
+    SecondarySession,
+    Send,
+    SendLivePages,
+    SyncComplete,
+    Yank,
+    data_channel,
+)
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], float]
+HANDSHAKE_TIMEOUT = 5.0
+_SCRATCH = 1 << 16
+
+
+class PeerLostError(ConnectionError):
+    """The pairing is over: the peer stopped answering, refused, or went away."""
+
+
+# -- one connection -------------------------------------------------------------------
+
+
+class Connection:
+    """A non-blocking TCP socket with framed sends and in-place receives."""
+
+    def __init__(self, sock: socket.socket, name: str) -> None:
+        sock.setblocking(False)
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = sock
+        self.name = name
+        self.encoder = FrameEncoder()
+        self.decoder = FrameDecoder()
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self._scratch = bytearray(_SCRATCH)
+        self._loop = asyncio.get_running_loop()
+        self._closed = False
+
+    async def send(self, msg: Message) -> None:
+        await self.sendmsg([self.encoder.encode(msg)])
+
+    async def send_pages(self, msg: Pages) -> None:
+        buffers, _ = self.encoder.encode_pages(msg)
+        await self.sendmsg(buffers)
+
+    async def sendmsg(self, buffers: list[bytes | memoryview]) -> None:
+        """Send every buffer, in order, without joining them."""
+        views = [memoryview(b).cast("B") for b in buffers]
+        while views:
+            try:
+                n = self.sock.sendmsg(views)
+            except (BlockingIOError, InterruptedError):
+                await self._writable()
+                continue
+            self.bytes_sent += n
+            while n:
+                first = views[0]
+                if n >= len(first):
+                    n -= len(first)
+                    views.pop(0)
+                else:
+                    views[0] = first[n:]
+                    n = 0
+
+    async def _writable(self) -> None:
+        fd = self.sock.fileno()
+        if fd < 0:
+            raise ConnectionError(f"{self.name}: socket closed")
+        fut = self._loop.create_future()
+
+        def ready() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        self._loop.add_writer(fd, ready)
+        try:
+            await fut
+        finally:
+            self._loop.remove_writer(fd)
+
+    async def _recv_into(self, buf: memoryview) -> int:
+        n = await self._loop.sock_recv_into(self.sock, buf)
+        self.bytes_received += n
+        return n
+
+    async def next_event(
+        self, on_pages: Callable[[PagesHeader], memoryview | None] | None = None
+    ) -> Event | None:
+        """The next decoded event, or None at a clean end of stream.
+
+        Page data is received into the destination `on_pages` returns for
+        its header (None: read and discard); the call then returns the
+        `PagesComplete`, or raises the (resumable) checksum error.
+        """
+        dec = self.decoder
+        while True:
+            ev = dec.next_event()
+            if isinstance(ev, PagesHeader):
+                if on_pages is None:
+                    raise RemoteProtocolError(f"{self.name}: page data where none is expected")
+                dec.begin_payload(on_pages(ev))
+                continue
+            if not isinstance(ev, NeedData):
+                return ev
+            if dec.expecting_payload:
+                n = await self._recv_into(dec.payload_buffer())
+                if n == 0:
+                    dec.eof()
+                dec.payload_written(n)
+            else:
+                view = memoryview(self._scratch)[: min(max(dec.wanted(), 1), _SCRATCH)]
+                n = await self._recv_into(view)
+                if n == 0:
+                    dec.eof()
+                    return None
+                dec.receive(view[:n])
+
+    def yank(self) -> None:
+        """Shut the socket down so that any task blocked on it wakes up."""
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.yank()
+            self.sock.close()
+
+
+async def _open(host: str, port: int, timeout: float) -> socket.socket:
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    last: OSError = OSError(f"cannot resolve {host}:{port}")
+    for family, type_, proto, _, addr in infos:
+        sock = socket.socket(family, type_, proto)
+        sock.setblocking(False)
+        try:
+            await asyncio.wait_for(loop.sock_connect(sock, addr), timeout)
+            return sock
+        except TimeoutError:
+            sock.close()
+            last = OSError(errno.ETIMEDOUT, f"connecting to {host}:{port} timed out")
+        except OSError as exc:
+            sock.close()
+            last = exc
+    raise last
+
+
+# -- shared machinery of a pairing ---------------------------------------------------------
+
+
+@dataclass
+class _Outbox:
+    queue: asyncio.Queue[Send | SendLivePages] = field(default_factory=asyncio.Queue)
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class _Pairing:
+    """Connections, writer queues, reader tasks and the timer of one pairing."""
+
+    def __init__(self, clock: Clock, name: str) -> None:
+        self.clock = clock
+        self.name = name
+        self.conns: dict[Channel, Connection] = {}
+        self.outboxes: dict[Channel, _Outbox] = {}
+        self.tasks: list[asyncio.Task[None]] = []
+        self.poke = asyncio.Event()
+        self.lost: str | None = None
+        self.closed = asyncio.Event()
+        # Told when a send fails; set by the owner.
+        self.on_failure: Callable[[Channel, str], None] = lambda channel, reason: None
+        self._bounce: dict[Channel, PageArray] = {}
+
+    def add(self, channel: Channel, conn: Connection) -> None:
+        self.conns[channel] = conn
+        box = self.outboxes[channel] = _Outbox()
+        box.idle.set()
+        self.spawn(self._writer(channel, conn, box), f"{self.name} {channel} writer")
+
+    def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        self.tasks.append(asyncio.create_task(coro, name=name))
+
+    def enqueue(self, action: Send | SendLivePages) -> None:
+        box = self.outboxes.get(action.channel)
+        if box is None:
+            raise PeerLostError(f"{self.name}: no {action.channel} connection")
+        box.idle.clear()
+        box.queue.put_nowait(action)
+
+    async def drained(self) -> None:
+        """Every queued frame has been handed to the kernel."""
+        for box in list(self.outboxes.values()):
+            await box.idle.wait()
+
+    async def _writer(self, channel: Channel, conn: Connection, box: _Outbox) -> None:
+        try:
+            while True:
+                if box.queue.empty():
+                    box.idle.set()
+                action = await box.queue.get()
+                if isinstance(action, SendLivePages):
+                    await conn.send_pages(self._live_pages(action))
+                elif isinstance(action.message, Pages):
+                    await conn.send_pages(action.message)
+                else:
+                    await conn.send(action.message)
+        except OSError as exc:
+            self.on_failure(channel, f"send failed: {exc}")
+        except Exception as exc:  # a bug: fail the pairing loudly rather than hang it
+            log.exception("%s: %s writer failed", self.name, channel)
+            self.on_failure(channel, f"internal error while sending: {exc!r}")
+        finally:
+            box.idle.set()
+
+    def _live_pages(self, a: SendLivePages) -> Pages:
+        # Copy first: the guest keeps writing the RAM we read, and the
+        # checksum must cover exactly the bytes that go out.
+        buf = self._bounce.get(a.channel)
+        if buf is None:
+            buf = self._bounce[a.channel] = np.empty((MAX_BATCH_PAGES, PAGE_SIZE), dtype=np.uint8)
+        out = buf[: len(a.indices)]
+        np.take(a.source, a.indices, axis=0, out=out)
+        return Pages(MessageType.SYNC_PAGES, a.term, a.sync_round, 0, a.channel.index, a.indices, out)
+
+    def yank(self, reason: str) -> None:
+        """Shut down every socket and cancel every task of the pairing
+        (the caller's own task too, at its next await)."""
+        if self.lost is None:
+            self.lost = reason
+        for conn in self.conns.values():
+            conn.close()
+        for task in self.tasks:
+            task.cancel()
+        self.closed.set()
+
+    async def run_timer(self, deadline: Callable[[], float | None], fire: Callable[[float], None]) -> None:
+        while self.lost is None:
+            self.poke.clear()
+            due = deadline()
+            if due is None:
+                await self.poke.wait()
+                continue
+            delay = due - self.clock()
+            if delay > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.poke.wait(), delay)
+                continue
+            fire(self.clock())
+
+
+# -- primary -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EpochResult:
+    term: int
+    epoch: int
+    pages: int
+    nbytes: int  # on the wire, every attempt included
+    attempts: int
+    seconds: float  # from begin_epoch to ACK
+
+
+class CheckpointSender:
+    """The primary's end: connects, authenticates, syncs and streams epochs.
+
+    Typical use by the engine::
+
+        sender = await CheckpointSender.connect(host, port, secret=..., vm=..., term=..., page_count=...)
+        await sender.sync(ram_pages, guest.collect_dirty)        # guest running
+        guest.pause()
+        dirty = np.union1d(sender.take_sync_remainder(), guest.collect_dirty())
+        staged = staging.stage(ram_pages, dirty)
+        state = guest.save_device_state()
+        guest.resume()
+        result = await sender.send_epoch(dirty, staged, state)   # returns on ACK
+        # now release output produced before that pause
+
+    Losing the peer raises `PeerLostError` from the pending call.
+    """
+
+    def __init__(self, session: PrimarySession, pairing: _Pairing, cache_pages: int) -> None:
+        self.session = session
+        self._pairing = pairing
+        self.cache_pages = cache_pages
+        self._waiters: dict[int, asyncio.Future[None]] = {}
+        self.rejections: list[EpochRejected] = []
+        self.on_peer_lost: Callable[[str], None] | None = None
+        self._sync_remainder = np.empty(0, dtype=np.int64)
+
+    @classmethod
+    async def connect(
+        cls,
+        host: str,
+        port: int,
+        *,
+        secret: bytes,
+        vm: str,
+        term: int,
+        page_count: int,
+        channels: int = 2,
+        heartbeat_interval: float = 0.1,
+        heartbeat_timeout: float = 0.5,
+        ack_timeout: float | None = 5.0,
+        batch_pages: int = 256,
+        first_epoch: int = 1,
+        connect_timeout: float = 5.0,
+        clock: Clock = time.monotonic,
+    ) -> CheckpointSender:
+        """Open and authenticate every connection of a new pairing.
+
+        Raises `AuthRefused` (carrying the secondary's reason) or OSError.
+        """
+        session_id = secrets.randbits(64)
+        plan = [CONTROL, HEARTBEAT, *(data_channel(i) for i in range(channels))]
+        conns: dict[Channel, Connection] = {}
+        accepted: AuthOk | None = None
+        try:
+            for ch in plan:
+                sock = await _open(host, port, connect_timeout)
+                conn = conns[ch] = Connection(sock, f"{ch}->{host}:{port}")
+                hs = ClientHandshake(
+                    secret=secret, vm=vm, kind=ch.kind, index=ch.index, channels=channels,
+                    session=session_id, term=term, page_count=page_count,
+                )  # fmt: skip
+                accepted = await asyncio.wait_for(_client_handshake(conn, hs), HANDSHAKE_TIMEOUT)
+        except BaseException:
+            for conn in conns.values():
+                conn.close()
+            raise
+        assert accepted is not None
+        session = PrimarySession(
+            term=term, channels=channels, page_count=page_count, cache_pages=accepted.cache_pages,
+            now=clock(), heartbeat_interval=heartbeat_interval, heartbeat_timeout=heartbeat_timeout,
+            ack_timeout=ack_timeout, batch_pages=batch_pages, first_epoch=first_epoch,
+        )  # fmt: skip
+        pairing = _Pairing(clock, f"primary->{host}:{port}")
+        self = cls(session, pairing, accepted.cache_pages)
+        pairing.on_failure = self._connection_failed
+        for ch, conn in conns.items():
+            pairing.add(ch, conn)
+        for ch in (CONTROL, HEARTBEAT):
+            pairing.spawn(self._reader(ch, conns[ch]), f"primary {ch} reader")
+        pairing.spawn(pairing.run_timer(session.next_deadline, self._timer), "primary timer")
+        log.info("paired with %s:%d, %d data channels, cache of %d pages", host, port, channels,
+                 accepted.cache_pages)  # fmt: skip
+        return self
+
+    # -- API --------------------------------------------------------------------------
+
+    @property
+    def term(self) -> int:
+        return self.session.term
+
+    @property
+    def next_epoch(self) -> int:
+        return self.session.next_epoch
+
+    @property
+    def lost(self) -> str | None:
+        """Why the pairing ended, or None while it is alive."""
+        return self._pairing.lost
+
+    def bytes_sent(self) -> int:
+        return sum(c.bytes_sent for c in self._pairing.conns.values())
+
+    async def sync(
+        self,
+        ram: PageArray,
+        collect_dirty: Callable[[], npt.NDArray[np.int64]],
+        *,
+        max_rounds: int = 8,
+        converged_pages: int | None = None,
+    ) -> int:
+        """First sync by iterative pre-copy while the guest runs; returns rounds.
+
+        Round 1 sends all of RAM, later rounds what the guest dirtied
+        meanwhile, until a round is small (`converged_pages`, default half
+        the secondary's cache) or `max_rounds`. The caller then pauses the
+        guest and sends the first epoch: `take_sync_remainder()` plus what
+        `collect_dirty` returns at the pause.
+        """
+        self._check()
+        threshold = self.cache_pages // 2 if converged_pages is None else converged_pages
+        collect_dirty()  # round 1 covers everything written before this point
+        self._run(self.session.start_sync(self._pairing.clock()))
+        indices = np.arange(len(ram), dtype=np.int64)
+        rounds = 0
+        while True:
+            rounds += 1
+            self._run(self.session.sync_round(self._pairing.clock(), indices, ram))
+            await self._drained()
+            indices = collect_dirty()
+            if len(indices) <= threshold or rounds >= max_rounds:
+                break
+        self._run(self.session.end_sync(self._pairing.clock()))
+        self._sync_remainder = indices
+        return rounds
+
+    def take_sync_remainder(self) -> npt.NDArray[np.int64]:
+        """Pages dirtied during the last sync round, not sent yet."""
+        out, self._sync_remainder = self._sync_remainder, np.empty(0, dtype=np.int64)
+        return out
+
+    async def send_epoch(
+        self, indices: npt.NDArray[np.int64], staged: PageArray, device_state: bytes
+    ) -> EpochResult:
+        """Stream one epoch (pages staged at its pause) and wait for its ACK.
+
+        `staged` must stay unchanged until this returns: a NACK re-sends it.
+        """
+        self._check()
+        start = self._pairing.clock()
+        epoch = self.session.next_epoch
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters[epoch] = fut
+        before = self.bytes_sent()
+        rejected_before = len(self.rejections)
+        try:
+            self._run(self.session.begin_epoch(start, indices, staged, device_state))
+            await fut
+        finally:
+            self._waiters.pop(epoch, None)
+        return EpochResult(
+            self.term, epoch, len(indices), self.bytes_sent() - before,
+            1 + len(self.rejections) - rejected_before, self._pairing.clock() - start,
+        )  # fmt: skip
+
+    async def close(self, reason: str = "shutting down") -> None:
+        """Say GOODBYE (if the peer is still there) and end the pairing."""
+        if self._pairing.lost is None:
+            for a in self.session.close(self._pairing.clock(), reason):
+                if isinstance(a, Send):
+                    self._pairing.enqueue(a)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._pairing.drained(), 1.0)
+        self._end(reason)
+
+    async def wait_lost(self) -> str:
+        await self._pairing.closed.wait()
+        return self._pairing.lost or "closed"
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _check(self) -> None:
+        if self._pairing.lost is not None:
+            raise PeerLostError(self._pairing.lost)
+
+    async def _drained(self) -> None:
+        waiter = asyncio.ensure_future(self._pairing.drained())
+        lost = asyncio.ensure_future(self._pairing.closed.wait())
+        try:
+            await asyncio.wait({waiter, lost}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+            lost.cancel()
+        self._check()
+
+    def _run(self, actions: list[Action]) -> None:
+        for a in actions:
+            if isinstance(a, Send | SendLivePages):
+                if self._pairing.lost is None:
+                    self._pairing.enqueue(a)
+            elif isinstance(a, ReleaseOutput):
+                fut = self._waiters.get(a.epoch)
+                if fut is not None and not fut.done():
+                    fut.set_result(None)
+            elif isinstance(a, EpochRejected):
+                log.warning("epoch %d attempt %d rejected (%s): %s; re-sending",
+                            a.epoch, a.attempt, a.reason.name.lower(), a.text)  # fmt: skip
+                self.rejections.append(a)
+            elif isinstance(a, Yank | PeerLost | Closed):
+                self._end(a.reason)
+        self._pairing.poke.set()
+
+    def _end(self, reason: str) -> None:
+        if self._pairing.closed.is_set():
+            return
+        log.warning("pairing with the secondary ended: %s", reason)
+        self._pairing.lost = self._pairing.lost or reason
+        for fut in self._waiters.values():
+            if not fut.done():
+                fut.set_exception(PeerLostError(reason))
+        if self.on_peer_lost is not None:
+            self.on_peer_lost(reason)
+        self._pairing.yank(reason)
+
+    def _timer(self, now: float) -> None:
+        self._run(self.session.handle_timer(now))
+
+    def _connection_failed(self, channel: Channel, reason: str) -> None:
+        if self._pairing.lost is None:
+            self._run(self.session.channel_lost(channel, reason, self._pairing.clock()))
+
+    async def _reader(self, channel: Channel, conn: Connection) -> None:
+        try:
+            while True:
+                ev = await conn.next_event()
+                if ev is None:
+                    self._connection_failed(channel, "closed by the secondary")
+                    return
+                self._run(self.session.receive(channel, ev, self._pairing.clock()))
+        except RemoteProtocolError as exc:
+            log.error("%s: protocol error from the secondary: %s", conn.name, exc.reason)
+            self._connection_failed(channel, f"protocol error: {exc.reason}")
+        except OSError as exc:
+            self._connection_failed(channel, str(exc))
+        except LocalProtocolError as exc:
+            log.exception("%s: internal protocol error", conn.name)
+            self._connection_failed(channel, f"internal error: {exc.reason}")
+
+
+async def _client_handshake(conn: Connection, hs: ClientHandshake) -> AuthOk:
+    await conn.send(hs.start())
+    while True:
+        ev = await conn.next_event()
+        if ev is None:
+            raise ConnectionError(f"{conn.name}: closed during the handshake")
+        if not is_message(ev):
+            raise RemoteProtocolError(f"{conn.name}: page data during the handshake")
+        reply = hs.receive(ev)  # raises AuthRefused
+        if reply is not None:
+            await conn.send(reply)
+        if hs.accepted is not None:
+            return hs.accepted
+
+
+# -- secondary -------------------------------------------------------------------------
+
+
+class CheckpointReceiver:
+    """The secondary's end: listens, authenticates, receives into the cache.
+
+    Each epoch is committed by `on_commit` (default: `cache.commit`, right
+    for checkpoint mode; a lockstep engine pauses its guest and passes its
+    dirty pages) and then acknowledged. `on_peer_lost` hears when the
+    primary stops answering; `promote()` ends the pairing and returns the
+    state to resume from. A new pairing (a new or restarted primary)
+    replaces the current one and syncs from scratch.
+    """
+
+    def __init__(
+        self,
+        cache: ColoCache,
+        *,
+        secret: bytes,
+        vm: str,
+        term: int,
+        heartbeat_interval: float = 0.1,
+        heartbeat_timeout: float = 0.5,
+        on_commit: Callable[[CommitEpoch], None] | None = None,
+        on_peer_lost: Callable[[str], None] | None = None,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        self.cache = cache
+        self._secret = secret
+        self.vm = vm
+        self.term = term
+        self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_timeout = heartbeat_timeout
+        self.on_commit = on_commit
+        self.on_peer_lost = on_peer_lost
+        self.clock = clock
+        self.session: SecondarySession | None = None
+        self._pairing: _Pairing | None = None
+        self._session_id: int | None = None
+        self._listener: socket.socket | None = None
+        self._accept_task: asyncio.Task[None] | None = None
+        self._handshakes: set[asyncio.Task[None]] = set()
+        self._commit_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self.synced = asyncio.Event()
+        self.refusals: list[Refused] = []
+        self.lost_reasons: list[str] = []
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        """Listen on host:port; returns the port."""
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(64)
+        sock.setblocking(False)
+        self._listener = sock
+        self._accept_task = asyncio.create_task(self._accept_loop(), name="replication accept")
+        return int(sock.getsockname()[1])
+
+    async def close(self) -> None:
+        if self._accept_task is not None:
+            self._accept_task.cancel()
+        for t in list(self._handshakes):
+            t.cancel()
+        if self._listener is not None:
+            self._listener.close()
+        if self._pairing is not None:
+            self._pairing.yank("receiver closed")
+
+    @property
+    def committed_epoch(self) -> int:
+        return self.session.committed_epoch if self.session is not None else 0
+
+    @property
+    def lost(self) -> str | None:
+        return self._pairing.lost if self._pairing is not None else None
+
+    async def wait_committed(self, epoch: int, timeout: float | None = None) -> None:
+        """Until `epoch` of the current pairing is committed (and acknowledged)."""
+        if self.committed_epoch >= epoch:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._commit_waiters.append((epoch, fut))
+        await asyncio.wait_for(fut, timeout)
+
+    async def wait_lost(self) -> str:
+        while self._pairing is None:
+            await asyncio.sleep(0.01)
+        await self._pairing.closed.wait()
+        return self._pairing.lost or "closed"
+
+    def promote(self) -> Promoted:
+        """Stop following the primary. RAM is the committed image of the result."""
+        if self.session is None:
+            raise PeerLostError("never paired: nothing to promote from")
+        promoted = [a for a in self.session.promote(self.clock()) if isinstance(a, Promoted)]
+        if self._pairing is not None:
+            self._pairing.yank("promoted")
+        return promoted[0]
+
+    # -- accepting ------------------------------------------------------------------
+
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._listener is not None
+        while True:
+            sock, addr = await loop.sock_accept(self._listener)
+            task = asyncio.create_task(self._admit(sock, addr))
+            self._handshakes.add(task)
+            task.add_done_callback(self._handshakes.discard)
+
+    async def _admit(self, sock: socket.socket, addr: object) -> None:
+        conn = Connection(sock, f"{addr}")
+        hs = ServerHandshake(
+            secret=self._secret, vm=self.vm, term=self.term, page_count=self.cache.page_count,
+            cache_pages=self.cache.capacity,
+        )  # fmt: skip
+        try:
+            hello = await asyncio.wait_for(_server_handshake(conn, hs), HANDSHAKE_TIMEOUT)
+        except (OSError, RemoteProtocolError, TimeoutError) as exc:
+            log.warning("connection from %s dropped during the handshake: %s", addr, exc)
+            conn.close()
+            return
+        if hello is None:
+            assert hs.refused is not None
+            log.warning("refused connection from %s (%s): %s", addr, hs.refused.reason.name.lower(),
+                        hs.refused.text)  # fmt: skip
+            self.refusals.append(hs.refused)
+            conn.close()
+            return
+        self._attach(hello, conn)
+
+    def _attach(self, hello: Hello, conn: Connection) -> None:
+        channel = Channel(hello.kind, hello.index)
+        conn.name = f"{channel}<-{conn.name}"
+        if self._session_id != hello.session:
+            # A new pairing replaces the old one, whose primary restarted or
+            # was replaced; it syncs from scratch, overwriting whatever image
+            # an earlier primary left here.
+            if self._pairing is not None:
+                self._pairing.yank("replaced by a new pairing")
+            self._session_id = hello.session
+            self.term = max(self.term, hello.term)
+            self.cache.reset()
+            self.synced.clear()
+            session = self.session = SecondarySession(
+                term=hello.term, channels=hello.channels, cache=self.cache, now=self.clock(),
+                heartbeat_interval=self.heartbeat_interval, heartbeat_timeout=self.heartbeat_timeout,
+            )  # fmt: skip
+            fresh = self._pairing = _Pairing(self.clock, "secondary")
+            fresh.on_failure = self._connection_failed
+            fresh.spawn(fresh.run_timer(session.next_deadline, self._timer), "secondary timer")
+            log.info("pairing with a primary of term %d over %d data channels", hello.term, hello.channels)
+        pairing = self._pairing
+        assert pairing is not None
+        if channel in pairing.conns or pairing.lost is not None:
+            conn.close()
+            return
+        pairing.add(channel, conn)
+        pairing.spawn(self._reader(channel, conn), f"secondary {channel} reader")
+
+    # -- running ----------------------------------------------------------------------------
+
+    def _run(self, actions: list[Action]) -> None:
+        session, pairing = self.session, self._pairing
+        assert session is not None and pairing is not None
+        for a in actions:
+            if isinstance(a, Send):
+                if pairing.lost is None and a.channel in pairing.outboxes:
+                    pairing.enqueue(a)
+            elif isinstance(a, CommitEpoch):
+                if self.on_commit is not None:
+                    self.on_commit(a)
+                else:
+                    self.cache.commit(a.term, a.epoch, a.device_state)
+                self._run(session.commit_done(a.term, a.epoch, self.clock()))
+                self._notify(a.epoch)
+            elif isinstance(a, SyncComplete):
+                self.synced.set()
+            elif isinstance(a, Yank | PeerLost | Closed):
+                self._end(a.reason)
+        pairing.poke.set()
+
+    def _notify(self, epoch: int) -> None:
+        keep = []
+        for want, fut in self._commit_waiters:
+            if want > epoch:
+                keep.append((want, fut))
+            elif not fut.done():
+                fut.set_result(None)
+        self._commit_waiters = keep
+
+    def _end(self, reason: str) -> None:
+        pairing = self._pairing
+        if pairing is None or pairing.closed.is_set():
+            return
+        log.warning("pairing with the primary ended: %s", reason)
+        self.lost_reasons.append(reason)
+        pairing.lost = pairing.lost or reason
+        if self.on_peer_lost is not None:
+            self.on_peer_lost(reason)
+        pairing.yank(reason)
+
+    def _timer(self, now: float) -> None:
+        if self.session is not None:
+            self._run(self.session.handle_timer(now))
+
+    def _connection_failed(self, channel: Channel, reason: str) -> None:
+        if self.session is not None and self._pairing is not None and self._pairing.lost is None:
+            self._run(self.session.channel_lost(channel, reason, self.clock()))
+
+    async def _reader(self, channel: Channel, conn: Connection) -> None:
+        session = self.session
+        assert session is not None
+
+        def destination(header: PagesHeader) -> memoryview | None:
+            dest, actions = session.pages_destination(channel, header, self.clock())
+            self._run(actions)
+            return dest
+
+        on_pages = destination if channel.kind is ChannelKind.DATA else None
+        try:
+            while True:
+                try:
+                    ev = await conn.next_event(on_pages)
+                except RemoteProtocolError as exc:
+                    if not exc.resumable:
+                        raise
+                    log.warning("%s: %s", conn.name, exc.reason)
+                    self._run(session.frame_corrupted(channel, exc, self.clock()))
+                    continue
+                if ev is None:
+                    self._connection_failed(channel, "closed by the primary")
+                    return
+                self._run(session.receive(channel, ev, self.clock()))
+        except RemoteProtocolError as exc:
+            log.error("%s: protocol error from the primary: %s", conn.name, exc.reason)
+            self._connection_failed(channel, f"protocol error: {exc.reason}")
+        except OSError as exc:
+            self._connection_failed(channel, str(exc))
+        except LocalProtocolError as exc:
+            log.exception("%s: internal protocol error", conn.name)
+            self._connection_failed(channel, f"internal error: {exc.reason}")
+
+
+async def _server_handshake(conn: Connection, hs: ServerHandshake) -> Hello | None:
+    while True:
+        ev = await conn.next_event()
+        if ev is None:
+            raise ConnectionError("closed during the handshake")
+        if not is_message(ev):
+            raise RemoteProtocolError("page data during the handshake")
+        reply = hs.receive(ev)
+        await conn.send(reply)
+        if isinstance(reply, Refused):
+            return None
+        if hs.done:
+            return hs.hello
+
+
+__all__ = [
+    "AuthRefused",
+    "CheckpointReceiver",
+    "CheckpointSender",
+    "Connection",
+    "EpochResult",
+    "PeerLostError",
+]

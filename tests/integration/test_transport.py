@@ -1,0 +1,326 @@
+"""The replication transport over real loopback sockets (and one real process)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+from colo_agent.replication import protocol as p
+from colo_agent.replication.cache import ColoCache, StagingBuffer, image_digest, page_view
+from colo_agent.replication.handshake import AuthRefused, ClientHandshake
+from colo_agent.replication.transport import CheckpointReceiver, CheckpointSender, Connection, PeerLostError
+
+SECRET = b"integration-secret-0123456789"
+VM = "tests/vm"
+PAGES = 2048  # 8 MiB of guest RAM
+PAGE = p.PAGE_SIZE
+
+
+class Guest:
+    """Primary-side RAM with a dirty log, standing in for a running guest."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.mem = bytearray(self.rng.integers(0, 256, PAGES * PAGE, dtype=np.uint8).tobytes())
+        self.ram = page_view(self.mem)
+        self.dirty = np.zeros(PAGES, dtype=bool)
+        self.staging = StagingBuffer(PAGES)
+
+    def write(self, k: int) -> None:
+        idx = self.rng.integers(0, PAGES, size=k)
+        self.ram[idx] = self.rng.integers(0, 256, size=(k, PAGE), dtype=np.uint8)
+        self.dirty[idx] = True
+
+    def collect_dirty(self) -> np.ndarray:
+        out = np.flatnonzero(self.dirty).astype(np.int64)
+        self.dirty[:] = False
+        return out
+
+    async def checkpoint(self, sender: CheckpointSender, extra: np.ndarray | None = None) -> tuple[int, str]:
+        """Pause, stage, resume, stream; returns (epoch, digest of RAM at the pause)."""
+        dirty = self.collect_dirty()
+        if extra is not None:
+            dirty = np.union1d(dirty, extra).astype(np.int64)
+        staged = self.staging.stage(self.ram, dirty)
+        digest = image_digest(self.mem)
+        epoch = sender.next_epoch
+        result = await sender.send_epoch(dirty, staged, f"device-state-{epoch}".encode())
+        assert result.epoch == epoch and result.pages == len(dirty)
+        return epoch, digest
+
+
+async def receiver(capacity: int = 512, **kw: object) -> tuple[CheckpointReceiver, int, bytearray]:
+    mem = bytearray(PAGES * PAGE)
+    rx = CheckpointReceiver(ColoCache(mem, capacity=capacity), secret=SECRET, vm=VM, term=1, **kw)  # type: ignore[arg-type]
+    port = await rx.start()
+    return rx, port, mem
+
+
+async def paired(port: int, guest: Guest, channels: int = 2, **kw: object) -> CheckpointSender:
+    sender = await CheckpointSender.connect(
+        "127.0.0.1", port, secret=SECRET, vm=VM, term=1, page_count=PAGES, channels=channels, **kw  # type: ignore[arg-type]
+    )
+    await sender.sync(guest.ram, guest.collect_dirty)
+    return sender
+
+
+@pytest.mark.parametrize("channels", [1, 2, 4])
+async def test_every_acknowledged_epoch_equals_the_primary_at_its_pause(channels: int) -> None:
+    guest = Guest()
+    rx, port, mem = await receiver()
+    sender = await paired(port, guest, channels, batch_pages=64)
+    try:
+        epoch, digest = await guest.checkpoint(sender, sender.take_sync_remainder())
+        assert image_digest(mem) == digest and rx.committed_epoch == epoch
+        assert rx.cache.device_state == f"device-state-{epoch}".encode()
+        for k in (1, 50, 400):
+            guest.write(k)
+            epoch, digest = await guest.checkpoint(sender)
+            assert image_digest(mem) == digest, f"epoch {epoch} differs"
+        assert rx.synced.is_set()
+    finally:
+        await sender.close()
+        await rx.close()
+
+
+async def test_sync_while_the_guest_keeps_writing_converges() -> None:
+    guest = Guest(1)
+    rx, port, mem = await receiver()
+    sender = await CheckpointSender.connect("127.0.0.1", port, secret=SECRET, vm=VM, term=1, page_count=PAGES)
+
+    async def busy_guest() -> None:
+        while True:
+            guest.write(20)
+            await asyncio.sleep(0)
+
+    writer = asyncio.create_task(busy_guest())
+    try:
+        rounds = await sender.sync(guest.ram, guest.collect_dirty, max_rounds=4, converged_pages=0)
+        assert rounds >= 2
+    finally:
+        writer.cancel()
+    _epoch, digest = await guest.checkpoint(sender, sender.take_sync_remainder())
+    assert image_digest(mem) == digest
+    await sender.close()
+    await rx.close()
+
+
+async def test_wrong_secret_is_refused_with_the_reason(caplog: pytest.LogCaptureFixture) -> None:
+    rx, port, _ = await receiver()
+    with pytest.raises(AuthRefused, match="wrong secret") as err:
+        await CheckpointSender.connect(
+            "127.0.0.1", port, secret=b"not-the-secret-of-this-vm", vm=VM, term=1, page_count=PAGES
+        )
+    assert err.value.reason is p.RefuseReason.BAD_AUTH
+    await asyncio.sleep(0.05)
+    assert [r.reason for r in rx.refusals] == [p.RefuseReason.BAD_AUTH]
+    assert "refused connection" in caplog.text and "wrong secret" in caplog.text
+    assert rx.session is None  # nothing was paired
+    await rx.close()
+
+
+async def test_other_protocol_version_is_refused_with_the_reason() -> None:
+    rx, port, _ = await receiver()
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setblocking(False)
+    await loop.sock_connect(sock, ("127.0.0.1", port))
+    conn = Connection(sock, "test")
+    hs = ClientHandshake(
+        secret=SECRET, vm=VM, kind=p.ChannelKind.CONTROL, index=0, channels=1, session=1, term=1,
+        page_count=PAGES, version=7,
+    )  # fmt: skip
+    await conn.send(hs.start())
+    reply = await conn.next_event()
+    assert isinstance(reply, p.Refused) and reply.reason is p.RefuseReason.BAD_VERSION
+    assert "version 7" in reply.text
+    assert await conn.next_event() is None  # and the connection is closed
+    conn.close()
+    await rx.close()
+
+
+# -- a man in the middle that corrupts or stalls --------------------------------------------------
+
+
+class Proxy:
+    """Forwards connections to `target`; can corrupt PAGES frames or freeze."""
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.corrupt = 0  # PAGES frames still to corrupt
+        self.corrupted = 0
+        self.flowing = asyncio.Event()
+        self.flowing.set()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def close(self) -> None:
+        for t in self.tasks:
+            t.cancel()
+        if self.server is not None:
+            self.server.close()
+
+    async def _handle(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        tr, tw = await asyncio.open_connection("127.0.0.1", self.target)
+        for coro in (self._frames(r, tw), self._raw(tr, w)):
+            task = asyncio.create_task(coro)
+            self.tasks.add(task)
+
+    async def _frames(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        with_errors = (asyncio.IncompleteReadError, ConnectionError)
+        try:
+            while True:
+                await self.flowing.wait()
+                head = await r.readexactly(p.HEADER_SIZE)
+                length = struct.unpack_from("<I", head, 8)[0]
+                body = bytearray(await r.readexactly(length))
+                if head[5] == p.MessageType.PAGES and self.corrupt > 0:
+                    count = (length - p.PAGES_META.size) // (8 + PAGE)
+                    body[p.PAGES_META.size + 8 * count + 1234] ^= 0x04
+                    self.corrupt -= 1
+                    self.corrupted += 1
+                await self.flowing.wait()
+                w.write(head + body)
+                await w.drain()
+        except with_errors:
+            w.close()
+
+    async def _raw(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            while data := await r.read(65536):
+                await self.flowing.wait()
+                w.write(data)
+                await w.drain()
+        except ConnectionError:
+            pass
+        w.close()
+
+
+async def test_corrupted_data_frame_is_rejected_resent_and_never_half_applied() -> None:
+    guest = Guest(2)
+    rx, port, mem = await receiver()
+    proxy = Proxy(port)
+    sender = await paired(await proxy.start(), guest, channels=2, batch_pages=32)
+    try:
+        await guest.checkpoint(sender, sender.take_sync_remainder())
+        committed = image_digest(mem)
+        seen: list[str] = []
+        original_commit = rx.cache.commit
+
+        def watch(*args: object, **kw: object) -> object:
+            seen.append(image_digest(mem))  # the image right before every commit
+            return original_commit(*args, **kw)  # type: ignore[arg-type]
+
+        rx.cache.commit = watch  # type: ignore[method-assign]
+        guest.write(300)
+        proxy.corrupt = 1
+        epoch, digest = await guest.checkpoint(sender)
+        assert proxy.corrupted == 1
+        assert [r.reason for r in sender.rejections] == [p.NackReason.CORRUPT_FRAME]
+        assert seen == [committed], "the rejected attempt touched the committed image"
+        assert image_digest(mem) == digest and rx.committed_epoch == epoch
+    finally:
+        await sender.close()
+        await rx.close()
+        await proxy.close()
+
+
+async def test_a_peer_that_stops_reading_is_yanked_within_the_timeout() -> None:
+    guest = Guest(3)
+    rx, port, _ = await receiver(capacity=PAGES)
+    proxy = Proxy(port)
+    sender = await paired(await proxy.start(), guest, heartbeat_interval=0.05, heartbeat_timeout=0.4)
+    try:
+        await guest.checkpoint(sender, sender.take_sync_remainder())
+        proxy.flowing.clear()  # nothing moves any more, in either direction
+        guest.write(2000)  # more than the socket buffers hold
+        start = time.monotonic()
+        with pytest.raises(PeerLostError, match="no word from the secondary"):
+            await asyncio.wait_for(guest.checkpoint(sender), 30)
+        assert time.monotonic() - start < 10  # generous: the point is that it does not hang
+        assert sender.lost is not None
+    finally:
+        proxy.flowing.set()
+        await sender.close()
+        await rx.close()
+        await proxy.close()
+
+
+RECEIVER_SCRIPT = textwrap.dedent(
+    """
+    import asyncio, sys
+    from colo_agent.replication.cache import ColoCache
+    from colo_agent.replication.transport import CheckpointReceiver
+
+    async def main():
+        rx = CheckpointReceiver(ColoCache(bytearray({pages} * 4096), capacity={pages}),
+                                secret={secret!r}, vm={vm!r}, term=1)
+        print(await rx.start(), flush=True)
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+    """
+)
+
+
+async def test_sigstopped_secondary_process_is_yanked_and_the_primary_goes_on() -> None:
+    script = RECEIVER_SCRIPT.format(pages=PAGES, secret=SECRET, vm=VM)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, env=os.environ.copy())
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.get_running_loop().run_in_executor(None, proc.stdout.readline)
+        port = int(line)
+        guest = Guest(4)
+        sender = await paired(port, guest, heartbeat_interval=0.05, heartbeat_timeout=0.5)
+        await guest.checkpoint(sender, sender.take_sync_remainder())
+        os.kill(proc.pid, signal.SIGSTOP)
+        guest.write(1500)
+        with pytest.raises(PeerLostError):
+            await asyncio.wait_for(guest.checkpoint(sender), 30)
+        # The primary goes on: its loop is free and a new secondary can pair.
+        rx, port2, mem = await receiver()
+        sender2 = await paired(port2, guest)
+        _epoch, digest = await guest.checkpoint(sender2, sender2.take_sync_remainder())
+        assert image_digest(mem) == digest
+        await sender2.close()
+        await rx.close()
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+        proc.kill()
+        proc.wait()
+
+
+async def test_secondary_detects_a_dead_primary_and_promotes_from_the_last_complete_epoch() -> None:
+    guest = Guest(5)
+    lost: list[str] = []
+    rx, port, mem = await receiver(on_peer_lost=lost.append, heartbeat_timeout=0.3, heartbeat_interval=0.05)
+    proxy = Proxy(port)
+    sender = await paired(await proxy.start(), guest)
+    epoch, digest = await guest.checkpoint(sender, sender.take_sync_remainder())
+    guest.write(200)
+    proxy.flowing.clear()  # the primary "dies" mid-epoch: nothing more reaches the secondary
+    pending = asyncio.create_task(guest.checkpoint(sender))
+    await asyncio.wait_for(rx.wait_lost(), 10)
+    assert lost and "no word from the primary" in lost[0]
+    promoted = rx.promote()
+    assert (promoted.epoch, promoted.device_state) == (epoch, f"device-state-{epoch}".encode())
+    assert image_digest(mem) == digest
+    with pytest.raises(PeerLostError):
+        await asyncio.wait_for(pending, 10)
+    await sender.close()
+    await rx.close()
+    await proxy.close()
