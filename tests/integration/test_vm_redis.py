@@ -50,6 +50,16 @@ def test_commands(r: redis.Redis) -> None:
     assert r.dbsize() == 0
 
 
+def test_default_redis_py_client_with_hello_handshake(vm: VmServer) -> None:
+    client = redis.Redis(host="127.0.0.1", port=vm.port, socket_timeout=60)  # RESP3 HELLO first
+    try:
+        assert client.ping() is True
+        assert client.set("hello", "3") is True
+        assert client.get("hello") == b"3"
+    finally:
+        client.close()
+
+
 def test_binary_values_round_trip(r: redis.Redis) -> None:
     value = bytes(range(256)) * 300  # 76,800 bytes: spans many NIC frames
     r.set(b"\x00bin\xff", value)
@@ -105,7 +115,9 @@ def test_redis_cli(vm: VmServer, r: redis.Redis) -> None:
 
 @pytest.mark.skipif(shutil.which("redis-benchmark") is None, reason="redis-benchmark missing (redis-tools)")
 def test_redis_benchmark_completes(vm: VmServer) -> None:
-    requests = 20000 if vm.machine.accelerator == "kvm" else 5000
+    # Nested KVM on some hosts runs guest code far slower than unicorn's
+    # JIT (about 1 us per instruction here): fewer requests there, same command.
+    requests = 2000 if vm.machine.accelerator == "kvm" else 20000
     out = subprocess.run(
         ["redis-benchmark", "-p", str(vm.port), "-t", "set,get,incr,ping", "-n", str(requests),
          "-c", "10", "--csv"],
@@ -120,7 +132,7 @@ def test_redis_benchmark_completes(vm: VmServer) -> None:
     assert value is not None and len(value) == 3  # -d 3, the default payload size
 
 
-def _raw(vm: VmServer, payload: bytes, wait: float = 2.0) -> bytes:
+def _raw(vm: VmServer, payload: bytes, wait: float = 1.0) -> bytes:
     """Send raw bytes; return what came back before the reply stalled or the server closed."""
     with socket.create_connection(("127.0.0.1", vm.port), timeout=wait) as sock:
         sock.sendall(payload)
