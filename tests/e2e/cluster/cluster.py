@@ -44,6 +44,9 @@ from .rest import ApiError, Kube
 E2E_DIR = Path(__file__).resolve().parent.parent
 REPO = E2E_DIR.parent.parent
 LOCK = Path("/run/colo-e2e.lock")
+# One record per running cluster, so that the next cluster can clean up
+# after one whose test process died without tearing down.
+REGISTRY = Path("/run/colo-e2e")
 
 
 class ClusterError(RuntimeError):
@@ -96,6 +99,44 @@ def _machine_lock() -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _reap_abandoned() -> None:
+    """Tear down clusters whose owning process is gone (killed test runs)."""
+    for path in sorted(REGISTRY.glob("*.json")) if REGISTRY.is_dir() else []:
+        try:
+            record = json.loads(path.read_text())
+            owner = int(record["owner"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if _alive(owner):
+            continue
+        ours = (str(build.bin_dir()), "cluster.run_node")
+        for pid in record.get("pids", []):
+            try:
+                cmdline = Path(f"/proc/{int(pid)}/cmdline").read_bytes().decode(errors="replace")
+            except (OSError, ValueError):
+                continue
+            # Only what this harness started: pids get reused.
+            if any(mark in cmdline for mark in ours):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(int(pid), signal.SIGKILL)
+        for name in netns.list_names(str(record.get("prefix", "\0"))):
+            netns.delete(name)
+        netns.ip("link", "del", str(record.get("bridge")), check=False)
+        if record.get("metric"):
+            netns.unblackhole(None, [SERVICE_CIDR], metric=int(record["metric"]))
+        netns.ip("netns", "delete", str(record.get("root_ns")), check=False)
+        path.unlink(missing_ok=True)
+        print(f"colo-e2e: cleaned up abandoned cluster {path.stem}", file=sys.stderr)
 
 
 class LocalCluster:
@@ -175,6 +216,7 @@ class LocalCluster:
             ).start(timeout)
             for index in range(1, self.node_count + 1):
                 self._start_node(index)
+            self._register()
             self._started = True
             self.wait_ready(timeout)
         except BaseException:
@@ -182,9 +224,32 @@ class LocalCluster:
             raise
         return self
 
+    def _record(self) -> Path:
+        return REGISTRY / f"{self.id}.json"
+
+    def _register(self) -> None:
+        pids = (
+            [c.process.pid for c in self.control_plane.components if c.process] if self.control_plane else []
+        )
+        pids += [n.runner.pid for n in self.nodes.values() if n.runner is not None]
+        record = {
+            "owner": os.getpid(),
+            "octet": self.octet,
+            "bridge": self.bridge,
+            "root_ns": self.root_ns,
+            "prefix": self.prefix,
+            "metric": self._route_metric,
+            "pids": pids,
+        }
+        REGISTRY.mkdir(exist_ok=True)
+        tmp = self._record().with_suffix(".tmp")
+        tmp.write_text(json.dumps(record))
+        os.replace(tmp, self._record())
+
     def _setup_network(self) -> None:
         Path(SA_MOUNT).mkdir(parents=True, exist_ok=True)
         with _machine_lock():
+            _reap_abandoned()
             used = netns.ip("-4", "addr", "show") + netns.ip("-4", "route", "show")
             for octet in range(88, 96):
                 if f"10.{octet}." not in used:
@@ -201,6 +266,7 @@ class LocalCluster:
         # route and each remove only its own.
         self._route_metric = 4000 + self.octet
         netns.blackhole(None, [SERVICE_CIDR], metric=self._route_metric)
+        self._register()
 
     def _start_node(self, index: int) -> ProcessNode:
         assert self.control_plane is not None
@@ -324,6 +390,7 @@ class LocalCluster:
             netns.ip("link", "del", self.bridge, check=False)
             netns.unblackhole(None, [SERVICE_CIDR], metric=self._route_metric)
         netns.ip("netns", "delete", self.root_ns, check=False)
+        self._record().unlink(missing_ok=True)
         if failed or self.keep_logs:
             print(f"\ncolo-e2e: cluster logs kept in {self.workdir}", file=sys.stderr)
         else:
