@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from colo_agent.microvm.firmware_build import build_host_test_driver
+from colo_agent.microvm.firmware_build import build_host_test_driver, build_libc_host_test
 
 pytestmark = pytest.mark.skipif(
     shutil.which("gcc") is None, reason="gcc is needed to build the firmware core"
@@ -595,3 +595,33 @@ def test_same_input_gives_byte_identical_output(driver: Path) -> None:
     s.cmd("MGET", *(f"key{i}" for i in range(0, 3001, 10))).cmd("INFO")
     first, second = s.execute(driver), s.execute(driver)
     assert first.output == second.output
+
+
+def test_the_guest_memory_functions_match_libc(tmp_path: Path) -> None:
+    """Every size, alignment and overlap, on the word-loop and the rep paths."""
+    exe = build_libc_host_test(tmp_path)
+    done = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout.strip()) == (0, "ok"), done.stdout + done.stderr
+
+
+def test_hello_switches_the_connection_to_resp3(driver: Path) -> None:
+    out = (
+        Script()
+        .open(1)
+        .open(2)
+        .cmd("HELLO", "3", conn=1)
+        .cmd("GET", "missing", conn=1)
+        .cmd("CONFIG", "GET", "appendonly", conn=1)
+        .cmd("GET", "missing", conn=2)
+        .cmd("HELLO", "4", conn=2)
+        .cmd("HELLO", "2", "AUTH", "default", "secret", "SETNAME", "me", conn=2)
+        .execute(driver)
+    )
+    hello = out.output[1].split(b"_\r\n")[0]
+    assert hello.startswith(b"%7\r\n$6\r\nserver\r\n$7\r\ncolo-kv\r\n")
+    assert b"$5\r\nproto\r\n:3\r\n" in hello
+    assert out.output[1].endswith(b"_\r\n%1\r\n$10\r\nappendonly\r\n$2\r\nno\r\n")
+    replies = out.replies(2)
+    assert replies[0] is None
+    assert replies[1] == Err("NOPROTO unsupported protocol version")
+    assert isinstance(replies[2], list) and replies[2][4:6] == [b"proto", 2]

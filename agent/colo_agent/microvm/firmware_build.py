@@ -29,10 +29,12 @@ from colo_agent.microvm import abi
 FIRMWARE_DIR = Path(__file__).parent / "firmware"
 
 # Link order matters only for start.S, whose section the linker script puts first.
+# (host_test_driver.c and libc_host_test.c are host-only test programs.)
 GUEST_SOURCES = ("start.S", "main.c", "nic.c", "resp.c", "commands.c", "store.c", "alloc.c", "libc.c")
 # The port-free core, shared by the guest and the host test driver.
 CORE_SOURCES = ("nic.c", "resp.c", "commands.c", "store.c", "alloc.c")
 HOST_DRIVER_SOURCE = "host_test_driver.c"
+LIBC_TEST_SOURCE = "libc_host_test.c"
 LINKER_SCRIPT = "firmware.ld"
 SOURCE_SUFFIXES = (".c", ".h", ".S", ".ld")
 
@@ -205,3 +207,34 @@ def build_host_test_driver(dest: Path, cc: str = "gcc", sanitize: bool = True) -
             error = exc
     assert error is not None
     raise error
+
+
+def build_libc_host_test(dest: Path, cc: str = "gcc") -> Path:
+    """Compile the guest's memcpy/memmove/memset/memcmp, renamed, with a host
+    program that checks them against the host libc (prints "ok")."""
+    cc_path = _tool(cc)
+    dest.mkdir(parents=True, exist_ok=True)
+    renamed = [f"-D{name}=fw_{name}" for name in ("memcpy", "memmove", "memset", "memcmp")]
+    obj = dest / "libc.o"
+    _run(
+        [
+            cc_path,
+            *HOST_CFLAGS,
+            "-fno-builtin",
+            "-fno-tree-loop-distribute-patterns",
+            *renamed,
+            "-c",
+            "-o",
+            str(obj),
+            str(FIRMWARE_DIR / "libc.c"),
+        ],
+        "compiling the guest libc for the host",
+        dest,
+    )
+    exe = dest / "libc_host_test"
+    _run(
+        [cc_path, *HOST_CFLAGS, "-o", str(exe), str(FIRMWARE_DIR / LIBC_TEST_SOURCE), str(obj)],
+        "compiling the guest libc test",
+        dest,
+    )
+    return exe

@@ -18,6 +18,7 @@ struct boot_info {
 };
 
 extern u8 _end[];
+void libc_init(void);
 
 #define MAX_GUEST_RAM (1ULL << 30) /* the identity map covers the first GiB */
 #define MIN_HEAP (1ULL << 20)
@@ -92,6 +93,7 @@ static void dirty_tick(void) {
 }
 
 void firmware_main(void) {
+    libc_init();
     const struct boot_info *bi = (const struct boot_info *)BOOT_INFO_ADDR;
     if (bi->magic != BOOT_MAGIC || bi->ram_size > MAX_GUEST_RAM || bi->heap_start & (PAGE_SIZE - 1) ||
         bi->heap_start < (u64)_end || bi->heap_start + MIN_HEAP > bi->ram_size ||
