@@ -449,3 +449,20 @@ def test_exits_restart_per_policy_and_deletion_honours_the_grace_period(
     assert marker.read_text().splitlines() == ["up", "TERM"]
     # It ignored SIGTERM, so only SIGKILL at the end of the grace period ended it.
     assert took >= 1.5
+
+
+def test_nodes_advertise_their_address_and_kvm_where_it_exists(
+    cluster: ClusterHandle, kube_api: kubernetes.client.ApiClient
+) -> None:
+    if cluster.local is None:
+        pytest.skip("checks the local driver's node registration")
+    core = kubernetes.client.CoreV1Api(kube_api)
+    listing = kube_api.sanitize_for_serialization(core.list_node(label_selector="colo.dev/process-node=true"))
+    nodes = {n["metadata"]["name"]: n for n in listing["items"]}
+    assert sorted(nodes) == sorted(cluster.node_names)
+    for name, node in nodes.items():
+        kvm = node["status"]["allocatable"].get("devices.kubevirt.io/kvm")
+        assert (kvm is not None) == Path("/dev/kvm").exists()
+        addresses = {a["type"]: a["address"] for a in node["status"]["addresses"]}
+        assert addresses["Hostname"] == name
+        assert addresses["InternalIP"] == cluster.local.node(name).ip

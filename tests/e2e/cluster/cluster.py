@@ -21,6 +21,7 @@ server); a killed node's processes are killed and its links set down.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import os
@@ -47,6 +48,7 @@ LOCK = Path("/run/colo-e2e.lock")
 # One record per running cluster, so that the next cluster can clean up
 # after one whose test process died without tearing down.
 REGISTRY = Path("/run/colo-e2e")
+KVM_RESOURCE = "devices.kubevirt.io/kvm"
 
 
 class ClusterError(RuntimeError):
@@ -149,6 +151,7 @@ class LocalCluster:
         workdir: Path | None = None,
         node_monitor_grace_seconds: int = 6,
         keep_logs: bool = False,
+        node_resources: dict[str, str] | None = None,
     ) -> None:
         if not 1 <= nodes <= 9:
             raise ValueError(f"a local cluster has 1 to 9 nodes, not {nodes}")
@@ -157,6 +160,11 @@ class LocalCluster:
         self.node_count = nodes
         self.grace = node_monitor_grace_seconds
         self.keep_logs = keep_logs
+        if node_resources is None:
+            # What KubeVirt's device plugin advertises where /dev/kvm exists;
+            # agent pods of kvm guests request it.
+            node_resources = {KVM_RESOURCE: "1k"} if os.path.exists("/dev/kvm") else {}
+        self.node_resources = dict(node_resources)
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="colo-e2e-"))
         self.id = secrets.token_hex(2)
         self.octet = 0
@@ -303,8 +311,9 @@ class LocalCluster:
             apiserver_port=self.control_plane.port,
             blackhole_file=str(node_dir / "blackholes.json"),
             path=f"{venv_bin}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            extra_resources=self.node_resources,
         )
-        node.spec_path.write_text(json.dumps(spec.__dict__, indent=2))
+        node.spec_path.write_text(json.dumps(dataclasses.asdict(spec), indent=2))
         self._write_blackholes(node)
         self.nodes[name] = node
         self._start_runner(node)

@@ -96,6 +96,9 @@ class NodeSpec:
     path: str
     heartbeat_seconds: float = 1.0
     lease_seconds: int = 40
+    # Extended resources a device plugin would advertise (e.g. KubeVirt's
+    # devices.kubevirt.io/kvm), added to capacity and allocatable.
+    extra_resources: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: Path) -> NodeSpec:
@@ -235,6 +238,7 @@ class NodeRunner:
             }
 
         resources = {"cpu": "4", "memory": "8Gi", "pods": "110", "ephemeral-storage": "20Gi"}
+        resources.update(self.spec.extra_resources)
         return {
             "capacity": resources,
             "allocatable": resources,
