@@ -9,8 +9,10 @@ deleted; a killed node goes NotReady within the node-monitor grace period.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import secrets
+import subprocess
 import sys
 import textwrap
 import time
@@ -21,6 +23,7 @@ from typing import Any, TypeVar
 
 import kubernetes
 import pytest
+from cluster import build
 from cluster.testing import ClusterHandle, model
 from kubernetes.client import (
     ApiException,
@@ -466,3 +469,37 @@ def test_nodes_advertise_their_address_and_kvm_where_it_exists(
         addresses = {a["type"]: a["address"] for a in node["status"]["addresses"]}
         assert addresses["Hostname"] == name
         assert addresses["InternalIP"] == cluster.local.node(name).ip
+
+
+def test_kubectl_and_helm_see_the_cluster_version(cluster: ClusterHandle, tmp_path: Path) -> None:
+    if cluster.local is None:
+        pytest.skip("checks the binaries the local driver builds")
+    version = json.loads(cluster.kubectl("version", "-o", "json").stdout)
+    assert version["clientVersion"]["gitVersion"] == "v1.34.4"
+    assert version["serverVersion"]["gitVersion"] == "v1.34.4"
+
+    # A chart that only installs on 1.34 or later: helm takes the server's
+    # version for its kubeVersion check.
+    chart = tmp_path / "probe-chart"
+    (chart / "templates").mkdir(parents=True)
+    (chart / "Chart.yaml").write_text(
+        "apiVersion: v2\nname: probe-chart\nversion: 0.1.0\nkubeVersion: '>=1.34.0-0'\n"
+    )
+    (chart / "templates" / "cm.yaml").write_text(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: helm-probe\ndata:\n  ok: 'yes'\n"
+    )
+    helm = build.bin_dir() / "helm"
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "KUBECONFIG": str(cluster.kubeconfig)}
+    run = functools.partial(subprocess.run, capture_output=True, text=True, env=env, timeout=120)
+    assert "v3.19.5" in run([str(helm), "version", "--short"]).stdout
+    namespace = f"helm-{secrets.token_hex(3)}"
+    installed = run(
+        [str(helm), "install", "probe", str(chart), "-n", namespace, "--create-namespace", "--wait"]
+    )
+    assert installed.returncode == 0, installed.stderr
+    data = cluster.kubectl(
+        "get", "configmap", "helm-probe", "-n", namespace, "-o", "jsonpath={.data.ok}"
+    ).stdout
+    assert data == "yes"
+    assert run([str(helm), "uninstall", "probe", "-n", namespace]).returncode == 0
+    cluster.kubectl("delete", "namespace", namespace, "--wait=false")
