@@ -25,7 +25,7 @@ void libc_init(void);
 /* While dirtying pages, the guest wakes this often (µs) to keep the rate
  * smooth rather than bursty. */
 #define DIRTY_WAKE_US 10000u
-#define DIRTY_SCRATCH_MAX (64ULL << 20)
+#define DIRTY_SCRATCH_MAX (256ULL << 20)
 
 static inline void outb(u16 port, u8 v) { __asm__ __volatile__("outb %0, %1" : : "a"(v), "Nd"(port)); }
 static inline void outl(u16 port, u32 v) { __asm__ __volatile__("outl %0, %1" : : "a"(v), "Nd"(port)); }
@@ -105,8 +105,9 @@ void firmware_main(void) {
     u64 heap_size = bi->ram_size - bi->heap_start;
     dirty_rate = bi->dirty_rate > 0xFFFFFFFFULL ? 0xFFFFFFFFULL : bi->dirty_rate;
     if (dirty_rate) {
-        /* Up to half the heap, page aligned, taken before the store sees it. */
-        u64 bytes = MIN(heap_size / 2, DIRTY_SCRATCH_MAX) & ~(u64)(PAGE_SIZE - 1);
+        /* Three quarters of the heap (a 64 MiB guest can then dirty 10,000
+         * distinct pages between checkpoints), taken before the store sees it. */
+        u64 bytes = MIN(heap_size / 4 * 3, DIRTY_SCRATCH_MAX) & ~(u64)(PAGE_SIZE - 1);
         scratch = heap;
         scratch_pages = bytes / PAGE_SIZE;
         heap += bytes;
@@ -133,13 +134,17 @@ void firmware_main(void) {
     log_str(", ready\n");
 
     dirty_last_ns = dirty_rate ? plat_now_ns() : 0;
+    const volatile u32 *rx_head = (const volatile u32 *)(bi->rx_ring + RING_HEAD_OFFSET);
+    const volatile u32 *rx_tail = (const volatile u32 *)(bi->rx_ring + RING_TAIL_OFFSET);
     for (;;) {
-        nic_service();
+        /* Checked inline, without a call: a wake-up with nothing to do (the
+         * monitor ends waits early, e.g. to pause us) must not write even a
+         * return address, so an idle guest leaves every page clean. */
+        if (*rx_head != *rx_tail)
+            nic_service(); /* publishes replies and rings the doorbell */
         if (dirty_rate)
             dirty_tick();
-        /* Replies were published and the doorbell rung by nic_service, so
-         * nothing sits in TX while we sleep. */
-        if (!nic_rx_pending())
+        if (*rx_head == *rx_tail)
             outl(PORT_WAIT, dirty_rate ? DIRTY_WAKE_US : WAIT_FOREVER);
     }
 }
