@@ -197,9 +197,7 @@ async def test_a_client_that_does_not_read_stops_being_read(echo: EchoGuest) -> 
         assert unsent > 0, "the bridge kept reading although the client never reads"
         assert echo.dev.input_backlog(conn) <= INPUT_HIGH_WATER + (1 << 16)
         # What the guest wrote for us waits in a bounded buffer, not in all of the 64 MiB echoed.
-        server_side = bridge._clients[conn].transport
-        assert server_side is not None
-        assert server_side.get_write_buffer_size() < 4 << 20
+        assert len(bridge._clients[conn].outbuf) < 4 << 20
         writer.transport.abort()
     finally:
         await bridge.close()
