@@ -72,6 +72,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # kopf's liveness server logs every probe otherwise.
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     try:
         config = OperatorConfig.from_env(os.environ)
     except ConfigError as exc:

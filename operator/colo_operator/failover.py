@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from colo_agent.api.models import PeerState, Role
 
-from .snapshot import AgentReport, NodeHealth, NodeView, PodView
+from .snapshot import UNPOLLED, AgentReport, NodeHealth, NodeView, PodView
 
 
 class Cause(enum.StrEnum):
@@ -124,6 +124,8 @@ def assess_replica(
         return Starting(f"the {what} pod {pod.name} is {pod.phase}")
     if report.status is None:
         if hears is None:
+            if peer_report is UNPOLLED:
+                return Uncertain(f"the {what} agent does not answer ({report.error}) and has no running peer")
             return Uncertain(
                 f"neither agent answers the operator ({what}: {report.error}; peer: {peer_report.error})"
             )

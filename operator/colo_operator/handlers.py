@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import datetime as dt
 import logging
 import secrets
@@ -352,8 +351,13 @@ async def run_vm(
             immediate += 1
             continue
         immediate = 0
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(kick.wait(), timeout=rt.config.poll_interval_s)
+        # Sleep until kicked, stopped or the poll interval is over, whichever first.
+        waiters = [asyncio.ensure_future(kick.wait()), asyncio.ensure_future(stopped.wait())]
+        _done, pending = await asyncio.wait(
+            waiters, timeout=rt.config.poll_interval_s, return_when=asyncio.FIRST_COMPLETED
+        )
+        for waiter in pending:
+            waiter.cancel()
 
 
 @kopf.on.update(c.GROUP, c.VERSION, c.PLURAL)
