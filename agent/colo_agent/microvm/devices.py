@@ -187,10 +187,14 @@ class DeviceModel:
 
     def collect_dirty(self) -> npt.NDArray[np.int64]:
         """Sorted indices of pages this model wrote since the previous call."""
+        return np.flatnonzero(self.take_dirty_bitmap()).astype(np.int64, copy=False)
+
+    def take_dirty_bitmap(self) -> npt.NDArray[np.bool_]:
+        """One bool per page written since the previous call; the caller owns the array."""
         with self._lock:
-            pages = np.flatnonzero(self._dirty).astype(np.int64)
-            self._dirty[pages] = False
-        return pages
+            bitmap = self._dirty
+            self._dirty = np.zeros_like(bitmap)
+        return bitmap
 
     def mark_dirty(self, addr: int, length: int) -> None:
         """Record a host write into guest RAM (boot image, restored state...)."""
