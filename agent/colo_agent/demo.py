@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import os
 import secrets
 import signal
@@ -104,6 +105,8 @@ class Demo:
         self.arbiter = self.workdir / "arbiter.json"
         self.tally = ClientTally()
         self.http = httpx.AsyncClient(timeout=2.0)
+        # One status poll per refresh would drown the story in request logs.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
         self.agents: list[AgentProcess] = []
 
     # ------------------------------------------------------------------ processes

@@ -28,7 +28,7 @@ import logging
 import secrets
 import socket
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -217,6 +217,12 @@ async def _open(host: str, port: int, timeout: float) -> socket.socket:
     raise last
 
 
+def _address(addr: object) -> str:
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        return f"{addr[0]}:{addr[1]}"
+    return str(addr)
+
+
 # -- shared machinery of a pairing ---------------------------------------------------------
 
 
@@ -290,7 +296,7 @@ class _Pairing:
         if buf is None:
             buf = self._bounce[a.channel] = np.empty((MAX_BATCH_PAGES, PAGE_SIZE), dtype=np.uint8)
         out = buf[: len(a.indices)]
-        np.take(a.source, a.indices, axis=0, out=out)
+        np.take(a.source, a.indices, axis=0, out=out, mode="clip")  # the session checked the range
         return Pages(MessageType.SYNC_PAGES, a.term, a.sync_round, 0, a.channel.index, a.indices, out)
 
     def yank(self, reason: str) -> None:
@@ -361,9 +367,51 @@ class CheckpointSender:
 
     @classmethod
     async def connect(
+        cls, host: str, port: int, *, connect_timeout: float = 5.0, **options: Any
+    ) -> CheckpointSender:
+        """Dial a secondary that listens (`CheckpointReceiver.start`) and pair with it.
+
+        `options` are those of `_pair`. Raises `AuthRefused` (carrying the
+        secondary's reason) or OSError.
+        """
+
+        async def opener(channel: Channel) -> socket.socket:
+            return await _open(host, port, connect_timeout)
+
+        return await cls._pair(opener, f"{host}:{port}", **options)
+
+    @classmethod
+    async def accept(
+        cls, listener: socket.socket, *, join_timeout: float = 5.0, **options: Any
+    ) -> CheckpointSender:
+        """Wait on `listener` for a secondary to dial in (`CheckpointReceiver.dial`) and pair.
+
+        The first connection may take any time (a secondary joins when it
+        likes); the rest of the pairing must follow within `join_timeout`.
+        Channels are assigned in the order connections arrive; the HELLO
+        tells the secondary which is which. Raises like `connect`.
+        """
+        loop = asyncio.get_running_loop()
+        waiting_first = True
+        peer = "secondary"
+
+        async def opener(channel: Channel) -> socket.socket:
+            nonlocal waiting_first, peer
+            if waiting_first:
+                sock, addr = await loop.sock_accept(listener)
+                waiting_first = False
+                peer = _address(addr)
+            else:
+                sock, _ = await asyncio.wait_for(loop.sock_accept(listener), join_timeout)
+            return sock
+
+        return await cls._pair(opener, lambda: peer, **options)
+
+    @classmethod
+    async def _pair(
         cls,
-        host: str,
-        port: int,
+        opener: Callable[[Channel], Awaitable[socket.socket]],
+        peer_name: str | Callable[[], str],
         *,
         secret: bytes,
         vm: str,
@@ -375,21 +423,18 @@ class CheckpointSender:
         ack_timeout: float | None = 5.0,
         batch_pages: int = 256,
         first_epoch: int = 1,
-        connect_timeout: float = 5.0,
         clock: Clock = time.monotonic,
     ) -> CheckpointSender:
-        """Open and authenticate every connection of a new pairing.
-
-        Raises `AuthRefused` (carrying the secondary's reason) or OSError.
-        """
+        """Open (with `opener`) and authenticate every connection of a new pairing."""
         session_id = secrets.randbits(64)
         plan = [CONTROL, HEARTBEAT, *(data_channel(i) for i in range(channels))]
         conns: dict[Channel, Connection] = {}
         accepted: AuthOk | None = None
         try:
             for ch in plan:
-                sock = await _open(host, port, connect_timeout)
-                conn = conns[ch] = Connection(sock, f"{ch}->{host}:{port}")
+                sock = await opener(ch)
+                name = peer_name if isinstance(peer_name, str) else peer_name()
+                conn = conns[ch] = Connection(sock, f"{ch}->{name}")
                 hs = ClientHandshake(
                     secret=secret, vm=vm, kind=ch.kind, index=ch.index, channels=channels,
                     session=session_id, term=term, page_count=page_count,
@@ -405,7 +450,8 @@ class CheckpointSender:
             now=clock(), heartbeat_interval=heartbeat_interval, heartbeat_timeout=heartbeat_timeout,
             ack_timeout=ack_timeout, batch_pages=batch_pages, first_epoch=first_epoch,
         )  # fmt: skip
-        pairing = _Pairing(clock, f"primary->{host}:{port}")
+        name = peer_name if isinstance(peer_name, str) else peer_name()
+        pairing = _Pairing(clock, f"primary->{name}")
         self = cls(session, pairing, accepted.cache_pages)
         pairing.on_failure = self._connection_failed
         for ch, conn in conns.items():
@@ -413,7 +459,7 @@ class CheckpointSender:
         for ch in (CONTROL, HEARTBEAT):
             pairing.spawn(self._reader(ch, conns[ch]), f"primary {ch} reader")
         pairing.spawn(pairing.run_timer(session.next_deadline, self._timer), "primary timer")
-        log.info("paired with %s:%d, %d data channels, cache of %d pages", host, port, channels,
+        log.info("paired with %s, %d data channels, cache of %d pages", name, channels,
                  accepted.cache_pages)  # fmt: skip
         return self
 
@@ -707,26 +753,45 @@ class CheckpointReceiver:
             self._handshakes.add(task)
             task.add_done_callback(self._handshakes.discard)
 
+    async def dial(self, host: str, port: int, *, connect_timeout: float = 5.0) -> None:
+        """Join a primary that listens (`CheckpointSender.accept`).
+
+        The first connection's HELLO says how many data channels the primary
+        uses; the rest are opened after it. Raises OSError, `AuthRefused`
+        (our refusal or the primary's) or `RemoteProtocolError`.
+        """
+        where = f"{host}:{port}"
+        hello = await self._handshake(await _open(host, port, connect_timeout), where)
+        for _ in range(hello.channels + 1):
+            await self._handshake(await _open(host, port, connect_timeout), where)
+
     async def _admit(self, sock: socket.socket, addr: object) -> None:
-        conn = Connection(sock, f"{addr}")
+        try:
+            await self._handshake(sock, _address(addr))
+        except AuthRefused as exc:
+            log.warning("refused connection from %s: %s", addr, exc)
+        except (OSError, RemoteProtocolError, TimeoutError) as exc:
+            log.warning("connection from %s dropped during the handshake: %s", addr, exc)
+
+    async def _handshake(self, sock: socket.socket, where: str) -> Hello:
+        """Authenticate one connection (we answer the primary's HELLO) and attach it."""
+        conn = Connection(sock, where)
         hs = ServerHandshake(
             secret=self._secret, vm=self.vm, term=self.term, page_count=self.cache.page_count,
             cache_pages=self.cache.capacity,
         )  # fmt: skip
         try:
             hello = await asyncio.wait_for(_server_handshake(conn, hs), HANDSHAKE_TIMEOUT)
-        except (OSError, RemoteProtocolError, TimeoutError) as exc:
-            log.warning("connection from %s dropped during the handshake: %s", addr, exc)
+        except BaseException:
             conn.close()
-            return
+            raise
         if hello is None:
             assert hs.refused is not None
-            log.warning("refused connection from %s (%s): %s", addr, hs.refused.reason.name.lower(),
-                        hs.refused.text)  # fmt: skip
             self.refusals.append(hs.refused)
             conn.close()
-            return
+            raise AuthRefused(hs.refused.reason, hs.refused.text)
         self._attach(hello, conn)
+        return hello
 
     def _attach(self, hello: Hello, conn: Connection) -> None:
         channel = Channel(hello.kind, hello.index)

@@ -1,0 +1,506 @@
+"""The agent: one guest, one role at a time, and the control API.
+
+A primary runs its guest, serves clients through the bridge, holds the
+arbiter and streams checkpoints to whichever secondary joins. A secondary
+keeps the committed image (its paused guest's RAM) and the device state of
+the last committed epoch; promotion takes the arbiter with a higher term,
+drops the epoch in flight, resumes the guest from that image and turns the
+agent into a primary that waits for a new secondary.
+
+Output rules (checkpoint mode): while a secondary is paired, output the
+guest produced before a pause is released only once the epoch closed by
+that pause is acknowledged. Without a secondary the guest runs unprotected
+and output leaves at once. Either way nothing leaves unless the arbiter's
+lease is valid by this agent's own clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from prometheus_client import CollectorRegistry
+
+from colo_agent.api.metrics import AgentMetrics
+from colo_agent.api.models import (
+    AgentStatus,
+    CheckpointCause,
+    CheckpointFigures,
+    CheckpointResult,
+    DemoteResult,
+    GuestStatus,
+    NotReady,
+    PeerState,
+    PeerStatus,
+    PromoteResult,
+    ReplicationMode,
+    Role,
+    StaleTerm,
+    Unavailable,
+    WrongRole,
+)
+from colo_agent.arbiter.base import Arbiter
+from colo_agent.engine.output import OutputChunk, OutputGate
+from colo_agent.engine.pacing import CheckpointPacer
+from colo_agent.microvm.bridge import ClientBridge
+from colo_agent.microvm.machine import Machine
+from colo_agent.replication.cache import ColoCache, StagingBuffer, default_capacity, page_view
+from colo_agent.replication.handshake import AuthRefused
+from colo_agent.replication.protocol import RemoteProtocolError
+from colo_agent.replication.session import CommitEpoch
+from colo_agent.replication.transport import CheckpointReceiver, CheckpointSender, PeerLostError
+
+log = logging.getLogger(__name__)
+
+# How long a promotion may wait for the old primary's lease to run out.
+PROMOTE_TIMEOUT_LEASES = 3.0
+# A new secondary is retried this often after a failed pairing.
+PAIR_RETRY = 0.5
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    vm: str
+    identity: str
+    role: Role
+    memory: int
+    accel: str
+    mode: ReplicationMode
+    interval: float
+    channels: int
+    listen_host: str
+    replication_port: int
+    peer: tuple[str, int] | None
+    secret: bytes
+    heartbeat_interval: float
+    heartbeat_timeout: float
+    client_host: str
+    client_port: int
+    dirty_rate: int = 0
+
+
+class Agent:
+    """Implements `colo_agent.api.server.AgentController`."""
+
+    def __init__(self, settings: AgentSettings, machine: Machine, arbiter: Arbiter,
+                 registry: CollectorRegistry) -> None:
+        self.settings = settings
+        self.machine = machine
+        self.arbiter = arbiter
+        self.metrics = AgentMetrics(registry)
+        self.metrics.describe(vm=settings.vm, identity=settings.identity, mode=settings.mode.value,
+                              accel=machine.accelerator)
+        self.role = settings.role
+        self.ram_pages = page_view(machine.ram)
+        self.gate = OutputGate()
+        self.bridge: ClientBridge | None = None
+        self.stopping = asyncio.Event()
+        self.failed: str | None = None
+        # Primary
+        self.sender: CheckpointSender | None = None
+        self.protected = False
+        self.last_acked_epoch = 0
+        self.last_checkpoint: CheckpointFigures | None = None
+        self._checkpoint_now = asyncio.Event()
+        self._demoting = False
+        self._checkpoint_done = asyncio.Condition()
+        self._tasks: set[asyncio.Task[None]] = set()
+        # Secondary
+        self.cache: ColoCache | None = None
+        self.receiver: CheckpointReceiver | None = None
+        self._releasing = True
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self) -> None:
+        """Serve in the configured role until `stop()`; failures end it with `failed` set."""
+        self._loop = asyncio.get_running_loop()
+        self._release_event = asyncio.Event()
+        if self.role is Role.PRIMARY:
+            term = await self._first_term()
+            await self._become_primary(term, boot=True)
+        else:
+            await self._become_secondary()
+        await self.stopping.wait()
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self.sender is not None:
+            await self.sender.close()
+        if self.receiver is not None:
+            await self.receiver.close()
+        if self.bridge is not None:
+            await self.bridge.close()
+        await asyncio.to_thread(self.machine.stop)
+        with contextlib.suppress(Exception):
+            await self.arbiter.close()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.ensure_future(coro)
+        task.set_name(name)
+        self._tasks.add(task)
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._tasks.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                exc = t.exception()
+                log.error("%s failed: %r", name, exc, exc_info=exc)
+                self.failed = f"{name}: {exc}"
+                self.stopping.set()
+
+        task.add_done_callback(done)
+
+    # ------------------------------------------------------------------ primary
+
+    async def _first_term(self) -> int:
+        """A fresh primary takes the term after the highest recorded one."""
+        await self.arbiter.observe()
+        term = self.arbiter.term + 1
+        timeout = PROMOTE_TIMEOUT_LEASES * self.arbiter.lease_duration
+        if not await self.arbiter.wait_acquire(term, timeout):
+            raise RuntimeError(f"could not take the arbiter with term {term} within {timeout:.1f} s "
+                               f"(held by {self.arbiter.holder})")
+        return term
+
+    async def _become_primary(self, term: int, *, boot: bool) -> None:
+        self.role = Role.PRIMARY
+        self.metrics.set_role(Role.PRIMARY, term)
+        self.metrics.new_term(term)
+        self._releasing = True
+        self.protected = False
+        self.machine.set_output_callback(self._on_output)
+        self.bridge = ClientBridge(self.machine, output_sink=self._on_output)
+        if boot:
+            self.machine.start()
+        await self.bridge.start(self.settings.client_host, self.settings.client_port)
+        log.info("primary of term %d serving clients on %s:%d", term, self.settings.client_host,
+                 self.bridge.port)
+        self._spawn(self._renew_lease(), "lease renewal")
+        self._spawn(self._release_loop(), "output release")
+        self._spawn(self._accept_secondaries(term), "replication")
+
+    def _on_output(self, conn_id: int, data: bytes, closed: bool) -> None:
+        """Guest output, in the vCPU thread."""
+        self.gate.hold(conn_id, data, closed)
+        if not self.protected:
+            self._wake_release()
+
+    def _wake_release(self) -> None:
+        loop = self._loop
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(self._release_event.set)
+
+    async def _release_loop(self) -> None:
+        """Unprotected output leaves as soon as it exists (lease permitting)."""
+        while True:
+            await self._release_event.wait()
+            self._release_event.clear()
+            if not self.protected:
+                self._release(self.gate.release_all())
+
+    def _release(self, chunks: list[OutputChunk]) -> None:
+        if not chunks:
+            return
+        if not (self._releasing and self.arbiter.is_valid()):
+            # Fenced: what the guest said is never shown, by this agent at least.
+            log.warning("lease not valid: dropping %d chunks of output", len(chunks))
+            self.metrics.set_lease_valid(False)
+            return
+        bridge = self.bridge
+        assert bridge is not None
+        for c in chunks:
+            bridge.deliver(c.conn_id, c.data, c.closed)
+        self.metrics.set_output_held(self.gate.held_bytes)
+
+    async def _renew_lease(self) -> None:
+        while True:
+            ok = await self.arbiter.renew()
+            self.metrics.set_lease_valid(self.arbiter.is_valid())
+            if not self.arbiter.holding and not self._demoting:
+                log.error("lost the arbiter: another agent took over; stopping the guest")
+                self._releasing = False
+                self.failed = "fenced: the arbiter was taken by another agent"
+                self.stopping.set()
+                return
+            if not ok:
+                log.warning("lease renewal failed; output stops if it stays so")
+            await asyncio.sleep(self.arbiter.renew_interval)
+
+    async def _accept_secondaries(self, term: int) -> None:
+        """Listen on the replication port; protect the guest with whichever secondary dials in.
+
+        One secondary at a time: while one is paired, others wait in the
+        listen backlog. When a pairing ends the guest runs unprotected until
+        the next secondary has synced.
+        """
+        s = self.settings
+        listener = socket.create_server((s.listen_host, s.replication_port), backlog=64, reuse_port=False)
+        listener.setblocking(False)
+        log.info("waiting for a secondary on %s:%d", s.listen_host, listener.getsockname()[1])
+        try:
+            while True:
+                try:
+                    sender = await CheckpointSender.accept(
+                        listener, secret=s.secret, vm=s.vm, term=term, page_count=self.machine.page_count,
+                        channels=s.channels, heartbeat_interval=s.heartbeat_interval,
+                        heartbeat_timeout=s.heartbeat_timeout,
+                        first_epoch=self.last_acked_epoch + 1,
+                    )
+                except (OSError, AuthRefused, RemoteProtocolError, TimeoutError) as exc:
+                    log.warning("a secondary failed to pair: %s", exc)
+                    await asyncio.sleep(PAIR_RETRY)
+                    continue
+                try:
+                    await self._protect(sender)
+                except PeerLostError as exc:
+                    self._unprotect(str(exc))
+                finally:
+                    await sender.close()
+                    self.sender = None
+        finally:
+            listener.close()
+
+    async def _protect(self, sender: CheckpointSender) -> None:
+        """First sync of a joined secondary, then epochs until the pairing ends."""
+        self.sender = sender
+        self.metrics.set_peer(up=True, synced=False)
+        m = self.machine
+        rounds = await sender.sync(self.ram_pages, m.collect_dirty)
+        log.info("first sync: %d pre-copy rounds", rounds)
+        staging = StagingBuffer(sender.cache_pages)
+        pacer = CheckpointPacer(self.settings.interval, sender.cache_pages)
+        carry = sender.take_sync_remainder()
+        last_pause = time.monotonic()
+        cause = CheckpointCause.INITIAL_SYNC
+        while True:
+            # ---- the pause: bounded by a memory copy of the dirty set
+            t0 = time.monotonic()
+            keep_paused = self._demoting
+            # Inline, not in a thread: the pause is bounded by a vCPU kick, and a
+            # thread hop would add its own latency to the pause.
+            m.pause()
+            try:
+                dirty = m.collect_dirty()
+                if len(carry):
+                    dirty = np.union1d(dirty, carry)
+                    carry = carry[:0]
+                if not pacer.fits(len(dirty)):
+                    raise PeerLostError(
+                        f"{len(dirty)} dirty pages exceed the secondary's cache of {sender.cache_pages}; "
+                        "re-syncing")
+                staged = staging.stage(self.ram_pages, dirty)
+                device_state = m.save_device_state()
+                sealed = self.gate.seal()
+                # From the first epoch on, output waits for acknowledgements.
+                self.protected = True
+            finally:
+                if not keep_paused:
+                    m.resume()
+            t1 = time.monotonic()
+            pacer.observe(len(dirty), t0 - last_pause)
+            last_pause = t0
+            # ---- the stream
+            result = await sender.send_epoch(dirty, staged, device_state)
+            self._release(self.gate.release_through(sealed))
+            self.last_acked_epoch = result.epoch
+            figures = CheckpointFigures(
+                epoch=result.epoch, pause_ms=(t1 - t0) * 1e3, pages=result.pages, bytes=result.nbytes,
+                duration_ms=(time.monotonic() - t0) * 1e3, cause=cause.value,
+            )
+            self.last_checkpoint = figures
+            self.metrics.checkpoint_acknowledged(figures)
+            self.metrics.set_peer(up=True, synced=True)
+            if keep_paused:
+                await self._step_down()
+            async with self._checkpoint_done:
+                self._checkpoint_done.notify_all()
+            if keep_paused:
+                return
+            # ---- wait for the next trigger
+            pace = pacer.next_wait()
+            cause = CheckpointCause.DIRTY_THRESHOLD if pace < pacer.interval else CheckpointCause.INTERVAL
+            wait = pace - (time.monotonic() - t0)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._checkpoint_now.wait(), max(0.0, wait))
+                cause = CheckpointCause.REQUESTED
+            self._checkpoint_now.clear()
+
+    async def _step_down(self) -> None:
+        """Planned switchover: the guest stays paused at the final acknowledged epoch, this agent
+        never releases output again, and the lease is freed so the secondary can take it at once."""
+        self._releasing = False
+        for task in list(self._tasks):
+            if task.get_name() == "lease renewal":
+                task.cancel()
+        await self.arbiter.release()
+        log.info("stepped down after epoch %d; the secondary may take over", self.last_acked_epoch)
+
+    def _unprotect(self, reason: str) -> None:
+        """The secondary is gone: what was held may go (the lease still decides)."""
+        log.warning("running unprotected: %s", reason)
+        self.protected = False
+        self.sender = None
+        self.metrics.set_peer(up=False, synced=False)
+        self._release(self.gate.release_all())
+
+    # ------------------------------------------------------------------ secondary
+
+    async def _become_secondary(self) -> None:
+        self.role = Role.SECONDARY
+        self.metrics.set_role(Role.SECONDARY, 0)
+        self._new_receiver()
+        self._spawn(self.arbiter.keep_observing(), "arbiter observation")
+        await self._join_primary()
+
+    def _new_receiver(self) -> None:
+        cache = ColoCache(self.machine.ram, capacity=default_capacity(self.machine.page_count))
+        self.cache = cache
+        self.last_acked_epoch = 0
+        self.receiver = CheckpointReceiver(
+            cache, secret=self.settings.secret, vm=self.settings.vm, term=self.arbiter.term,
+            heartbeat_interval=self.settings.heartbeat_interval,
+            heartbeat_timeout=self.settings.heartbeat_timeout,
+            on_commit=self._on_commit,
+        )
+
+    async def _join_primary(self) -> None:
+        """Dial the primary and follow it; after a lost pairing, dial again while its lease lives.
+
+        A pairing that ends leaves the committed image in place for a
+        promotion. Dialling again starts a new first sync, which writes
+        straight into RAM: the old image is then gone until the new sync
+        commits, so a secondary only re-joins a primary that still renews
+        its lease (if it stopped, a promotion is coming instead).
+        """
+        assert self.settings.peer is not None
+        host, port = self.settings.peer
+        self._spawn(self._follow(host, port), "replication")
+
+    async def _follow(self, host: str, port: int) -> None:
+        first = True
+        while self.role is Role.SECONDARY:
+            receiver = self.receiver
+            assert receiver is not None
+            if not first:
+                if self.arbiter.acquirable_at() <= time.monotonic():
+                    log.info("the primary's lease ran out: not re-joining, waiting for promotion")
+                    return
+                self._new_receiver()
+                receiver = self.receiver
+                assert receiver is not None
+            try:
+                await receiver.dial(host, port)
+            except (OSError, AuthRefused, RemoteProtocolError, TimeoutError) as exc:
+                log.warning("cannot pair with the primary at %s:%d: %s", host, port, exc)
+                await asyncio.sleep(PAIR_RETRY)
+                continue
+            first = False
+            reason = await receiver.wait_lost()
+            if self.role is not Role.SECONDARY or self.receiver is not receiver:
+                return  # promoted meanwhile
+            log.warning("pairing with the primary ended: %s", reason)
+            self.metrics.set_peer(up=False, synced=False)
+            await asyncio.sleep(PAIR_RETRY)
+
+    def _on_commit(self, commit: CommitEpoch) -> None:
+        assert self.cache is not None
+        self.cache.commit(commit.term, commit.epoch, commit.device_state)
+        self.last_acked_epoch = commit.epoch
+        self.metrics.set_peer(up=True, synced=True)
+
+    # ------------------------------------------------------------------ control API
+
+    def status(self) -> AgentStatus:
+        if self.role is Role.PRIMARY:
+            sender = self.sender
+            if sender is None:
+                peer = PeerStatus(PeerState.NONE)
+            elif not self.protected:
+                peer = PeerStatus(PeerState.SYNCING)
+            else:
+                peer = PeerStatus(PeerState.CONNECTED)
+            synced = self.protected
+        else:
+            receiver = self.receiver
+            synced = bool(receiver is not None and receiver.synced.is_set() and self.last_acked_epoch)
+            peer = PeerStatus(PeerState.CONNECTED if synced else PeerState.SYNCING)
+        m = self.machine
+        return AgentStatus(
+            role=self.role,
+            term=self.arbiter.term,
+            last_acked_epoch=self.last_acked_epoch,
+            mode=self.settings.mode,
+            peer=peer,
+            guest=GuestStatus(state="running" if m.running else "paused", accel=m.accelerator,
+                              memory_bytes=m.ram_size),
+            totals=self.metrics.totals(),
+            last_checkpoint=self.last_checkpoint,
+            synced=synced,
+        )
+
+    def ready(self) -> bool:
+        if self.role is Role.PRIMARY:
+            return self.bridge is not None and self.arbiter.is_valid()
+        return self.status().synced
+
+    async def promote(self, term: int) -> PromoteResult:
+        if self.role is Role.PRIMARY:
+            if term == self.arbiter.term:
+                return PromoteResult(role=Role.PRIMARY, term=term, resumed_from_epoch=self.last_acked_epoch)
+            raise WrongRole("this agent is already the primary")
+        if term <= self.arbiter.term:
+            raise StaleTerm(f"term {term} is not above the recorded term {self.arbiter.term}")
+        receiver = self.receiver
+        if receiver is None or self.cache is None or self.cache.committed is None:
+            raise NotReady("no epoch committed yet: this secondary has nothing to resume from")
+        timeout = PROMOTE_TIMEOUT_LEASES * self.arbiter.lease_duration
+        if not await self.arbiter.wait_acquire(term, timeout):
+            raise Unavailable(f"the arbiter is still held by {self.arbiter.holder}; "
+                              f"its lease did not run out within {timeout:.1f} s")
+        promoted = receiver.promote()
+        await receiver.close()
+        self.receiver = None
+        log.info("promoted with term %d from epoch %d of term %d", term, promoted.epoch, promoted.term)
+        self.machine.load_device_state(promoted.device_state)
+        self.last_acked_epoch = 0
+        self.metrics.failed_over()
+        await self._become_primary(term, boot=True)
+        return PromoteResult(role=Role.PRIMARY, term=term, resumed_from_epoch=promoted.epoch)
+
+    async def checkpoint(self) -> CheckpointResult:
+        if self.role is not Role.PRIMARY:
+            raise WrongRole("only a primary takes checkpoints")
+        if not self.protected:
+            raise NotReady("no synced secondary: there is nothing to checkpoint to")
+        target = self.last_acked_epoch + 1
+        self._checkpoint_now.set()
+        async with self._checkpoint_done:
+            await asyncio.wait_for(
+                self._checkpoint_done.wait_for(lambda: self.last_acked_epoch >= target or not self.protected),
+                timeout=10.0)
+        if self.last_acked_epoch < target:
+            raise Unavailable("the secondary was lost before the checkpoint was acknowledged")
+        return CheckpointResult(term=self.arbiter.term, epoch=self.last_acked_epoch)
+
+    async def demote(self) -> DemoteResult:
+        if self.role is not Role.PRIMARY:
+            raise WrongRole("only a primary can be demoted")
+        if not self.protected:
+            raise NotReady("no synced secondary: stepping down now would lose the guest")
+        self._demoting = True
+        result = await self.checkpoint()
+        return DemoteResult(role=Role.PRIMARY, term=result.term, releasing=False)

@@ -1,0 +1,45 @@
+"""When the primary takes its next checkpoint (pure).
+
+A checkpoint is due when the interval has elapsed. In checkpoint mode an
+epoch must also fit the secondary's cache, which holds one epoch in flight:
+the pacer estimates the guest's dirty rate from the epochs it has seen and
+shortens the wait so that the expected dirty set stays below a fraction of
+the cache. The guest cannot be asked how many pages it has dirtied without
+collecting them, so the rate is the only cheap signal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Aim for epochs of at most this share of the secondary's cache.
+CACHE_HEADROOM = 0.5
+# The shortest wait between two checkpoints, so a burst cannot turn the
+# primary into a checkpoint loop that starves the guest.
+MIN_INTERVAL = 0.005
+# Weight of the newest epoch in the dirty-rate estimate.
+RATE_SMOOTHING = 0.5
+
+
+@dataclass
+class CheckpointPacer:
+    interval: float  # seconds, from --interval-ms
+    cache_pages: int  # the secondary's cache, announced at pairing
+    rate: float = 0.0  # estimated pages dirtied per second
+
+    def observe(self, pages: int, seconds: float) -> None:
+        """An epoch collected `pages` dirty pages over `seconds` of guest time."""
+        if seconds <= 0:
+            return
+        sample = pages / seconds
+        self.rate = sample if self.rate == 0 else RATE_SMOOTHING * sample + (1 - RATE_SMOOTHING) * self.rate
+
+    def next_wait(self) -> float:
+        """Seconds from the last pause to the next one."""
+        if self.rate <= 0:
+            return self.interval
+        fits = CACHE_HEADROOM * self.cache_pages / self.rate
+        return max(MIN_INTERVAL, min(self.interval, fits))
+
+    def fits(self, pages: int) -> bool:
+        return pages <= self.cache_pages

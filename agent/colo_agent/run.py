@@ -1,0 +1,161 @@
+"""`colo-agent run`: one agent of a protected VM, primary or secondary.
+
+Every flag has an environment equivalent (shown in `--help`) so a pod spec
+can configure the agent with `env:` alone; a flag on the command line wins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from colo_agent.api.models import ReplicationMode, Role
+from colo_agent.config import FailoverTimings, env_arg, parse_address, read_secret
+from colo_agent.microvm.cli import _accel, _arg_type, _port
+from colo_agent.microvm.config import parse_memory, validate_dirty_rate
+
+log = logging.getLogger(__name__)
+
+
+def _positive_ms(text: str) -> float:
+    if not text.isdigit() or int(text) <= 0:
+        raise ValueError(f"{text!r} is not a positive number of milliseconds")
+    return int(text) / 1000.0
+
+
+def _channels(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 16:
+        raise ValueError(f"channels must be between 1 and 16, got {text!r}")
+    return int(text)
+
+
+def _vm(text: str) -> str:
+    ns, slash, name = text.partition("/")
+    if not slash or not ns or not name or "/" in name:
+        raise ValueError(f"{text!r} is not NAMESPACE/NAME")
+    return text
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "run",
+        help="run one agent of a protected VM (primary or secondary)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    who = p.add_argument_group("identity")
+    env_arg(who, "--role", "COLO_ROLE", required=True, choices=["primary", "secondary"],
+            help="role at start; a secondary becomes primary when promoted")
+    env_arg(who, "--vm", "COLO_VM", default="default/colo-vm", type=_arg_type(_vm),
+            help="NAMESPACE/NAME of the protected VM; both agents must agree (default: %(default)s)")
+    env_arg(who, "--identity", "COLO_IDENTITY", default=None,
+            help="this agent's name in the arbiter (the pod name; default: HOSTNAME)")
+    env_arg(who, "--secret-file", "COLO_SECRET_FILE", default=None, metavar="PATH",
+            help="file holding the per-VM secret (agent authentication and control API token); "
+            "else the secret is read from COLO_SECRET")
+
+    guest = p.add_argument_group("guest")
+    env_arg(guest, "--memory", "COLO_MEMORY", default="64Mi", type=_arg_type(parse_memory),
+            help="guest RAM, e.g. 64Mi or 1Gi (default: 64Mi)")
+    env_arg(guest, "--accel", "COLO_ACCEL", default="auto", type=_arg_type(_accel), metavar="{auto,kvm,tcg}",
+            help="kvm, tcg (software) or auto: kvm where /dev/kvm opens (default: auto)")
+    env_arg(guest, "--dirty-rate", "COLO_DIRTY_RATE", default="0", type=_arg_type(validate_dirty_rate),
+            metavar="PAGES_PER_S", help="pages per second the firmware dirties while idle (default: 0)")
+
+    rep = p.add_argument_group("replication")
+    env_arg(rep, "--mode", "COLO_MODE", default="checkpoint", choices=["checkpoint", "lockstep"],
+            help="checkpoint: output waits for its epoch's acknowledgement; lockstep: both guests run "
+            "and matching output leaves at once (default: checkpoint)")
+    env_arg(rep, "--interval-ms", "COLO_INTERVAL_MS", default="100", type=_arg_type(_positive_ms),
+            help="checkpoint interval (default: 100)")
+    env_arg(rep, "--channels", "COLO_CHANNELS", default="2", type=_arg_type(_channels),
+            help="parallel data connections for pages, 1-16 (default: 2)")
+    env_arg(rep, "--listen", "COLO_LISTEN", default="0.0.0.0",
+            help="address the replication and control ports listen on (default: 0.0.0.0)")
+    env_arg(rep, "--replication-port", "COLO_REPLICATION_PORT", default="7700", type=_arg_type(_port),
+            help="replication port; a secondary connects to its primary's (default: 7700)")
+    env_arg(rep, "--peer", "COLO_PEER", default=None, type=_arg_type(parse_address), metavar="HOST:PORT",
+            help="the primary's replication address (secondary only)")
+
+    fo = p.add_argument_group("failover")
+    env_arg(fo, "--heartbeat-interval-ms", "COLO_HEARTBEAT_INTERVAL_MS", default="100",
+            type=_arg_type(_positive_ms), help="heartbeat period (default: 100)")
+    env_arg(fo, "--heartbeat-timeout-ms", "COLO_HEARTBEAT_TIMEOUT_MS", default="500",
+            type=_arg_type(_positive_ms), help="peer declared lost after this silence (default: 500)")
+    env_arg(fo, "--arbiter", "COLO_ARBITER", required=True, metavar="lease:NS/NAME|file:PATH",
+            help="fencing lock: a Kubernetes Lease, or a file for runs without a cluster")
+    env_arg(fo, "--lease-duration-ms", "COLO_LEASE_DURATION_MS", default="2000", type=_arg_type(_positive_ms),
+            help="how long a renewal of the arbiter is valid (default: 2000)")
+
+    srv = p.add_argument_group("serving")
+    env_arg(srv, "--host", "COLO_HOST", default="0.0.0.0",
+            help="address the client port listens on (default: 0.0.0.0)")
+    env_arg(srv, "--port", "COLO_PORT", default="6379", type=_arg_type(_port),
+            help="client port, open on the primary only (default: 6379)")
+    env_arg(srv, "--control-port", "COLO_CONTROL_PORT", default="8080", type=_arg_type(_port),
+            help="control API: /v1/status, /v1/promote, /metrics, probes (default: 8080)")
+    p.set_defaults(func=run_command)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    import os
+    import socket
+
+    try:
+        secret = read_secret(args.secret_file)
+        FailoverTimings(args.heartbeat_interval_ms, args.heartbeat_timeout_ms, args.lease_duration_ms)
+        if args.role == "secondary" and args.peer is None:
+            raise ValueError("a secondary needs --peer HOST:PORT, its primary's replication address")
+    except (ValueError, OSError) as exc:
+        print(f"colo-agent run: {exc}", file=sys.stderr)
+        return 2
+    identity = args.identity or os.environ.get("HOSTNAME") or socket.gethostname()
+    return asyncio.run(_main(args, secret, identity))
+
+
+async def _main(args: argparse.Namespace, secret: bytes, identity: str) -> int:
+    from prometheus_client import CollectorRegistry
+
+    from colo_agent import arbiter as arbiters
+    from colo_agent.api.server import bound_port, create_app, serve
+    from colo_agent.engine.agent import Agent, AgentSettings
+    from colo_agent.microvm.machine import Machine, MachineError
+
+    settings = AgentSettings(
+        vm=args.vm, identity=identity, role=Role(args.role), memory=args.memory, accel=args.accel,
+        mode=ReplicationMode(args.mode), interval=args.interval_ms, channels=args.channels,
+        listen_host=args.listen, replication_port=args.replication_port, peer=args.peer, secret=secret,
+        heartbeat_interval=args.heartbeat_interval_ms, heartbeat_timeout=args.heartbeat_timeout_ms,
+        client_host=args.host, client_port=args.port, dirty_rate=args.dirty_rate,
+    )
+    try:
+        arbiter = arbiters.from_spec(args.arbiter, identity, args.lease_duration_ms)
+        # In the main thread: the kvm accelerator installs its kick signal handler there.
+        machine = Machine.create(args.memory, accel=args.accel, dirty_rate=args.dirty_rate)
+    except (ValueError, MachineError, OSError) as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    registry = CollectorRegistry()
+    agent = Agent(settings, machine, arbiter, registry)
+    runner = await serve(create_app(agent, secret, registry), args.listen, args.control_port)
+    log.info("%s agent %s of %s; control API on %s:%d", args.role, identity, args.vm, args.listen,
+             bound_port(runner))
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, agent.stop)
+    try:
+        await agent.run()
+    except Exception as exc:
+        log.exception("agent failed")
+        agent.failed = agent.failed or str(exc)
+    finally:
+        await runner.cleanup()
+        await agent.close()
+    if agent.failed:
+        log.error("agent stopped: %s", agent.failed)
+        return 1
+    log.info("agent stopped on request")
+    return 0

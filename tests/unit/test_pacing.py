@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+import pytest
+
+from colo_agent.engine.pacing import MIN_INTERVAL, CheckpointPacer
+
+
+def test_idle_guest_waits_the_interval() -> None:
+    p = CheckpointPacer(interval=0.1, cache_pages=2048)
+    assert p.next_wait() == 0.1
+    p.observe(pages=10, seconds=0.1)
+    assert p.next_wait() == 0.1
+
+
+def test_busy_guest_checkpoints_before_the_cache_would_overflow() -> None:
+    p = CheckpointPacer(interval=0.1, cache_pages=2048)
+    p.observe(pages=4000, seconds=0.1)  # 40k pages/s: 0.1 s would dirty twice the cache
+    wait = p.next_wait()
+    assert wait < 0.1
+    assert wait * p.rate <= 0.5 * 2048 + 1e-9
+
+
+def test_wait_never_drops_below_the_floor() -> None:
+    p = CheckpointPacer(interval=0.1, cache_pages=16)
+    p.observe(pages=10**6, seconds=0.01)
+    assert p.next_wait() == pytest.approx(MIN_INTERVAL)
+
+
+def test_rate_follows_the_guest_back_down() -> None:
+    p = CheckpointPacer(interval=0.1, cache_pages=2048)
+    p.observe(pages=4000, seconds=0.1)
+    for _ in range(20):
+        p.observe(pages=1, seconds=0.1)
+    assert p.next_wait() == 0.1
+    assert p.fits(2048) and not p.fits(2049)
