@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
+import socket
 import sys
 
 from colo_agent.api.models import ReplicationMode, Role
@@ -101,9 +103,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    import os
-    import socket
-
     try:
         secret = read_secret(args.secret_file)
         FailoverTimings(args.heartbeat_interval_ms, args.heartbeat_timeout_ms, args.lease_duration_ms)
@@ -130,6 +129,7 @@ async def _main(args: argparse.Namespace, secret: bytes, identity: str) -> int:
         listen_host=args.listen, replication_port=args.replication_port, peer=args.peer, secret=secret,
         heartbeat_interval=args.heartbeat_interval_ms, heartbeat_timeout=args.heartbeat_timeout_ms,
         client_host=args.host, client_port=args.port, dirty_rate=args.dirty_rate,
+        debug_digests=os.environ.get("COLO_DEBUG_DIGESTS") == "1",
     )
     try:
         arbiter = arbiters.from_spec(args.arbiter, identity, args.lease_duration_ms)

@@ -51,7 +51,7 @@ from colo_agent.engine.output import OutputChunk, OutputGate
 from colo_agent.engine.pacing import CheckpointPacer
 from colo_agent.microvm.bridge import ClientBridge
 from colo_agent.microvm.machine import Machine
-from colo_agent.replication.cache import ColoCache, StagingBuffer, default_capacity, page_view
+from colo_agent.replication.cache import ColoCache, StagingBuffer, default_capacity, image_digest, page_view
 from colo_agent.replication.handshake import AuthRefused
 from colo_agent.replication.protocol import RemoteProtocolError
 from colo_agent.replication.session import CommitEpoch
@@ -84,6 +84,10 @@ class AgentSettings:
     client_host: str
     client_port: int
     dirty_rate: int = 0
+    # Log a digest of the whole image at every pause (primary) and commit
+    # (secondary), for tests that check the two are equal. Costs a hash of
+    # all of RAM inside the pause.
+    debug_digests: bool = False
 
 
 class Agent:
@@ -304,6 +308,7 @@ class Agent:
                         "re-syncing")
                 staged = staging.stage(self.ram_pages, dirty)
                 device_state = m.save_device_state()
+                digest = image_digest(self.ram_pages) if self.settings.debug_digests else None
                 sealed = self.gate.seal()
                 # From the first epoch on, output waits for acknowledgements.
                 self.protected = True
@@ -315,6 +320,8 @@ class Agent:
             last_pause = t0
             # ---- the stream
             result = await sender.send_epoch(dirty, staged, device_state)
+            if digest is not None:
+                log.info("epoch-digest term=%d epoch=%d ram=%s", result.term, result.epoch, digest)
             self._release(self.gate.release_through(sealed))
             self.last_acked_epoch = result.epoch
             figures = CheckpointFigures(
@@ -420,6 +427,9 @@ class Agent:
         assert self.cache is not None
         self.cache.commit(commit.term, commit.epoch, commit.device_state)
         self.last_acked_epoch = commit.epoch
+        if self.settings.debug_digests:
+            log.info("epoch-digest term=%d epoch=%d ram=%s", commit.term, commit.epoch,
+                     image_digest(self.cache.ram))
         self.metrics.set_peer(up=True, synced=True)
 
     # ------------------------------------------------------------------ control API
