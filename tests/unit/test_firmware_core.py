@@ -122,6 +122,9 @@ class Script:
     def stats(self) -> Script:
         return self._rec("S")
 
+    def idle(self) -> Script:
+        return self._rec("I")
+
     def execute(self, driver: Path, heap: int = 4 * MiB, ring: int | None = None) -> Outcome:
         argv = [str(driver), str(heap)] + ([str(ring)] if ring else [])
         done = subprocess.run(argv, input=b"".join(self.parts), capture_output=True, timeout=120)
@@ -576,6 +579,24 @@ def test_keys_expire_on_the_virtual_clock(driver: Path) -> None:
     ]  # fmt: skip
     assert out.stats[0]["expires"] == 2  # ex, setex (px is gone)
     assert out.stats[1]["keys"] == 2  # keep (recreated by INCR), persist
+
+
+def test_expired_keys_nobody_reads_are_swept_while_idle(driver: Path) -> None:
+    s = Script().clock(0).open().stats()
+    for i in range(1000):
+        s.cmd("SET", f"short{i}", b"v" * 100, "PX", 1000)
+    for i in range(300):
+        s.cmd("SET", f"long{i}", "v", "EX", 100)
+    s.cmd("SET", "forever", "v").stats().clock(2 * S)
+    for _ in range(30):  # 128 buckets a pass over 2048, after the resize
+        s.idle()
+    s.stats().cmd("DBSIZE")
+    out = s.execute(driver)
+    baseline, full, swept = out.stats
+    assert full["keys"] == 1301 and full["expires"] == 1300
+    assert swept["keys"] == 301 and swept["expires"] == 300
+    assert out.replies()[-1] == 301
+    assert swept["used_memory"] < baseline["used_memory"] + 301 * 200
 
 
 def test_incr_keeps_the_expiry_and_set_clears_it(driver: Path) -> None:

@@ -10,6 +10,7 @@
  *   'T' set the clock (payload: u64 ns)
  *   'R' run the guest until RX is empty (one batch per ring-full)
  *   'S' run, then report statistics
+ *   'I' run, then one idle-time pass of the service (active expiry)
  * Frames stay in RX until 'R', 'S', the end of input or a full ring, so a
  * test decides what one batch holds. Output ops: 'D' reply bytes, 'C' the
  * service closed conn, 'S' statistics as "name=value" words. */
@@ -198,6 +199,10 @@ int main(int argc, char **argv) {
         case 'S':
             run_guest();
             report_stats();
+            break;
+        case 'I':
+            run_guest();
+            kv_idle();
             break;
         default:
             fprintf(stderr, "unknown op %#x\n", op);

@@ -30,6 +30,12 @@ void kv_close(u32 conn);
 /* Called once per batch of events: the clock is read at most once per batch. */
 void kv_batch_begin(void);
 
+/* Idle-time work: deletes some expired keys nobody asked for again (lazy
+ * expiry alone would keep their memory). Worth calling every
+ * KV_IDLE_INTERVAL_US while keys with an expiry exist (store.h). */
+#define KV_IDLE_INTERVAL_US 100000u
+void kv_idle(void);
+
 struct kv_stats {
     u64 keys;
     u64 expires;

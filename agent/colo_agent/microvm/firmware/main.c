@@ -4,6 +4,7 @@
 #include "abi.h"
 #include "kv.h"
 #include "nic.h"
+#include "store.h"
 #include "util.h"
 
 struct boot_info {
@@ -144,7 +145,18 @@ void firmware_main(void) {
             nic_service(); /* publishes replies and rings the doorbell */
         if (dirty_rate)
             dirty_tick();
-        if (*rx_head == *rx_tail)
-            outl(PORT_WAIT, dirty_rate ? DIRTY_WAKE_US : WAIT_FOREVER);
+        if (*rx_head == *rx_tail) {
+            /* Keys with an expiry need a periodic sweep (store_expires_count
+             * is read directly for the same reason as the ring indices). */
+            u32 wait_us = WAIT_FOREVER;
+            if (store_expires_count) {
+                kv_idle();
+                wait_us = KV_IDLE_INTERVAL_US;
+            }
+            if (dirty_rate)
+                wait_us = MIN(wait_us, DIRTY_WAKE_US);
+            if (*rx_head == *rx_tail)
+                outl(PORT_WAIT, wait_us);
+        }
     }
 }

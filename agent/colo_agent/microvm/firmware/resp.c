@@ -554,6 +554,13 @@ int kv_init(void *heap, u64 size) {
     return 1;
 }
 
+#define SWEEP_BUCKETS 128
+
+void kv_idle(void) {
+    kv_batch_begin();
+    store_sweep_expired(SWEEP_BUCKETS);
+}
+
 void kv_get_stats(struct kv_stats *out) {
     out->keys = store_count();
     out->expires = store_expires();

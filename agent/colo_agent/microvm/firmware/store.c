@@ -17,7 +17,8 @@ struct table {
 
 static struct table ht[2];
 static i64 rehash_idx = -1; /* next bucket of ht[0] to move; -1 = not resizing */
-static u64 expires_count;
+u64 store_expires_count;
+static u64 sweep_cursor;
 
 static inline u64 rotl(u64 x, int r) { return (x << r) | (x >> (64 - r)); }
 
@@ -63,7 +64,7 @@ static int table_alloc(struct table *t, u64 buckets) {
 int store_init(void) {
     mem_set(ht, 0, sizeof(ht));
     rehash_idx = -1;
-    expires_count = 0;
+    store_expires_count = 0;
     return table_alloc(&ht[0], INITIAL_BUCKETS);
 }
 
@@ -137,7 +138,7 @@ static void unlink_free(struct entry **link, int table) {
     *link = e->next;
     ht[table].used--;
     if (e->expire_ms)
-        expires_count--;
+        store_expires_count--;
     heap_free(e);
 }
 
@@ -182,7 +183,7 @@ static void link_entry(struct entry *e, struct entry **link) {
         e->next = old->next;
         *link = e;
         if (old->expire_ms)
-            expires_count--;
+            store_expires_count--;
         heap_free(old);
     } else {
         int t = rehash_idx >= 0 ? 1 : 0;
@@ -194,7 +195,7 @@ static void link_entry(struct entry *e, struct entry **link) {
             resize_to((ht[0].mask + 1) * 2);
     }
     if (e->expire_ms)
-        expires_count++;
+        store_expires_count++;
 }
 
 void store_put(struct entry *e) {
@@ -238,7 +239,7 @@ int store_upsert(const u8 *k, u64 klen, const u8 *v, u64 vlen, i64 expire_ms) {
 }
 
 void store_set_expire(struct entry *e, i64 expire_ms) {
-    expires_count += (expire_ms != 0) - (e->expire_ms != 0);
+    store_expires_count += (expire_ms != 0) - (e->expire_ms != 0);
     e->expire_ms = expire_ms;
 }
 
@@ -305,5 +306,34 @@ void store_flush(void) {
     store_init();
 }
 
+u64 store_sweep_expired(u64 max_buckets) {
+    if (!store_expires_count)
+        return 0;
+    /* Entries move while the table resizes: finish that first (idle time
+     * is the right time for it anyway), and sweep on a later call. */
+    for (u64 n = 0; rehash_idx >= 0 && n < max_buckets; n += REHASH_STEP)
+        rehash_step();
+    if (rehash_idx >= 0)
+        return 0;
+    u64 removed = 0;
+    i64 now = kv_now_ms();
+    for (u64 n = 0; n < max_buckets; n++) {
+        u64 i = sweep_cursor++ & ht[0].mask;
+        struct entry **link = &ht[0].b[i];
+        while (*link) {
+            struct entry *e = *link;
+            if (e->expire_ms && now >= e->expire_ms) {
+                unlink_free(link, 0);
+                removed++;
+            } else {
+                link = &e->next;
+            }
+        }
+    }
+    if (removed)
+        maybe_shrink();
+    return removed;
+}
+
 u64 store_count(void) { return ht[0].used + ht[1].used; }
-u64 store_expires(void) { return expires_count; }
+u64 store_expires(void) { return store_expires_count; }

@@ -43,6 +43,12 @@ void store_set_expire(struct entry *e, i64 expire_ms);
 /* 1 if a live key was deleted. */
 int store_del(const u8 *k, u64 klen);
 u64 store_count(void);
+/* Keys with an expiry; read by the guest's idle loop without a call. */
+extern u64 store_expires_count;
+/* Active expiry: deletes expired keys in the next `max_buckets` buckets
+ * (a cursor goes round the table), after moving on a resize in progress.
+ * Returns how many it deleted. */
+u64 store_sweep_expired(u64 max_buckets);
 u64 store_expires(void);
 /* Frees every key and shrinks the table back to its initial size. */
 void store_flush(void);
