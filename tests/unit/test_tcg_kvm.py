@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import test_tcg
 from test_tcg import (
     DIRTY_GUEST,
     DIRTY_RAM,
@@ -34,6 +35,7 @@ from colo_agent.microvm.tcg import TcgAccelerator
 pytestmark = [
     pytest.mark.kvm,
     pytest.mark.skipif(not kvm_available(), reason="/dev/kvm cannot be opened (absent or no permission)"),
+    test_tcg.pytestmark,  # the guests are assembled with gcc
 ]
 
 
