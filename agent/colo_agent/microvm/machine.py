@@ -22,10 +22,9 @@ import os
 import tempfile
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -45,28 +44,23 @@ class MachineError(RuntimeError):
     """The machine cannot do what was asked in its current state."""
 
 
-@dataclass(frozen=True)
-class Firmware:
-    """A flat firmware image loaded at FIRMWARE_ADDR; `end` is the first address past its bss."""
+class FirmwareImage(Protocol):
+    """A flat image loaded at FIRMWARE_ADDR (firmware_build.Firmware is one)."""
 
-    image: bytes
-    end: int
+    @property
+    def image(self) -> bytes: ...
 
     @property
     def heap_start(self) -> int:
-        return -(-self.end // abi.PAGE_SIZE) * abi.PAGE_SIZE
+        """Page-aligned first address past the image and its bss."""
 
 
 @functools.cache
-def default_firmware() -> Firmware:
+def default_firmware() -> FirmwareImage:
     """The firmware built from the sources in this package (once per process)."""
     from colo_agent.microvm.firmware_build import build_firmware
 
-    built: Any = build_firmware()
-    if isinstance(built, tuple):
-        image, end = built
-        return Firmware(bytes(image), int(end))
-    return Firmware(bytes(built.image), int(built.end))
+    return build_firmware()
 
 
 def _make_accelerator(name: str, ram: mmap.mmap, io: DeviceModel) -> Accelerator:
@@ -92,7 +86,7 @@ class Machine:
         *,
         ram_size: int,
         accelerator: str,
-        firmware: Firmware | None,
+        firmware: FirmwareImage | None,
         dirty_rate: int,
         ram_path: Path,
         ram_file: int,
@@ -132,7 +126,7 @@ class Machine:
         cls,
         memory: int | str,
         accel: str = "auto",
-        firmware: Firmware | None = None,
+        firmware: FirmwareImage | None = None,
         dirty_rate: int = 0,
         ram_path: str | os.PathLike[str] | None = None,
     ) -> Machine:
@@ -353,8 +347,8 @@ class Machine:
         firmware = self._firmware or default_firmware()
         if abi.FIRMWARE_ADDR + len(firmware.image) > self._ram_size or firmware.heap_start >= self._ram_size:
             raise MachineError(
-                f"the firmware ({firmware.end - abi.FIRMWARE_ADDR} bytes with its bss) does not fit in "
-                f"{self._ram_size >> 20} MiB of RAM"
+                f"the firmware ({firmware.heap_start - abi.FIRMWARE_ADDR} bytes with its bss) does not fit "
+                f"in {self._ram_size >> 20} MiB of RAM"
             )
         boot.write_boot_environment(self._map, self._ram_size)
         boot.write_boot_info(self._map, self._ram_size, firmware.heap_start, self._dirty_rate)
