@@ -160,7 +160,9 @@ def _go_env() -> dict[str, str]:
     env = dict(os.environ)
     # The wrapper modules carry go.sum but no vendor tree; -mod=mod lets the
     # go command fill in what it needs from the module cache or the proxy.
-    env["GOFLAGS"] = (env.get("GOFLAGS", "") + " -mod=mod").strip()
+    # -buildvcs=false: the binaries are not this repository's code, so its
+    # commit must not be stamped into them (nor its git state matter).
+    env["GOFLAGS"] = (env.get("GOFLAGS", "") + " -mod=mod -buildvcs=false").strip()
     # Never let a toolchain line in a dependency trigger a toolchain download.
     env.setdefault("GOTOOLCHAIN", "local")
     return env
