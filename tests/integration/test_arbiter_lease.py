@@ -1,8 +1,8 @@
 """KubeLeaseArbiter against a real kube-apiserver (etcd + kube-apiserver on loopback).
 
-The control plane comes from the e2e harness (`tests/e2e/cluster`, `ControlPlane`
-without controllers); the module is skipped with the reason when its binaries
-are not built (`bash .ci/e2e-tools`). Assertions are about order and outcome,
+The API server is the `kube_apiserver` fixture of `tests/conftest.py` (the e2e
+harness's `ControlPlane` without controllers); it skips with the reason when the
+binaries are not built (`bash .ci/e2e-tools`). Assertions are about order and outcome,
 never speed: the compare-and-swap is the API server's, timings are ours.
 """
 
@@ -11,46 +11,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Any
 
 import pykube
 import pytest
+from cluster import ControlPlane
 
 from colo_agent.arbiter.base import ArbiterError, LeaseRecord, TermTooLow
 from colo_agent.arbiter.lease import DURATION_ANNOTATION, KubeLeaseArbiter, Lease
-
-# The control plane harness lives with the e2e suite; it is importable from there.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
-harness = pytest.importorskip("cluster", reason="the e2e control plane harness (tests/e2e/cluster) is absent")
-ControlPlane = harness.ControlPlane
 
 NAMESPACE = "default"
 # Long enough that a loaded machine's scheduling hiccups do not look like a lost holder.
 LEASE = 2.0
 
 
-@pytest.fixture(scope="module")
-def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    bin_dir = harness.build.bin_dir()
-    lacking = [b for b in ("etcd", "kube-apiserver") if not (bin_dir / b).exists()]
-    if lacking:
-        pytest.skip(f"control plane binaries missing ({', '.join(lacking)}): run bash .ci/e2e-tools")
-    plane = ControlPlane(tmp_path_factory.mktemp("apiserver"), controllers=False, bin_dir=bin_dir)
-    plane.start()
-    try:
-        yield plane
-    finally:
-        plane.stop()
-
-
 @pytest.fixture
-def api(control_plane: Any) -> Iterator[pykube.HTTPClient]:
-    client = pykube.HTTPClient(pykube.KubeConfig.from_file(str(control_plane.kubeconfig)))
+def api(kube_apiserver: ControlPlane) -> Iterator[pykube.HTTPClient]:
+    client = pykube.HTTPClient(pykube.KubeConfig.from_file(str(kube_apiserver.kubeconfig)))
     yield client
     client.session.close()
 
@@ -83,8 +63,10 @@ async def arbiters(api: pykube.HTTPClient, lease_name: str) -> AsyncIterator[lis
         await arbiter.close()
 
 
-def make(made: list[Traced], control_plane: Any, name: str, identity: str, duration: float = LEASE) -> Traced:
-    client = pykube.HTTPClient(pykube.KubeConfig.from_file(str(control_plane.kubeconfig)))
+def make(
+    made: list[Traced], kube_apiserver: ControlPlane, name: str, identity: str, duration: float = LEASE
+) -> Traced:
+    client = pykube.HTTPClient(pykube.KubeConfig.from_file(str(kube_apiserver.kubeconfig)))
     # A generous request timeout: on a busy machine a slow answer is not a lost API server.
     arbiter = Traced(NAMESPACE, name, identity, duration, api=client, request_timeout=5.0)
     made.append(arbiter)
@@ -104,11 +86,11 @@ def server_lease(api: pykube.HTTPClient, name: str) -> dict[str, Any]:
 
 
 async def test_take_renew_and_hand_over_on_a_real_lease(
-    api: pykube.HTTPClient, control_plane: Any, arbiters: list[Traced], lease_name: str
+    api: pykube.HTTPClient, kube_apiserver: ControlPlane, arbiters: list[Traced], lease_name: str
 ) -> None:
     create_lease(api, lease_name)
-    a = make(arbiters, control_plane, lease_name, "db-a")
-    b = make(arbiters, control_plane, lease_name, "db-b")
+    a = make(arbiters, kube_apiserver, lease_name, "db-a")
+    b = make(arbiters, kube_apiserver, lease_name, "db-b")
     assert await a.acquire(1)
     spec = server_lease(api, lease_name)["spec"]
     assert (spec["holderIdentity"], spec["leaseTransitions"], spec["leaseDurationSeconds"]) == ("db-a", 1, 2)
@@ -142,11 +124,11 @@ async def test_take_renew_and_hand_over_on_a_real_lease(
 
 
 async def test_release_hands_over_without_waiting(
-    api: pykube.HTTPClient, control_plane: Any, arbiters: list[Traced], lease_name: str
+    api: pykube.HTTPClient, kube_apiserver: ControlPlane, arbiters: list[Traced], lease_name: str
 ) -> None:
     create_lease(api, lease_name)
-    a = make(arbiters, control_plane, lease_name, "db-a", duration=30.0)
-    b = make(arbiters, control_plane, lease_name, "db-b", duration=30.0)
+    a = make(arbiters, kube_apiserver, lease_name, "db-a", duration=30.0)
+    b = make(arbiters, kube_apiserver, lease_name, "db-b", duration=30.0)
     assert await a.acquire(1)
     await a.release()
     assert not a.is_valid()
@@ -156,10 +138,10 @@ async def test_release_hands_over_without_waiting(
 
 
 async def test_of_racing_takers_one_wins(
-    api: pykube.HTTPClient, control_plane: Any, arbiters: list[Traced], lease_name: str
+    api: pykube.HTTPClient, kube_apiserver: ControlPlane, arbiters: list[Traced], lease_name: str
 ) -> None:
     create_lease(api, lease_name)
-    racers = [make(arbiters, control_plane, lease_name, f"db-{n}", duration=30.0) for n in range(3)]
+    racers = [make(arbiters, kube_apiserver, lease_name, f"db-{n}", duration=30.0) for n in range(3)]
     for term in range(1, 6):
         for r in racers:
             await r.observe()
@@ -172,9 +154,9 @@ async def test_of_racing_takers_one_wins(
 
 
 async def test_a_missing_lease_is_created_by_the_first_taker(
-    api: pykube.HTTPClient, control_plane: Any, arbiters: list[Traced], lease_name: str
+    api: pykube.HTTPClient, kube_apiserver: ControlPlane, arbiters: list[Traced], lease_name: str
 ) -> None:
-    a = make(arbiters, control_plane, lease_name, "db-a", duration=1.5)
+    a = make(arbiters, kube_apiserver, lease_name, "db-a", duration=1.5)
     assert await a.observe() is None
     assert await a.acquire(1)
     obj = server_lease(api, lease_name)
@@ -184,10 +166,10 @@ async def test_a_missing_lease_is_created_by_the_first_taker(
 
 
 async def test_renewal_survives_an_edit_of_other_fields(
-    api: pykube.HTTPClient, control_plane: Any, arbiters: list[Traced], lease_name: str
+    api: pykube.HTTPClient, kube_apiserver: ControlPlane, arbiters: list[Traced], lease_name: str
 ) -> None:
     create_lease(api, lease_name)
-    a = make(arbiters, control_plane, lease_name, "db-a")
+    a = make(arbiters, kube_apiserver, lease_name, "db-a")
     assert await a.acquire(1)
     obj = Lease.objects(api, namespace=NAMESPACE).get_by_name(lease_name)
     obj.patch({"metadata": {"labels": {"colo.dev/edited": "yes"}}})
@@ -197,11 +179,11 @@ async def test_renewal_survives_an_edit_of_other_fields(
 
 
 async def test_a_taker_honours_a_longer_lease_advertised_by_the_holder(
-    api: pykube.HTTPClient, control_plane: Any, arbiters: list[Traced], lease_name: str
+    api: pykube.HTTPClient, kube_apiserver: ControlPlane, arbiters: list[Traced], lease_name: str
 ) -> None:
     create_lease(api, lease_name)
-    a = make(arbiters, control_plane, lease_name, "db-a", duration=3.0)
-    b = make(arbiters, control_plane, lease_name, "db-b", duration=0.5)
+    a = make(arbiters, kube_apiserver, lease_name, "db-a", duration=3.0)
+    b = make(arbiters, kube_apiserver, lease_name, "db-b", duration=0.5)
     assert await a.acquire(1)
     record = await b.observe()
     assert record is not None and record.duration == 3.0
@@ -209,10 +191,10 @@ async def test_a_taker_honours_a_longer_lease_advertised_by_the_holder(
 
 
 async def test_without_rbac_the_error_names_the_refusal(
-    api: pykube.HTTPClient, control_plane: Any, lease_name: str
+    api: pykube.HTTPClient, kube_apiserver: ControlPlane, lease_name: str
 ) -> None:
-    pair = control_plane.ca.issue("nobody", "nobody")
-    kubeconfig = control_plane.client_kubeconfig("nobody", pair, "nobody")
+    pair = kube_apiserver.ca.issue("nobody", "nobody")
+    kubeconfig = kube_apiserver.client_kubeconfig("nobody", pair, "nobody")
     client = pykube.HTTPClient(pykube.KubeConfig.from_file(str(kubeconfig)))
     arbiter = KubeLeaseArbiter(NAMESPACE, lease_name, "db-a", LEASE, api=client)
     try:
@@ -223,10 +205,10 @@ async def test_without_rbac_the_error_names_the_refusal(
 
 
 async def test_an_unreachable_api_server_fails_renewals_without_losing_the_term(
-    api: pykube.HTTPClient, control_plane: Any, arbiters: list[Traced], lease_name: str
+    api: pykube.HTTPClient, kube_apiserver: ControlPlane, arbiters: list[Traced], lease_name: str
 ) -> None:
     create_lease(api, lease_name)
-    a = make(arbiters, control_plane, lease_name, "db-a")
+    a = make(arbiters, kube_apiserver, lease_name, "db-a")
     assert await a.acquire(1)
     deadline = a.valid_until
     # Point a at a port where nothing listens, as if the API server vanished.
