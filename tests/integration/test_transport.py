@@ -324,3 +324,26 @@ async def test_secondary_detects_a_dead_primary_and_promotes_from_the_last_compl
     await sender.close()
     await rx.close()
     await proxy.close()
+
+
+async def test_a_secondary_dials_a_listening_primary() -> None:
+    guest = Guest(6)
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)
+    mem = bytearray(PAGES * PAGE)
+    rx = CheckpointReceiver(ColoCache(mem, capacity=512), secret=SECRET, vm=VM, term=1)
+    accepting = asyncio.create_task(
+        CheckpointSender.accept(listener, secret=SECRET, vm=VM, term=1, page_count=PAGES, channels=3)
+    )
+    await rx.dial("127.0.0.1", listener.getsockname()[1])
+    sender = await accepting
+    try:
+        await sender.sync(guest.ram, guest.collect_dirty)
+        epoch, digest = await guest.checkpoint(sender, sender.take_sync_remainder())
+        guest.write(100)
+        epoch, digest = await guest.checkpoint(sender)
+        assert image_digest(mem) == digest and rx.committed_epoch == epoch
+    finally:
+        await sender.close()
+        await rx.close()
+        listener.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from colo_agent.replication import protocol as p
@@ -113,3 +115,13 @@ def test_out_of_order_messages_are_remote_errors() -> None:
 def test_short_secrets_are_rejected() -> None:
     with pytest.raises(ValueError, match="at least 16 bytes"):
         client(secret=b"short")
+
+
+def test_a_tampered_auth_ok_is_detected() -> None:
+    c, s = client(), server()
+    response = c.receive(s.receive(c.start()))
+    assert response is not None
+    ok = s.receive(response)
+    assert isinstance(ok, p.AuthOk)
+    with pytest.raises(AuthRefused, match="could not prove"):
+        c.receive(dataclasses.replace(ok, cache_pages=10**9))

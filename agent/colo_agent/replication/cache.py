@@ -74,6 +74,14 @@ def validate_indices(indices: Indices, page_count: int) -> str | None:
     return None
 
 
+def _touched(shape: tuple[int, int]) -> PageArray:
+    """Zeroed memory with every page already faulted in: otherwise the first
+    epoch pays a page fault per 4 KiB inside recv_into or the pause."""
+    buf = np.empty(shape, dtype=np.uint8)
+    buf.fill(0)
+    return buf
+
+
 class IncomingDirtyBitmap:
     """Pages received (or, in lockstep mode, dirtied locally) since the last commit."""
 
@@ -159,7 +167,7 @@ class ColoCache:
         self._slot_page: Indices | None = None
         self._mirror: PageArray | None = None
         if mode is CacheMode.CHECKPOINT:
-            self._slots = np.zeros((self.capacity, PAGE_SIZE), dtype=np.uint8)
+            self._slots = _touched((self.capacity, PAGE_SIZE))
             self._slot_page = np.zeros(self.capacity, dtype=np.int64)
         else:
             self._mirror = np.zeros((n, PAGE_SIZE), dtype=np.uint8)
@@ -336,7 +344,7 @@ class StagingBuffer:
     def __init__(self, capacity: int) -> None:
         if capacity < 1:
             raise ValueError("staging capacity must be at least one page")
-        self._buf = np.empty((capacity, PAGE_SIZE), dtype=np.uint8)
+        self._buf = _touched((capacity, PAGE_SIZE))
         self.capacity = capacity
 
     def stage(self, ram: PageArray, indices: Indices) -> PageArray:
@@ -345,5 +353,10 @@ class StagingBuffer:
         if n > self.capacity:
             raise LocalProtocolError(f"{n} dirty pages exceed the staging capacity of {self.capacity}")
         out = self._buf[:n]
-        np.take(ram, indices, axis=0, out=out)
+        if n and (int(indices.min()) < 0 or int(indices.max()) >= len(ram)):
+            raise LocalProtocolError(f"page index out of range 0..{len(ram) - 1}")
+        # mode="clip" (indices were just checked) lets numpy copy straight
+        # into `out`; the default mode buffers the whole result first and
+        # runs at a fifth of memory bandwidth.
+        np.take(ram, indices, axis=0, out=out, mode="clip")
         return out

@@ -9,7 +9,11 @@ Every connection (control, each data channel, heartbeat) opens with::
                                         <- AUTH_OK(mac_s, ...)       or REFUSED
 
     mac_c = HMAC-SHA256(secret, "colo-client" | nonce_c | nonce_s | HELLO payload)
-    mac_s = HMAC-SHA256(secret, "colo-server" | nonce_c | nonce_s | HELLO payload)
+    mac_s = HMAC-SHA256(secret, "colo-server" | nonce_c | nonce_s | HELLO payload | AUTH_OK fields)
+
+The handshake direction is fixed (the primary says HELLO), the TCP
+direction is not: a primary may dial a listening secondary or accept a
+secondary that dials it, and speaks first either way.
 
 The secret is per VM. Both nonces make a recorded exchange useless on
 another connection; MACing the HELLO payload binds what the client claimed
@@ -20,10 +24,12 @@ refuse to stream guest memory to an impostor. MACs are compared with
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import hashlib
 import hmac
 import secrets
+import struct
 from collections.abc import Callable
 
 from colo_agent.replication.protocol import (
@@ -55,8 +61,12 @@ class AuthRefused(Exception):
         self.text = text
 
 
-def _mac(label: bytes, secret: bytes, nonce_c: bytes, nonce_s: bytes, hello: Hello) -> bytes:
+def _mac(
+    label: bytes, secret: bytes, nonce_c: bytes, nonce_s: bytes, hello: Hello, ok: AuthOk | None = None
+) -> bytes:
     _, payload = encode_payload(hello)
+    if ok is not None:  # what the server states is bound to its proof too
+        payload += struct.pack("<QQQ", ok.term, ok.page_count, ok.cache_pages)
     return hmac.new(secret, label + b"\0" + nonce_c + nonce_s + payload, hashlib.sha256).digest()
 
 
@@ -131,7 +141,7 @@ class ClientHandshake:
             self._step = _Step.WAIT_RESULT
             return AuthResponse(_mac(b"colo-client", self._secret, self.hello.nonce, msg.nonce, self.hello))
         if self._step is _Step.WAIT_RESULT and isinstance(msg, AuthOk):
-            expected = _mac(b"colo-server", self._secret, self.hello.nonce, self._nonce_s, self.hello)
+            expected = _mac(b"colo-server", self._secret, self.hello.nonce, self._nonce_s, self.hello, msg)
             if not hmac.compare_digest(expected, msg.mac):
                 self._step = _Step.REFUSED
                 raise AuthRefused(
@@ -199,8 +209,9 @@ class ServerHandshake:
             if refusal is not None:
                 return self._refuse(refusal.reason, refusal.text)
             self._step = _Step.DONE
-            mac = _mac(b"colo-server", self._secret, hello.nonce, self._nonce, hello)
-            return AuthOk(mac, self.term, self.page_count, self.cache_pages)
+            ok = AuthOk(b"", self.term, self.page_count, self.cache_pages)
+            mac = _mac(b"colo-server", self._secret, hello.nonce, self._nonce, hello, ok)
+            return dataclasses.replace(ok, mac=mac)
         raise RemoteProtocolError(f"handshake: unexpected {type(msg).__name__} while {self._step.value}")
 
     def _check(self, hello: Hello) -> Refused | None:
