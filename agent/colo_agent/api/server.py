@@ -172,6 +172,7 @@ class _ControlApi:
         self._token = token
         # Role changes run one at a time: a retried promote must see the first one's result.
         self._role_change = asyncio.Lock()
+        self._last_promotion: PromoteResult | None = None
 
     def _authorize(self, request: web.Request) -> None:
         header = request.headers.get("Authorization")
@@ -214,11 +215,17 @@ class _ControlApi:
         async with self._role_change:
             current = self._controller.status()
             if current.role is Role.PRIMARY and current.term == term:
-                # A retry of a promotion that already happened (the first reply was lost).
+                # A retry of a promotion that already happened (the first reply was lost):
+                # answer as the first time, or plainly if the term came another way (boot).
+                last = self._last_promotion
+                if last is not None and last.term == term:
+                    return last
                 return PromoteResult(role=Role.PRIMARY, term=term)
             if term <= current.term:
                 raise StaleTerm(f"term {term} is not above the current term {current.term}")
-            return await self._controller.promote(term)
+            result = await self._controller.promote(term)
+            self._last_promotion = result
+            return result
 
     async def checkpoint(self, request: web.Request) -> web.Response:
         self._authorize(request)
