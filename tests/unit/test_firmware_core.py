@@ -324,6 +324,29 @@ def test_inline_commands_as_typed_in_telnet(driver: Path) -> None:
     ]
 
 
+def test_inline_quotes_and_escapes_as_redis_splits_them(driver: Path) -> None:
+    out = (
+        Script()
+        .open()
+        .data(b'SET greeting "hello world"\r\nGET greeting\r\n')
+        .data(b"SET 'it s' 'don\\'t'\r\nGET \"it s\"\r\n")
+        .data(b'ECHO "tab\\there\\x41\\n"\r\nEC"HO" x\r\nECHO ""\r\n')
+        .data(b'SET k "a"b\r\nPING\r\n')
+        .execute(driver)
+    )
+    assert out.replies() == [
+        "OK",
+        b"hello world",
+        "OK",
+        b"don't",
+        b"tab\there" + b"A\n",
+        b"x",
+        b"",
+        Err("ERR Protocol error: unbalanced quotes in request"),
+    ]
+    assert out.closed == [1]
+
+
 # --- framing ---------------------------------------------------------------
 
 PIPELINE = (

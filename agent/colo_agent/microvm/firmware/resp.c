@@ -37,6 +37,7 @@ struct parse_state {
     u32 pos;  /* bytes validated (DONE: bytes the command occupies) */
     u32 need; /* the command is incomplete until this many bytes are there */
     u8 resumed; /* validated over several calls: argument pointers are stale */
+    u8 quoted;  /* inline: the line has quotes, arguments need unquoting */
 };
 
 /* Input is capped well below 4 GiB, so 32-bit positions suffice. */
@@ -327,18 +328,94 @@ static int parse_multibulk(struct parse_state *ps, const u8 *b, u64 n) {
 
 static inline int is_space(u8 c) { return c == ' ' || c == '\t'; }
 
+static inline int hex_value(u8 c) {
+    if (c >= '0' && c <= '9')
+        return c - '0';
+    c = ascii_upper(c);
+    return (c >= 'A' && c <= 'F') ? c - 'A' + 10 : -1;
+}
+
+/* Splits an inline request line the way redis-cli and Redis do (Redis's
+ * sdssplitargs): words between spaces; "double quotes" with \n \r \t \b \a
+ * \xHH escapes, 'single quotes' with \'; a closing quote must end its word.
+ * With `out` == NULL arguments point into the line (the caller knows it has
+ * no quotes); otherwise unquoted bytes go to `out` (the line's length is
+ * enough). With `argv` == NULL it only counts. Returns the number of words,
+ * or -1 for unbalanced quotes. */
+static i64 split_inline(const u8 *p, u64 n, u8 *out, struct arg *argv) {
+    i64 words = 0;
+    u64 i = 0, o = 0;
+    for (;;) {
+        while (i < n && is_space(p[i]))
+            i++;
+        if (i == n)
+            return words;
+        u64 start = out ? o : i;
+        int dq = 0, sq = 0;
+        for (; i < n; i++) {
+            u8 c = p[i];
+            if (dq) {
+                if (c == '\\' && i + 3 < n && p[i + 1] == 'x' && hex_value(p[i + 2]) >= 0 &&
+                    hex_value(p[i + 3]) >= 0) {
+                    c = (u8)(hex_value(p[i + 2]) * 16 + hex_value(p[i + 3]));
+                    i += 3;
+                } else if (c == '\\' && i + 1 < n) {
+                    c = p[++i];
+                    c = c == 'n' ? '\n' : c == 'r' ? '\r' : c == 't' ? '\t' : c == 'b' ? '\b' : c == 'a' ? '\a' : c;
+                } else if (c == '"') {
+                    if (i + 1 < n && !is_space(p[i + 1]))
+                        return -1;
+                    dq = 0;
+                    i++;
+                    break;
+                }
+            } else if (sq) {
+                if (c == '\\' && i + 1 < n && p[i + 1] == '\'') {
+                    c = '\'';
+                    i++;
+                } else if (c == '\'') {
+                    if (i + 1 < n && !is_space(p[i + 1]))
+                        return -1;
+                    sq = 0;
+                    i++;
+                    break;
+                }
+            } else if (is_space(c)) {
+                break;
+            } else if (c == '"' || c == '\'') {
+                dq = c == '"';
+                sq = c == '\'';
+                continue;
+            }
+            if (out)
+                out[o++] = c;
+        }
+        if (dq || sq)
+            return -1;
+        if (argv) {
+            argv[words].p = out ? out + start : p + start;
+            argv[words].n = out ? o - start : i - start;
+        }
+        words++;
+    }
+}
+
 static int parse_inline(struct parse_state *ps, const u8 *b, u64 n) {
     for (u64 i = ps->pos; i < n; i++) {
         u8 c = b[i];
         if (c == '\n') {
             u64 len = (i > 0 && b[i - 1] == '\r') ? i - 1 : i;
-            i64 words = 0;
-            for (u64 j = 0; j < len; j++) {
-                if (!is_space(b[j]) && (j == 0 || is_space(b[j - 1])))
-                    words++;
+            int quoted = 0;
+            for (u64 j = 0; j < len && !quoted; j++)
+                quoted = b[j] == '"' || b[j] == '\'';
+            i64 words = split_inline(b, len, NULL_PTR, NULL_PTR);
+            if (words < 0) {
+                parse_error = "unbalanced quotes in request";
+                return PARSE_ERROR;
             }
-            ps->argc = words;
-            ps->pos = i + 1;
+            ps->argc = (i32)words;
+            ps->quoted = (u8)quoted;
+            ps->pos = (u32)(i + 1);
             return PARSE_DONE;
         }
         /* Control bytes never belong in a typed command: this is binary
@@ -349,7 +426,7 @@ static int parse_inline(struct parse_state *ps, const u8 *b, u64 n) {
             return PARSE_ERROR;
         }
     }
-    ps->pos = n;
+    ps->pos = (u32)n;
     if (n > MAX_INLINE) {
         parse_error = "too big inline request";
         return PARSE_ERROR;
@@ -383,8 +460,9 @@ static int parse_any(struct parse_state *ps, const u8 *b, u64 n) {
     return ps->kind == KIND_MULTIBULK ? parse_multibulk(ps, b, n) : parse_inline(ps, b, n);
 }
 
-/* Fills argv for a command `parse` accepted (headers already validated). */
-static void collect_args(const struct parse_state *ps, const u8 *b, struct arg *argv) {
+/* Fills argv for a command `parse` accepted (headers already validated);
+ * a quoted inline line is unquoted into `out` (as long as the line). */
+static void collect_args(const struct parse_state *ps, const u8 *b, struct arg *argv, u8 *out) {
     if (ps->kind == KIND_MULTIBULK) {
         u64 p = 0;
         while (b[p] != '\n')
@@ -405,19 +483,7 @@ static void collect_args(const struct parse_state *ps, const u8 *b, struct arg *
     u64 end = ps->pos - 1; /* the '\n' */
     if (end > 0 && b[end - 1] == '\r')
         end--;
-    i64 k = 0;
-    for (u64 j = 0; j < end;) {
-        while (j < end && is_space(b[j]))
-            j++;
-        if (j == end)
-            break;
-        u64 start = j;
-        while (j < end && !is_space(b[j]))
-            j++;
-        argv[k].p = b + start;
-        argv[k].n = j - start;
-        k++;
-    }
+    split_inline(b, end, out, argv);
 }
 
 static const char oom_error[] = "OOM command not allowed when used memory > 'maxmemory'.";
@@ -437,18 +503,22 @@ static i64 run_commands(struct conn *c, const u8 *b, u64 n) {
         u64 argc = (u64)c->ps.argc;
         if (argc > 0) {
             struct arg *argv = static_args;
+            u8 *unquoted = NULL_PTR;
             if (argc > STATIC_ARGS)
                 argv = heap_alloc(argc * sizeof(*argv));
-            if (!argv) {
+            if (c->ps.quoted)
+                unquoted = heap_alloc(c->ps.pos);
+            if (!argv || (c->ps.quoted && !unquoted)) {
                 reply_error(oom_error);
             } else {
                 if (argv != static_args || c->ps.resumed || c->ps.kind != KIND_MULTIBULK)
-                    collect_args(&c->ps, b + off, argv);
+                    collect_args(&c->ps, b + off, argv, unquoted);
                 ncommands++;
                 execute_command(argv, argc);
-                if (argv != static_args)
-                    heap_free(argv);
             }
+            if (argv != static_args)
+                heap_free(argv);
+            heap_free(unquoted);
         }
         off += c->ps.pos;
         parse_reset(&c->ps);
