@@ -17,8 +17,9 @@ from collections.abc import Iterator
 import pytest
 
 from colo_agent.microvm import abi
+from colo_agent.microvm.firmware_build import Firmware, build_firmware
 from colo_agent.microvm.kvm import kvm_available
-from colo_agent.microvm.machine import Firmware, Machine, default_firmware
+from colo_agent.microvm.machine import Machine
 
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc is needed to build the firmware")
 
@@ -154,10 +155,10 @@ def test_dirty_rate_touches_fresh_scratch_pages_while_idle(booted: tuple[Machine
 def test_boot_info_that_overlaps_the_image_makes_the_guest_panic(
     accel: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    real = default_firmware()
+    real = build_firmware()
     # Claim the image ends one page after it starts: heap_start would then
     # lie inside the firmware's own code and bss.
-    liar = Firmware(image=real.image, end=abi.FIRMWARE_ADDR + abi.PAGE_SIZE)
+    liar = Firmware(path=real.path, image=real.image, end=abi.FIRMWARE_ADDR + abi.PAGE_SIZE)
     machine = Machine.create("16Mi", accel=accel, firmware=liar)
     try:
         with caplog.at_level(logging.INFO):
