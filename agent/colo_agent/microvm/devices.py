@@ -123,6 +123,14 @@ class DeviceModel:
 
         self._on_output: OutputCallback | None = None
         self._on_input_drained: Callable[[int], None] | None = None
+        # Lockstep. A primary hands every batch of frames it publishes in the
+        # RX ring to `_rx_tap` as (ring position, raw ring bytes); a
+        # secondary's ring is fed only with those batches, at the same
+        # positions, so both guests see the same input at the same ring
+        # offsets and a restored RX head says exactly which batches the
+        # restored state already holds.
+        self._rx_tap: Callable[[int, bytes], None] | None = None
+        self._mirror_rx: dict[int, bytes] | None = None  # batches by ring position
         self.counters = {"io_exits": 0, "waits": 0, "rx_frames": 0, "tx_frames": 0, "tx_errors": 0}
 
     # ---- host side (any thread) -------------------------------------------------------------
@@ -163,6 +171,30 @@ class DeviceModel:
             self._open.discard(conn_id)
             self._throttled.discard(conn_id)
             self._queue(conn_id, abi.FrameType.CLOSE, b"")
+            self._wakeup.notify_all()
+
+    def set_rx_tap(self, tap: Callable[[int, bytes], None] | None) -> None:
+        """`tap(position, ring_bytes)` in the vCPU thread, under the device lock, for every RX batch."""
+        self._rx_tap = tap
+
+    def enable_rx_mirror(self) -> None:
+        """From now on the RX ring is fed by `mirror_rx` only (a lockstep secondary)."""
+        with self._lock:
+            self._mirror_rx = {}
+            self._pending.clear()
+            self._pending_bytes.clear()
+
+    def disable_rx_mirror(self) -> None:
+        """Back to serving clients of its own (a promoted lockstep secondary)."""
+        with self._lock:
+            self._mirror_rx = None
+
+    def mirror_rx(self, position: int, data: bytes) -> None:
+        """Queue a batch the primary published at `position` of its RX ring (any thread)."""
+        with self._lock:
+            if self._mirror_rx is None:
+                raise RuntimeError("mirror_rx() on a NIC that is not mirroring")
+            self._mirror_rx[position & _U32] = data
             self._wakeup.notify_all()
 
     def input_backlog(self, conn_id: int) -> int:
@@ -361,6 +393,9 @@ class DeviceModel:
             self._mark(base, first + length - _CAP)
 
     def _flush_rx_locked(self) -> list[int]:
+        if self._mirror_rx is not None:
+            self._apply_mirror_locked(self._mirror_rx)
+            return []
         if not self._pending or self._rx_broken:
             return []
         tail = self._load_u32(abi.RX_RING_ADDR + abi.RING_TAIL_OFFSET)
@@ -420,10 +455,47 @@ class DeviceModel:
         # Frames first, then the index that publishes them.
         self._rx_head = head
         self._store_u32(abi.RX_RING_ADDR + abi.RING_HEAD_OFFSET, head)
+        if self._rx_tap is not None:
+            self._rx_tap(start, self._ring_bytes(start, (head - start) & _U32))
         self.counters["rx_frames"] += frames
         drained = [c for c in self._throttled if self._pending_bytes.get(c, 0) <= INPUT_LOW_WATER]
         self._throttled.difference_update(drained)
         return drained
+
+    def _ring_bytes(self, start: int, length: int) -> bytes:
+        base = abi.RX_RING_ADDR + abi.RING_DATA_OFFSET
+        pos = start & _MASK
+        first = min(length, _CAP - pos)
+        out = bytes(self._ram[base + pos : base + pos + first])
+        if first < length:
+            out += bytes(self._ram[base : base + length - first])
+        return out
+
+    def _apply_mirror_locked(self, batches: dict[int, bytes]) -> None:
+        """Write mirrored batches that continue the ring at its head, as far as the guest made room.
+
+        Batches may arrive in any order; one published before the state this
+        ring was restored to is already in it and is dropped."""
+        base = abi.RX_RING_ADDR + abi.RING_DATA_OFFSET
+        start = head = self._rx_head
+        for position in [p for p in batches if 0 < (head - p) & _U32 < 1 << 31]:
+            del batches[position]
+        while head in batches:
+            data = batches[head]
+            tail = self._load_u32(abi.RX_RING_ADDR + abi.RING_TAIL_OFFSET)
+            if ((head - tail) & _U32) + len(data) > _CAP:
+                break  # the guest has not consumed enough yet
+            del batches[head]
+            pos = head & _MASK
+            first = min(len(data), _CAP - pos)
+            self._ram[base + pos : base + pos + first] = data[:first]
+            if first < len(data):
+                self._ram[base : base + len(data) - first] = data[first:]
+            head = (head + len(data)) & _U32
+        if head != start:
+            self._mark_ring_data(abi.RX_RING_ADDR, start, (head - start) & _U32)
+            self._rx_head = head
+            self._store_u32(abi.RX_RING_ADDR + abi.RING_HEAD_OFFSET, head)
 
     def _notify_drained(self, conns: list[int]) -> None:
         callback = self._on_input_drained
