@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -86,6 +87,9 @@ def test_save_restore_preserves_every_key(src: str, dst: str) -> None:
     vm = VmServer(second)
     try:
         client = vm.client()
+        # Both connections open at the save were closed in the guest on
+        # load; only this new one is left.
+        assert client.info("clients")["connected_clients"] == 1
         got = client.mget(list(keys))
         assert got == list(keys.values())
         assert client.incr("counter") == 42
@@ -93,8 +97,6 @@ def test_save_restore_preserves_every_key(src: str, dst: str) -> None:
         assert dbsize == len(keys) + 1
         # The guest clock continues from the saved value: no jump back.
         assert int(client.time()[0]) >= time_before
-        # The connection that was open in the saved state was closed in the
-        # guest; new ones keep working.
         assert vm.machine.devices.counters["tx_errors"] == 0
         assert vm.client().ping()
     finally:
@@ -165,3 +167,30 @@ def test_loading_a_bad_state_is_refused_clearly() -> None:
             machine.save_device_state()
         with pytest.raises(MachineError, match="already"):
             machine.start()
+
+
+@dataclass(frozen=True)
+class TinyImage:
+    """A few hand-assembled instructions instead of the firmware."""
+
+    image: bytes
+    heap_start: int = 0x101000
+
+
+@pytest.mark.parametrize("accel", ACCELS)
+@pytest.mark.parametrize(
+    ("code", "reason"),
+    [
+        # mov eax, 0xbad; mov dx, PANIC; out dx, eax; hlt
+        pytest.param("b8ad0b0000" "66ba3005" "ef" "f4", "guest panic 0xbad", id="panic"),
+        pytest.param("f4", "halted", id="hlt"),
+        # mov byte [0x10000000], 1: mapped by the page tables, beyond RAM
+        pytest.param("c6042500000010" "01" "f4", "crashed", id="write-beyond-ram"),
+    ],
+)
+def test_a_guest_that_dies_stops_the_machine(accel: str, code: str, reason: str) -> None:
+    with Machine.create("8Mi", accel=accel, firmware=TinyImage(bytes.fromhex(code))) as machine:
+        machine.start()
+        assert machine.wait_stopped(60)
+        assert machine.exit_reason is not None and reason in machine.exit_reason
+        machine.pause()  # returns at once: nothing runs any more
