@@ -51,13 +51,13 @@ device_states = st.builds(
 )
 
 
-@settings(max_examples=200)
+@settings(max_examples=200, deadline=None)
 @given(device_states)
 def test_round_trip(saved: state.DeviceState) -> None:
     assert state.decode(state.encode(saved)) == saved
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(device_states, st.data())
 def test_any_corruption_is_a_typed_error(saved: state.DeviceState, data: st.DataObject) -> None:
     blob = bytearray(state.encode(saved))
@@ -68,7 +68,7 @@ def test_any_corruption_is_a_typed_error(saved: state.DeviceState, data: st.Data
         state.decode(bytes(blob))
 
 
-@settings(max_examples=200)
+@settings(max_examples=200, deadline=None)
 @given(device_states, st.data())
 def test_truncation_is_a_typed_error(saved: state.DeviceState, data: st.DataObject) -> None:
     blob = state.encode(saved)
@@ -77,6 +77,7 @@ def test_truncation_is_a_typed_error(saved: state.DeviceState, data: st.DataObje
         state.decode(blob[:cut])
 
 
+@settings(deadline=None)
 @given(st.binary(max_size=400))
 def test_garbage_never_crashes(blob: bytes) -> None:
     with pytest.raises(state.DeviceStateError):
