@@ -170,7 +170,11 @@ async def test_a_client_flooding_a_stalled_guest_is_not_read_without_bound(echo:
         writer.transport.set_write_buffer_limits(high=64 << 20)
         blob = b"f" * (8 * INPUT_HIGH_WATER)
         writer.write(blob)
-        await asyncio.sleep(0.5)
+        for _ in range(600):
+            if echo.dev.input_backlog(conn) > INPUT_HIGH_WATER:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)
         # The bridge stopped reading: the rest waits in TCP buffers and ours.
         backlog = echo.dev.input_backlog(conn)
         assert INPUT_HIGH_WATER < backlog < len(blob)
