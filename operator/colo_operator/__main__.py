@@ -85,6 +85,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from . import handlers
 
+    if args.kubeconfig:
+        # kopf's own login handlers read the kubeconfig from the environment.
+        os.environ["KUBECONFIG"] = args.kubeconfig
     handlers.configure(
         config,
         args.kubeconfig,

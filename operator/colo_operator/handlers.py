@@ -288,6 +288,8 @@ async def _report_invalid_spec(rt: Runtime, namespace: str, name: str, exc: Spec
     if body is None:
         return
     status = body.get("status") or {}
+    if status.get("message") == str(exc):
+        return  # already reported; the poll would otherwise rewrite it every cycle
     now = dt.datetime.now(dt.UTC)
     conditions = merge_conditions(
         status.get("conditions"),
@@ -374,9 +376,10 @@ async def vm_deleted(namespace: str | None, name: str, logger: Any, **_: Any) ->
     remaining = await rt.kube.delete_vm_objects(namespace, name)
     if remaining:
         # Pods on a lost node never confirm their deletion: do not wait for them.
-        for raw in await rt.kube.list_pods(namespace, name):
-            pod = pod_view(raw)
-            node = rt.nodes.get(pod.node or "")
+        pods = tuple(pod_view(raw) for raw in await rt.kube.list_pods(namespace, name))
+        nodes = await _nodes(rt, pods)
+        for pod in pods:
+            node = nodes.get(pod.node or "")
             if pod.deleting and (node is None or node.health is not NodeHealth.READY):
                 await rt.kube.delete_pod(namespace, pod.name, force=True)
         raise kopf.TemporaryError(f"waiting for {remaining} agent pod(s) to terminate", delay=1)

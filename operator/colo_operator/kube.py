@@ -235,11 +235,18 @@ class Kube:
         return await self.patch(c.KIND, namespace, name, {"metadata": {"annotations": {key: value}}})
 
     async def delete_vm_objects(self, namespace: str, vm: str) -> int:
-        """Delete everything the operator made for `vm`; returns how many agent pods still exist."""
+        """Delete everything the operator made for `vm`; returns how many agent pods still exist.
+
+        The pods go first and the rest only once they are gone: an agent that is
+        still shutting down must keep its Lease access and key until it exits.
+        """
         names = Names(vm)
-        for pod in await self.list_pods(namespace, vm):
+        pods = await self.list_pods(namespace, vm)
+        for pod in pods:
             if pod.get("metadata", {}).get("deletionTimestamp") is None:
                 await self.delete_pod(namespace, pod["metadata"]["name"], force=False)
+        if pods:
+            return len(await self.list_pods(namespace, vm))
         for kind, name in (
             ("Service", names.service),
             ("PodDisruptionBudget", names.pdb),
@@ -250,4 +257,4 @@ class Kube:
             ("Secret", names.secret),
         ):
             await self.delete(kind, namespace, name)
-        return len(await self.list_pods(namespace, vm))
+        return 0
