@@ -98,3 +98,24 @@ def test_compiler_errors_come_with_the_compiler_output(
 def test_a_broken_image_header_is_refused(image: bytes, message: str) -> None:
     with pytest.raises(FirmwareBuildError, match=message):
         parse_image_end(image)
+
+
+@needs_gcc
+def test_an_unwritable_cache_says_how_to_fix_it(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    with pytest.raises(FirmwareBuildError, match=r"cannot write the firmware cache .*XDG_CACHE_HOME"):
+        build_firmware(cache_dir=blocker / "cache")
+
+
+@needs_gcc
+def test_module_entry_point_builds_and_prints_the_image(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert firmware_build.main() == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(str(tmp_path / "colo-agent" / "firmware")) and "firmware.bin" in printed
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert firmware_build.main() == 1
+    assert "gcc not found" in capsys.readouterr().err

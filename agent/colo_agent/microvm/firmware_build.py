@@ -20,6 +20,7 @@ import os
 import shutil
 import struct
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,29 +162,40 @@ def build_firmware(cache_dir: Path | None = None, cc: str = "gcc") -> Firmware:
     out_dir = (cache_dir or cache_root()) / key
     binary = out_dir / "firmware.bin"
     if not binary.exists():
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix="build-", dir=out_dir.parent) as tmp_name:
-            tmp = Path(tmp_name)
-            elf = tmp / "firmware.elf"
-            flat = tmp / "firmware.bin"
-            _run(
-                [
-                    cc_path,
-                    *flags,
-                    f"-Wl,-T,{FIRMWARE_DIR / LINKER_SCRIPT}",
-                    "-o",
-                    str(elf),
-                    *(str(FIRMWARE_DIR / s) for s in GUEST_SOURCES),
-                ],
-                "compiling the firmware",
-                tmp,
-            )
-            _run([objcopy, "-O", "binary", str(elf), str(flat)], "extracting the flat firmware image", tmp)
-            parse_image_end(flat.read_bytes())  # refuse a broken image before caching it
-            _atomic_copy(elf, out_dir / "firmware.elf")  # kept for gdb/objdump
-            _atomic_copy(flat, binary)
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            _build_into(out_dir, cc_path, objcopy, flags)
+        except OSError as exc:
+            raise FirmwareBuildError(
+                f"cannot write the firmware cache {out_dir}: {exc}; point XDG_CACHE_HOME at a writable "
+                "directory (or build the image ahead of time: "
+                "`python -m colo_agent.microvm.firmware_build`)"
+            ) from exc
     image = binary.read_bytes()
     return Firmware(path=binary, image=image, end=parse_image_end(image))
+
+
+def _build_into(out_dir: Path, cc_path: str, objcopy: str, flags: tuple[str, ...]) -> None:
+    with tempfile.TemporaryDirectory(prefix="build-", dir=out_dir.parent) as tmp_name:
+        tmp = Path(tmp_name)
+        elf = tmp / "firmware.elf"
+        flat = tmp / "firmware.bin"
+        _run(
+            [
+                cc_path,
+                *flags,
+                f"-Wl,-T,{FIRMWARE_DIR / LINKER_SCRIPT}",
+                "-o",
+                str(elf),
+                *(str(FIRMWARE_DIR / s) for s in GUEST_SOURCES),
+            ],
+            "compiling the firmware",
+            tmp,
+        )
+        _run([objcopy, "-O", "binary", str(elf), str(flat)], "extracting the flat firmware image", tmp)
+        parse_image_end(flat.read_bytes())  # refuse a broken image before caching it
+        _atomic_copy(elf, out_dir / "firmware.elf")  # kept for gdb/objdump
+        _atomic_copy(flat, out_dir / "firmware.bin")
 
 
 def build_host_test_driver(dest: Path, cc: str = "gcc", sanitize: bool = True) -> Path:
@@ -238,3 +250,19 @@ def build_libc_host_test(dest: Path, cc: str = "gcc") -> Path:
         dest,
     )
     return exe
+
+
+def main() -> int:
+    """`python -m colo_agent.microvm.firmware_build`: build (e.g. into a container
+    image, with XDG_CACHE_HOME set) and print where the image is."""
+    try:
+        fw = build_firmware()
+    except FirmwareBuildError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"{fw.path} ({len(fw.image)} bytes, heap from {fw.end:#x})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
