@@ -61,6 +61,18 @@ SWITCHOVER_TIMEOUT_S = 30.0
 
 ROLE_FENCED = "fenced"
 
+# After a failover caused by a node or agent going silent, its node takes no
+# new replica for this long even if it still looks Ready (see _avoid_lost_node).
+AVOID_LOST_NODE_S = 120.0
+_SILENT_CAUSES = frozenset(
+    {
+        Cause.AGENT_UNREACHABLE.value,
+        Cause.NODE_NOT_READY.value,
+        Cause.NODE_UNKNOWN.value,
+        Cause.NODE_GONE.value,
+    }
+)
+
 # --------------------------------------------------------------------------- actions
 
 
@@ -489,9 +501,8 @@ def _manage_secondary(
                 msg,
             )
         occupied = [primary.node or ""]
-        lost = (s.vm.status.get("lastFailover") or {}).get("fromNode")
-        if isinstance(lost, str) and lost in s.nodes and s.nodes[lost].health is not NodeHealth.READY:
-            occupied.append(lost)
+        if _avoid_lost_node(s):
+            occupied.append(str((s.vm.status.get("lastFailover") or {}).get("fromNode")))
         place = place_replica(spec.placement, s.nodes, occupied)
         if isinstance(place, NoSpareNode):
             return d.finish(
@@ -585,6 +596,25 @@ def _manage_secondary(
         msg,
         "syncing",
     )
+
+
+def _avoid_lost_node(s: Snapshot) -> bool:
+    """Keep a new secondary off the node the last failover fled from.
+
+    While that node is not Ready, obviously. Also for a while after a failover
+    caused by the node or its agent going silent: the node controller marks a
+    dead node NotReady only after its grace period, and a secondary scheduled
+    there in between would never start.
+    """
+    last = s.vm.status.get("lastFailover") or {}
+    node = last.get("fromNode")
+    if not isinstance(node, str) or node not in s.nodes:
+        return False
+    if s.nodes[node].health is not NodeHealth.READY:
+        return True
+    when = parse_time(last.get("time"))
+    recent = when is not None and (s.now - when).total_seconds() < AVOID_LOST_NODE_S
+    return recent and last.get("cause") in _SILENT_CAUSES
 
 
 def _uncertain_primary(d: _Draft, detail: str, synced: bool) -> Plan:

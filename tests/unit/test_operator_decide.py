@@ -459,3 +459,21 @@ def test_switchover_whose_primary_dies_becomes_a_failover() -> None:
     t = plan.status["transition"]
     assert (t["kind"], t["step"]) == ("Failover", "Promote")
     assert not any(isinstance(a, CheckpointAgent | DemoteAgent) for a in plan.actions)
+
+
+def test_reprotection_avoids_a_silent_node_that_still_looks_ready() -> None:
+    # The primary's agent went silent on n1; the node controller has not noticed yet.
+    last = {"kind": "Failover", "cause": "AgentUnreachable", "from": "vm-0", "fromNode": "n1",
+            "to": "vm-1", "time": "2026-11-25T19:59:58Z"}  # fmt: skip
+    st = protected_status(currentPrimary="vm-1", targetPrimary="vm-1", secondary={}, lastFailover=last)
+    s = world(status=st, pods=(pod("vm-1", "primary", "n2"),), agents={"vm-1": agent(Role.PRIMARY, term=2)})
+    (create,) = [a for a in decide(s).actions if isinstance(a, CreatePod)]
+    assert create.place.candidates == ("n3",)
+    # Long after, or after a planned move, the node is fair game again.
+    later = replace(s, now=NOW + dt.timedelta(minutes=10))
+    (create,) = [a for a in decide(later).actions if isinstance(a, CreatePod)]
+    assert set(create.place.candidates) == {"n1", "n3"}
+    moved = {**st, "lastFailover": {**last, "cause": "Switchover"}}
+    planned = world(status=moved, pods=s.pods, agents=s.agents)
+    (create,) = [a for a in decide(planned).actions if isinstance(a, CreatePod)]
+    assert set(create.place.candidates) == {"n1", "n3"}
