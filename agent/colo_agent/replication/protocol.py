@@ -120,6 +120,9 @@ class ChannelKind(enum.IntEnum):
     CONTROL = 0
     DATA = 1
     HEARTBEAT = 2
+    # Lockstep: client input mirrored to the secondary and its guest's output
+    # sent back; framed by `replication.mirror`, not by this codec.
+    MIRROR = 3
 
 
 class RefuseReason(enum.IntEnum):

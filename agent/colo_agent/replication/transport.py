@@ -78,6 +78,8 @@ from colo_agent.replication.session import (
 
 log = logging.getLogger(__name__)
 
+MIRROR = Channel(ChannelKind.MIRROR)
+
 Clock = Callable[[], float]
 HANDSHAKE_TIMEOUT = 5.0
 _SCRATCH = 1 << 16
@@ -360,6 +362,7 @@ class CheckpointSender:
         self.session = session
         self._pairing = pairing
         self.cache_pages = cache_pages
+        self.mirror: Connection | None = None
         self._waiters: dict[int, asyncio.Future[None]] = {}
         self.rejections: list[EpochRejected] = []
         self.on_peer_lost: Callable[[str], None] | None = None
@@ -423,11 +426,18 @@ class CheckpointSender:
         ack_timeout: float | None = 5.0,
         batch_pages: int = 256,
         first_epoch: int = 1,
+        mirror: bool = False,
         clock: Clock = time.monotonic,
     ) -> CheckpointSender:
-        """Open (with `opener`) and authenticate every connection of a new pairing."""
+        """Open (with `opener`) and authenticate every connection of a new pairing.
+
+        `mirror` (lockstep) adds a last connection for mirrored input and the
+        secondary's output (`CheckpointSender.mirror`); the sessions never see it.
+        """
         session_id = secrets.randbits(64)
         plan = [CONTROL, HEARTBEAT, *(data_channel(i) for i in range(channels))]
+        if mirror:
+            plan.append(MIRROR)
         conns: dict[Channel, Connection] = {}
         accepted: AuthOk | None = None
         try:
@@ -456,6 +466,7 @@ class CheckpointSender:
         pairing.on_failure = self._connection_failed
         for ch, conn in conns.items():
             pairing.add(ch, conn)
+        self.mirror = conns.get(MIRROR)
         for ch in (CONTROL, HEARTBEAT):
             pairing.spawn(self._reader(ch, conns[ch]), f"primary {ch} reader")
         pairing.spawn(pairing.run_timer(session.next_deadline, self._timer), "primary timer")
@@ -670,6 +681,7 @@ class CheckpointReceiver:
         clock: Clock = time.monotonic,
     ) -> None:
         self.cache = cache
+        self.mirror: Connection | None = None
         self._secret = secret
         self.vm = vm
         self.term = term
@@ -753,16 +765,20 @@ class CheckpointReceiver:
             self._handshakes.add(task)
             task.add_done_callback(self._handshakes.discard)
 
-    async def dial(self, host: str, port: int, *, connect_timeout: float = 5.0) -> None:
+    async def dial(
+        self, host: str, port: int, *, connect_timeout: float = 5.0, mirror: bool = False
+    ) -> None:
         """Join a primary that listens (`CheckpointSender.accept`).
 
         The first connection's HELLO says how many data channels the primary
-        uses; the rest are opened after it. Raises OSError, `AuthRefused`
-        (our refusal or the primary's) or `RemoteProtocolError`.
+        uses; the rest are opened after it, plus the mirror connection in
+        lockstep mode (`mirror`; both agents are configured alike). Raises
+        OSError, `AuthRefused` (our refusal or the primary's) or
+        `RemoteProtocolError`.
         """
         where = f"{host}:{port}"
         hello = await self._handshake(await _open(host, port, connect_timeout), where)
-        for _ in range(hello.channels + 1):
+        for _ in range(hello.channels + 1 + int(mirror)):
             await self._handshake(await _open(host, port, connect_timeout), where)
 
     async def _admit(self, sock: socket.socket, addr: object) -> None:
@@ -820,6 +836,9 @@ class CheckpointReceiver:
             conn.close()
             return
         pairing.add(channel, conn)
+        if channel.kind is ChannelKind.MIRROR:
+            self.mirror = conn  # the lockstep engine reads and writes it
+            return
         pairing.spawn(self._reader(channel, conn), f"secondary {channel} reader")
 
     # -- running ----------------------------------------------------------------------------
