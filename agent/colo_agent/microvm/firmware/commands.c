@@ -64,6 +64,13 @@ static int arg_is(const struct arg *a, const char *upper) { return eq_nocase(a->
 
 static void reply_ok(void) { reply_lit("+OK\r\n"); }
 
+static void reply_value(const struct entry *e) {
+    if (e)
+        reply_bulk(e->data + e->klen, e->vlen);
+    else
+        reply_nil();
+}
+
 /* Absolute expiry in ms from a relative amount in `unit_ms`; 0 when invalid. */
 static int expire_at(const struct arg *a, i64 unit_ms, int *bad_int, i64 *out) {
     i64 v;
@@ -327,11 +334,7 @@ static void cmd_info(struct arg *argv, u64 argc) {
 
 static void cmd_get(struct arg *argv, u64 argc) {
     (void)argc;
-    struct entry *e = store_get(argv[1].p, argv[1].n);
-    if (e)
-        reply_bulk(entry_val(e), e->vlen);
-    else
-        reply_nil();
+    reply_value(store_get(argv[1].p, argv[1].n));
 }
 
 #define SET_NX 1
@@ -406,7 +409,7 @@ static void cmd_set(struct arg *argv, u64 argc) {
     struct entry *old = store_get(k->p, k->n);
     if (((flags & SET_NX) && old) || ((flags & SET_XX) && !old)) {
         if (flags & SET_GET)
-            old ? reply_bulk(entry_val(old), old->vlen) : reply_nil();
+            reply_value(old);
         else
             reply_nil();
         return;
@@ -417,7 +420,7 @@ static void cmd_set(struct arg *argv, u64 argc) {
         return;
     }
     if (flags & SET_GET)
-        old ? reply_bulk(entry_val(old), old->vlen) : reply_nil();
+        reply_value(old);
     else
         reply_ok();
     e->expire_ms = (flags & SET_KEEPTTL) && old ? old->expire_ms : expire_ms;
@@ -479,7 +482,7 @@ static void cmd_getset(struct arg *argv, u64 argc) {
         reply_error(err_oom);
         return;
     }
-    old ? reply_bulk(entry_val(old), old->vlen) : reply_nil();
+    reply_value(old);
     store_put(e);
 }
 
@@ -559,13 +562,8 @@ static void cmd_decrby(struct arg *argv, u64 argc) {
 
 static void cmd_mget(struct arg *argv, u64 argc) {
     reply_array(argc - 1);
-    for (u64 i = 1; i < argc; i++) {
-        struct entry *e = store_get(argv[i].p, argv[i].n);
-        if (e)
-            reply_bulk(entry_val(e), e->vlen);
-        else
-            reply_nil();
-    }
+    for (u64 i = 1; i < argc; i++)
+        reply_value(store_get(argv[i].p, argv[i].n));
 }
 
 /* All or nothing: every entry is allocated before any is linked, so memory
