@@ -61,6 +61,10 @@ SWITCHOVER_TIMEOUT_S = 30.0
 
 ROLE_FENCED = "fenced"
 
+# A primary that fails before it ever served is replaced this many times
+# before the VM is declared Failed (a bad image would otherwise loop forever).
+MAX_PRIMARY_RESTARTS = 3
+
 # After a failover caused by a node or agent going silent, its node takes no
 # new replica for this long even if it still looks Ready (see _avoid_lost_node).
 AVOID_LOST_NODE_S = 120.0
@@ -358,6 +362,37 @@ def _steady(d: _Draft, current: str) -> Plan:
     if isinstance(verdict, Promote):
         return _start_transition(d, "Failover", verdict.cause, current, verdict.target, verdict.detail)
     if isinstance(verdict, Unrecoverable):
+        restarts = int(st.get("primaryRestarts") or 0)
+        never_served = st.get("phase") in (None, Phase.PENDING.value)
+        if (
+            never_served
+            and restarts < MAX_PRIMARY_RESTARTS
+            and isinstance(p_health, Lost)
+            and primary is not None
+        ):
+            # No client ever reached this primary, so nothing is lost by starting over.
+            detail = f"{p_health.detail}; it never served, so a new primary replaces it"
+            d.act(DeletePod(primary.name, force=_node_lost(s, primary), why=detail))
+            for key in ("currentPrimary", "targetPrimary"):
+                d.status.pop(key, None)
+            d.status["primaryRestarts"] = restarts + 1
+            d.status["primary"] = {}
+            d.event("Warning", "PrimaryRestarted", detail)
+            d.again = True
+            return d.finish(
+                Phase.PENDING,
+                [
+                    false(ConditionType.READY, Reason.PRIMARY_STARTING, detail),
+                    false(
+                        ConditionType.PROTECTED,
+                        Reason.NO_SECONDARY,
+                        "a secondary follows once the primary runs",
+                    ),
+                    false(ConditionType.SYNCED, Reason.NO_SECONDARY, "no secondary yet"),
+                ],
+                detail,
+                f"restart primary: {detail}",
+            )
         d.event("Warning", Reason.UNRECOVERABLE.value, verdict.detail)
         return d.finish(
             Phase.FAILED,

@@ -477,3 +477,20 @@ def test_reprotection_avoids_a_silent_node_that_still_looks_ready() -> None:
     planned = world(status=moved, pods=s.pods, agents=s.agents)
     (create,) = [a for a in decide(planned).actions if isinstance(a, CreatePod)]
     assert set(create.place.candidates) == {"n1", "n3"}
+
+
+def test_primary_that_never_served_is_replaced_a_few_times_then_failed() -> None:
+    st = {"observedGeneration": 1, "phase": "Pending", "currentPrimary": "vm-0", "targetPrimary": "vm-0",
+          "podSerial": 1, "term": 0, "primary": {"pod": "vm-0"}}  # fmt: skip
+    crashed = (pod("vm-0", "primary", "n1", phase="Failed", problem="agent exited: Error"),)
+    plan = decide(world(status=st, pods=crashed, agents={}))
+    assert plan.actions == (DeletePod("vm-0", force=False, why=plan.actions[0].why),)
+    assert "currentPrimary" not in plan.status and plan.status["primaryRestarts"] == 1
+    assert plan.status["phase"] == "Pending" and any(e.reason == "PrimaryRestarted" for e in plan.events)
+    # The next pass creates a fresh primary under a new name.
+    again = decide(world(status=plan.status, pods=(), agents={}))
+    (create,) = [a for a in again.actions if isinstance(a, CreatePod)]
+    assert create.name == "vm-1" and create.role == "primary"
+    # A primary that keeps failing makes the VM Failed eventually.
+    exhausted = decide(world(status={**st, "primaryRestarts": 3}, pods=crashed, agents={}))
+    assert exhausted.status["phase"] == "Failed"
