@@ -50,7 +50,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--mode", default="checkpoint", choices=["checkpoint", "lockstep"],
                    help="replication mode (default: %(default)s)")
     p.add_argument("--channels", type=int, default=2, help="multifd data channels (default: %(default)s)")
-    p.add_argument("--interval-ms", type=int, default=100, help="checkpoint interval (default: %(default)s)")
+    p.add_argument("--interval-ms", type=int, default=None,
+                   help="checkpoint interval (default: 100, or 2000 in lockstep mode)")
     p.add_argument("--writes-for", type=float, default=5.0, metavar="SECONDS",
                    help="how long the client writes before the primary is killed (default: %(default)s)")
     p.add_argument("--clients", type=int, default=4, help="concurrent writing clients (default: %(default)s)")
@@ -118,11 +119,13 @@ class Demo:
             sys.executable, "-m", "colo_agent", "run",
             "--role", role, "--vm", "demo/colo-demo", "--identity", name,
             "--memory", a.memory, "--accel", a.accel, "--mode", a.mode,
-            "--channels", str(a.channels), "--interval-ms", str(a.interval_ms),
+            "--channels", str(a.channels),
             "--port", str(agent.client_port), "--control-port", str(agent.control_port),
             "--replication-port", str(agent.replication_port),
             "--arbiter", f"file:{self.arbiter}", "--lease-duration-ms", str(a.lease_duration_ms),
         ]
+        if a.interval_ms is not None:
+            argv += ["--interval-ms", str(a.interval_ms)]
         if peer is not None:
             argv += ["--peer", f"127.0.0.1:{peer.replication_port}"]
         env = dict(os.environ, COLO_SECRET=self.secret)

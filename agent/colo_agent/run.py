@@ -28,6 +28,12 @@ def _positive_ms(text: str) -> float:
     return int(text) / 1000.0
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) <= 0:
+        raise ValueError(f"{text!r} is not a positive integer")
+    return int(text)
+
+
 def _channels(text: str) -> int:
     if not text.isdigit() or not 1 <= int(text) <= 16:
         raise ValueError(f"channels must be between 1 and 16, got {text!r}")
@@ -71,8 +77,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     env_arg(rep, "--mode", "COLO_MODE", default="checkpoint", choices=["checkpoint", "lockstep"],
             help="checkpoint: output waits for its epoch's acknowledgement; lockstep: both guests run "
             "and matching output leaves at once (default: checkpoint)")
-    env_arg(rep, "--interval-ms", "COLO_INTERVAL_MS", default="100", type=_arg_type(_positive_ms),
-            help="checkpoint interval (default: 100)")
+    env_arg(rep, "--interval-ms", "COLO_INTERVAL_MS", default=None, type=_arg_type(_positive_ms),
+            help="checkpoint interval (default: 100 in checkpoint mode, 2000 in lockstep mode, where "
+            "checkpoints only bound the divergence of state that produces no output)")
+    env_arg(rep, "--compare-timeout-ms", "COLO_COMPARE_TIMEOUT_MS", default="100",
+            type=_arg_type(_positive_ms),
+            help="lockstep: output the secondary has not matched within this time forces a checkpoint "
+            "(default: 100)")
+    env_arg(rep, "--max-queue", "COLO_MAX_QUEUE", default="1048576", type=_arg_type(_positive_int),
+            metavar="BYTES", help="lockstep: more unmatched output than this forces a checkpoint "
+            "(default: 1048576)")
     env_arg(rep, "--channels", "COLO_CHANNELS", default="2", type=_arg_type(_channels),
             help="parallel data connections for pages, 1-16 (default: 2)")
     env_arg(rep, "--listen", "COLO_LISTEN", default="0.0.0.0",
@@ -125,11 +139,13 @@ async def _main(args: argparse.Namespace, secret: bytes, identity: str) -> int:
 
     settings = AgentSettings(
         vm=args.vm, identity=identity, role=Role(args.role), memory=args.memory, accel=args.accel,
-        mode=ReplicationMode(args.mode), interval=args.interval_ms, channels=args.channels,
+        mode=ReplicationMode(args.mode), channels=args.channels,
+        interval=args.interval_ms or (2.0 if args.mode == "lockstep" else 0.1),
         listen_host=args.listen, replication_port=args.replication_port, peer=args.peer, secret=secret,
         heartbeat_interval=args.heartbeat_interval_ms, heartbeat_timeout=args.heartbeat_timeout_ms,
         client_host=args.host, client_port=args.port, dirty_rate=args.dirty_rate,
         debug_digests=os.environ.get("COLO_DEBUG_DIGESTS") == "1",
+        compare_timeout=args.compare_timeout_ms, max_queue=args.max_queue,
     )
     try:
         arbiter = arbiters.from_spec(args.arbiter, identity, args.lease_duration_ms)

@@ -37,6 +37,8 @@ class AgentMetrics:
         self._bytes = 0
         self._failovers = 0
         self._by_cause: CountBy[str] = CountBy()
+        self._released_on_match = 0
+        self._released_on_ack = 0
 
         self.info = Info("colo_agent", "Which VM and pod this agent is.", registry=registry)
         self.checkpoints = Counter(
@@ -88,11 +90,32 @@ class AgentMetrics:
             "Guest output waiting for its epoch's acknowledgement before release.",
             registry=registry,
         )
+        self.lockstep_released_bytes = Counter(
+            "colo_lockstep_released_bytes",
+            "Lockstep: output bytes released because both guests produced them (match) or because "
+            "their epoch was acknowledged (ack).",
+            ["how"],
+            registry=registry,
+        )
         self.lease_valid = Gauge(
             "colo_lease_valid",
             "1 while this agent holds a valid arbiter lease and may release output.",
             registry=registry,
         )
+
+    def lockstep_released(self, nbytes: int, *, on_match: bool) -> None:
+        self.lockstep_released_bytes.labels(how="match" if on_match else "ack").inc(nbytes)
+        with self._lock:
+            if on_match:
+                self._released_on_match += nbytes
+            else:
+                self._released_on_ack += nbytes
+
+    @property
+    def released_bytes(self) -> tuple[int, int]:
+        """(on match, on ack) since start."""
+        with self._lock:
+            return self._released_on_match, self._released_on_ack
 
     def describe(self, *, vm: str, identity: str, mode: str, accel: str) -> None:
         self.info.info(

@@ -47,12 +47,22 @@ from colo_agent.api.models import (
     WrongRole,
 )
 from colo_agent.arbiter.base import Arbiter
+from colo_agent.engine.compare import Cause, Mark, OutputComparator, Release
+from colo_agent.engine.lockstep import OutputOffsets, PrimaryMirror, SecondaryMirror
 from colo_agent.engine.output import OutputChunk, OutputGate
 from colo_agent.engine.pacing import CheckpointPacer
 from colo_agent.microvm.bridge import ClientBridge
 from colo_agent.microvm.machine import Machine
-from colo_agent.replication.cache import ColoCache, StagingBuffer, default_capacity, image_digest, page_view
+from colo_agent.replication.cache import (
+    CacheMode,
+    ColoCache,
+    StagingBuffer,
+    default_capacity,
+    image_digest,
+    page_view,
+)
 from colo_agent.replication.handshake import AuthRefused
+from colo_agent.replication.mirror import pack_state, unpack_state
 from colo_agent.replication.protocol import RemoteProtocolError
 from colo_agent.replication.session import CommitEpoch
 from colo_agent.replication.transport import CheckpointReceiver, CheckpointSender, PeerLostError
@@ -88,6 +98,14 @@ class AgentSettings:
     # (secondary), for tests that check the two are equal. Costs a hash of
     # all of RAM inside the pause.
     debug_digests: bool = False
+    # Lockstep: unmatched output older than this, or more of it than
+    # max_queue bytes, forces a checkpoint.
+    compare_timeout: float = 0.1
+    max_queue: int = 1 << 20
+
+    @property
+    def lockstep(self) -> bool:
+        return self.mode is ReplicationMode.LOCKSTEP
 
 
 class Agent:
@@ -113,12 +131,20 @@ class Agent:
         self.last_acked_epoch = 0
         self.last_checkpoint: CheckpointFigures | None = None
         self._checkpoint_now = asyncio.Event()
+        self._checkpoint_cause: CheckpointCause | None = None
         self._demoting = False
+        # Lockstep: output offsets per connection (vCPU thread), the mirror of
+        # the current pairing, and whether output goes through the comparator.
+        self.offsets = OutputOffsets()
+        self.mirror: PrimaryMirror | None = None
+        self._lockstep_active = False
         self._checkpoint_done = asyncio.Condition()
         self._tasks: set[asyncio.Task[None]] = set()
         # Secondary
         self.cache: ColoCache | None = None
         self.receiver: CheckpointReceiver | None = None
+        self.sec_mirror: SecondaryMirror | None = None
+        self._guest_started = False
         self._releasing = True
 
     # ------------------------------------------------------------------ lifecycle
@@ -190,6 +216,7 @@ class Agent:
         self.bridge = ClientBridge(self.machine, output_sink=self._on_output)
         if boot:
             self.machine.start()
+            self._guest_started = True
         await self.bridge.start(self.settings.client_host, self.settings.client_port)
         log.info("primary of term %d serving clients on %s:%d", term, self.settings.client_host,
                  self.bridge.port)
@@ -199,6 +226,13 @@ class Agent:
 
     def _on_output(self, conn_id: int, data: bytes, closed: bool) -> None:
         """Guest output, in the vCPU thread."""
+        if self.settings.lockstep:
+            self.offsets.advance(conn_id, len(data), closed)
+            if self._lockstep_active:
+                # Flipped only while the guest is paused, so no chunk changes path mid-stream.
+                with contextlib.suppress(RuntimeError):
+                    self._loop.call_soon_threadsafe(self._lockstep_output, conn_id, data, closed)
+                return
         self.gate.hold(conn_id, data, closed)
         if not self.protected:
             self._wake_release()
@@ -215,6 +249,30 @@ class Agent:
             self._release_event.clear()
             if not self.protected:
                 self._release(self.gate.release_all())
+
+    def _lockstep_output(self, conn_id: int, data: bytes, closed: bool) -> None:
+        mirror = self.mirror
+        if mirror is not None:
+            mirror.primary_output(conn_id, data, closed)
+        else:
+            self._deliver_releases([Release(conn_id, data, closed, False)])
+
+    def _deliver_releases(self, releases: list[Release]) -> None:
+        if not releases:
+            return
+        if not (self._releasing and self.arbiter.is_valid()):
+            log.warning("lease not valid: dropping %d chunks of output", len(releases))
+            return
+        bridge = self.bridge
+        assert bridge is not None
+        for r in releases:
+            bridge.deliver(r.conn, r.data, r.closed)
+            self.metrics.lockstep_released(len(r.data), on_match=r.on_match)
+
+    def _request_checkpoint(self, cause: Cause) -> None:
+        if self._checkpoint_cause is None:
+            self._checkpoint_cause = CheckpointCause(cause.value)
+        self._checkpoint_now.set()
 
     def _release(self, chunks: list[OutputChunk]) -> None:
         if not chunks:
@@ -262,7 +320,7 @@ class Agent:
                         listener, secret=s.secret, vm=s.vm, term=term, page_count=self.machine.page_count,
                         channels=s.channels, heartbeat_interval=s.heartbeat_interval,
                         heartbeat_timeout=s.heartbeat_timeout,
-                        first_epoch=self.last_acked_epoch + 1,
+                        first_epoch=self.last_acked_epoch + 1, mirror=s.lockstep,
                     )
                 except (OSError, AuthRefused, RemoteProtocolError, TimeoutError) as exc:
                     log.warning("a secondary failed to pair: %s", exc)
@@ -271,9 +329,10 @@ class Agent:
                 try:
                     await self._protect(sender)
                 except PeerLostError as exc:
-                    self._unprotect(str(exc))
+                    await self._unprotect(str(exc))
                 finally:
                     await sender.close()
+                    await self._drop_mirror()
                     self.sender = None
         finally:
             listener.close()
@@ -283,6 +342,12 @@ class Agent:
         self.sender = sender
         self.metrics.set_peer(up=True, synced=False)
         m = self.machine
+        if self.settings.lockstep:
+            if sender.mirror is None:
+                raise PeerLostError("lockstep mode, but the secondary opened no mirror connection")
+            comparator = OutputComparator(self.settings.compare_timeout, self.settings.max_queue)
+            self.mirror = PrimaryMirror(m, sender.mirror, sender.term, comparator,
+                                        self._deliver_releases, self._request_checkpoint)
         rounds = await sender.sync(self.ram_pages, m.collect_dirty)
         log.info("first sync: %d pre-copy rounds", rounds)
         staging = StagingBuffer(sender.cache_pages)
@@ -308,6 +373,11 @@ class Agent:
                         "re-syncing")
                 staged = staging.stage(self.ram_pages, dirty)
                 device_state = m.save_device_state()
+                offsets: dict[int, tuple[int, bool]] = {}
+                if self.settings.lockstep:
+                    offsets = self.offsets.snapshot()
+                    device_state = pack_state(device_state, offsets)
+                    self._lockstep_active = True
                 digest = image_digest(self.ram_pages) if self.settings.debug_digests else None
                 sealed = self.gate.seal()
                 # From the first epoch on, output waits for acknowledgements.
@@ -323,6 +393,11 @@ class Agent:
             if digest is not None:
                 log.info("epoch-digest term=%d epoch=%d ram=%s", result.term, result.epoch, digest)
             self._release(self.gate.release_through(sealed))
+            if self.mirror is not None:
+                self.mirror.acknowledged(Mark(result.epoch, offsets))
+                if self.mirror.failed:
+                    raise PeerLostError(self.mirror.failed)
+                self.metrics.set_output_held(self.mirror.comparator.pending_bytes)
             self.last_acked_epoch = result.epoch
             figures = CheckpointFigures(
                 epoch=result.epoch, pause_ms=(t1 - t0) * 1e3, pages=result.pages, bytes=result.nbytes,
@@ -341,10 +416,13 @@ class Agent:
             pace = pacer.next_wait()
             cause = CheckpointCause.DIRTY_THRESHOLD if pace < pacer.interval else CheckpointCause.INTERVAL
             wait = pace - (time.monotonic() - t0)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._checkpoint_now.wait(), max(0.0, wait))
-                cause = CheckpointCause.REQUESTED
+            if not self._checkpoint_now.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._checkpoint_now.wait(), max(0.0, wait))
+            if self._checkpoint_now.is_set():
+                cause = self._checkpoint_cause or CheckpointCause.REQUESTED
             self._checkpoint_now.clear()
+            self._checkpoint_cause = None
 
     async def _step_down(self) -> None:
         """Planned switchover: the guest stays paused at the final acknowledged epoch, this agent
@@ -356,13 +434,22 @@ class Agent:
         await self.arbiter.release()
         log.info("stepped down after epoch %d; the secondary may take over", self.last_acked_epoch)
 
-    def _unprotect(self, reason: str) -> None:
+    async def _unprotect(self, reason: str) -> None:
         """The secondary is gone: what was held may go (the lease still decides)."""
         log.warning("running unprotected: %s", reason)
         self.protected = False
         self.sender = None
         self.metrics.set_peer(up=False, synced=False)
         self._release(self.gate.release_all())
+        await self._drop_mirror()
+
+    async def _drop_mirror(self) -> None:
+        mirror, self.mirror = self.mirror, None
+        if mirror is None:
+            return
+        # Synchronously, before any newer output can be delivered directly.
+        self._deliver_releases(mirror.comparator.release_all())
+        await mirror.close()
 
     # ------------------------------------------------------------------ secondary
 
@@ -374,7 +461,8 @@ class Agent:
         await self._join_primary()
 
     def _new_receiver(self) -> None:
-        cache = ColoCache(self.machine.ram, capacity=default_capacity(self.machine.page_count))
+        mode = CacheMode.LOCKSTEP if self.settings.lockstep else CacheMode.CHECKPOINT
+        cache = ColoCache(self.machine.ram, mode=mode, capacity=default_capacity(self.machine.page_count))
         self.cache = cache
         self.last_acked_epoch = 0
         self.receiver = CheckpointReceiver(
@@ -406,11 +494,17 @@ class Agent:
                 if self.arbiter.acquirable_at() <= time.monotonic():
                     log.info("the primary's lease ran out: not re-joining, waiting for promotion")
                     return
+                if self._guest_started:
+                    # Lockstep: a new first sync rewrites RAM under the guest; hold it still.
+                    self.machine.pause()
                 self._new_receiver()
                 receiver = self.receiver
                 assert receiver is not None
             try:
-                await receiver.dial(host, port)
+                await receiver.dial(host, port, mirror=self.settings.lockstep)
+                if self.settings.lockstep:
+                    assert receiver.mirror is not None
+                    self.sec_mirror = SecondaryMirror(self.machine, receiver.mirror)
             except (OSError, AuthRefused, RemoteProtocolError, TimeoutError) as exc:
                 log.warning("cannot pair with the primary at %s:%d: %s", host, port, exc)
                 await asyncio.sleep(PAIR_RETRY)
@@ -419,18 +513,43 @@ class Agent:
             reason = await receiver.wait_lost()
             if self.role is not Role.SECONDARY or self.receiver is not receiver:
                 return  # promoted meanwhile
+            if self.sec_mirror is not None:
+                await self.sec_mirror.close()
+                self.sec_mirror = None
             log.warning("pairing with the primary ended: %s", reason)
             self.metrics.set_peer(up=False, synced=False)
             await asyncio.sleep(PAIR_RETRY)
 
     def _on_commit(self, commit: CommitEpoch) -> None:
         assert self.cache is not None
-        self.cache.commit(commit.term, commit.epoch, commit.device_state)
+        if self.settings.lockstep:
+            self._commit_lockstep(commit)
+        else:
+            self.cache.commit(commit.term, commit.epoch, commit.device_state)
         self.last_acked_epoch = commit.epoch
         if self.settings.debug_digests:
             log.info("epoch-digest term=%d epoch=%d ram=%s", commit.term, commit.epoch,
                      image_digest(self.cache.ram))
         self.metrics.set_peer(up=True, synced=True)
+
+    def _commit_lockstep(self, commit: CommitEpoch) -> None:
+        """Pause our running guest, overwrite what either side changed with the primary's pages,
+        take its device state, and let the guest go on from exactly the primary's pause."""
+        assert self.cache is not None and self.sec_mirror is not None
+        machine_state, offsets = unpack_state(commit.device_state)
+        m = self.machine
+        local = np.empty(0, dtype=np.int64)
+        if self._guest_started:
+            m.pause()
+            local = m.collect_dirty()
+        self.cache.commit(commit.term, commit.epoch, commit.device_state, local)
+        m.load_device_state(machine_state, keep_connections=True)
+        self.sec_mirror.committed(commit.epoch, offsets)
+        if self._guest_started:
+            m.resume()
+        else:
+            m.start()
+            self._guest_started = True
 
     # ------------------------------------------------------------------ control API
 
@@ -484,11 +603,27 @@ class Agent:
         promoted = receiver.promote()
         await receiver.close()
         self.receiver = None
-        log.info("promoted with term %d from epoch %d of term %d", term, promoted.epoch, promoted.term)
-        self.machine.load_device_state(promoted.device_state)
         self.last_acked_epoch = 0
         self.metrics.failed_over()
-        await self._become_primary(term, boot=True)
+        if self.settings.lockstep:
+            # The guest goes on from where it is: it executed every input whose
+            # output was released on match, so rolling it back would lose writes.
+            log.info("promoted with term %d; lockstep guest continues (last commit: epoch %d of term %d)",
+                     term, promoted.epoch, promoted.term)
+            if self.sec_mirror is not None:
+                await self.sec_mirror.close()
+                self.sec_mirror = None
+            m = self.machine
+            m.devices.disable_rx_mirror()
+            for conn in m.devices.open_connections:
+                m.close_connection(conn)  # the old primary's clients are gone
+            self.offsets.reset({})
+            m.resume()
+            await self._become_primary(term, boot=False)
+        else:
+            log.info("promoted with term %d from epoch %d of term %d", term, promoted.epoch, promoted.term)
+            self.machine.load_device_state(promoted.device_state)
+            await self._become_primary(term, boot=True)
         return PromoteResult(role=Role.PRIMARY, term=term, resumed_from_epoch=promoted.epoch)
 
     async def checkpoint(self) -> CheckpointResult:

@@ -1,0 +1,236 @@
+"""Lockstep mode: both guests run on the same input; matching output leaves at once.
+
+`PrimaryMirror` runs on the primary while a secondary is paired: it sends
+every RX batch of the guest over the mirror connection, reads the
+secondary's output, and feeds both streams to the `OutputComparator`.
+`SecondaryMirror` runs on the secondary: it feeds mirrored batches into its
+guest's RX ring and sends the guest's output back, tagged with the epoch it
+last committed (the generation) and the stream offsets the commit restarted
+it from.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from colo_agent.engine.compare import Cause, Mark, OutputComparator, Release, Verdict
+from colo_agent.microvm.machine import Machine
+from colo_agent.replication.mirror import (
+    Input,
+    MirrorDecoder,
+    MirrorMessage,
+    MirrorProtocolError,
+    Output,
+    encode,
+)
+from colo_agent.replication.transport import Connection
+
+log = logging.getLogger(__name__)
+
+_READ = 1 << 16
+
+
+class OutputOffsets:
+    """Bytes of output per connection so far, counted in the vCPU thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._offsets: dict[int, tuple[int, bool]] = {}
+
+    def advance(self, conn: int, n: int, closed: bool) -> int:
+        """Count `n` more bytes of `conn`; returns the offset they start at."""
+        with self._lock:
+            offset, was_closed = self._offsets.get(conn, (0, False))
+            self._offsets[conn] = (offset + n, was_closed or closed)
+            return offset
+
+    def snapshot(self) -> dict[int, tuple[int, bool]]:
+        with self._lock:
+            return dict(self._offsets)
+
+    def reset(self, offsets: dict[int, tuple[int, bool]]) -> None:
+        with self._lock:
+            self._offsets = dict(offsets)
+
+
+class _Link:
+    """Frames to and from one mirror connection; the writer batches whatever queued up."""
+
+    def __init__(self, conn: Connection, on_message: Callable[[MirrorMessage], None], name: str) -> None:
+        self.conn = conn
+        self._on_message = on_message
+        self._outbox: list[bytes | memoryview] = []
+        self._wake = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        self.failed: str | None = None
+        self._tasks = [
+            asyncio.ensure_future(self._reader()),
+            asyncio.ensure_future(self._writer()),
+        ]
+        for t in self._tasks:
+            t.set_name(name)
+
+    def send_threadsafe(self, msg: MirrorMessage) -> None:
+        data = encode(msg)
+        with contextlib.suppress(RuntimeError):  # loop closed: shutting down
+            self._loop.call_soon_threadsafe(self._queue, data)
+
+    def send(self, msg: MirrorMessage) -> None:
+        self._queue(encode(msg))
+
+    def _queue(self, data: bytes) -> None:
+        self._outbox.append(data)
+        self._wake.set()
+
+    async def _writer(self) -> None:
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                batch, self._outbox = self._outbox, []
+                if batch:
+                    await self.conn.sendmsg(batch)
+        except OSError as exc:
+            self.failed = f"mirror send failed: {exc}"
+
+    async def _reader(self) -> None:
+        decoder = MirrorDecoder()
+        buf = bytearray(_READ)
+        view = memoryview(buf)
+        try:
+            while True:
+                n = await self._loop.sock_recv_into(self.conn.sock, view)
+                if n == 0:
+                    self.failed = "mirror connection closed by the peer"
+                    return
+                decoder.receive(view[:n])
+                while (msg := decoder.next_message()) is not None:
+                    self._on_message(msg)
+        except MirrorProtocolError as exc:
+            self.failed = f"mirror protocol error: {exc}"
+            log.error("%s; dropping the mirror link", self.failed)
+            self.conn.close()
+        except OSError as exc:
+            self.failed = f"mirror receive failed: {exc}"
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+
+
+class PrimaryMirror:
+    """The primary's half of lockstep for one pairing."""
+
+    def __init__(
+        self,
+        machine: Machine,
+        conn: Connection,
+        term: int,
+        comparator: OutputComparator,
+        deliver: Callable[[list[Release]], None],
+        request_checkpoint: Callable[[Cause], None],
+    ) -> None:
+        self.machine = machine
+        self.term = term
+        self.comparator = comparator
+        self._deliver = deliver
+        self._request_checkpoint = request_checkpoint
+        self._link = _Link(conn, self._on_message, "lockstep mirror (primary)")
+        self._timer = asyncio.ensure_future(self._run_timer())
+        self._timer_wake = asyncio.Event()
+        machine.devices.set_rx_tap(self._on_rx_batch)
+
+    def _on_rx_batch(self, position: int, data: bytes) -> None:
+        """vCPU thread, under the device lock: forward as is."""
+        self._link.send_threadsafe(Input(self.term, position, data))
+
+    def primary_output(self, conn: int, data: bytes, closed: bool) -> None:
+        """Loop thread: the guest's output, in the order it produced it."""
+        self._apply(self.comparator.primary_output(conn, data, closed, time.monotonic()))
+
+    def acknowledged(self, mark: Mark) -> None:
+        self._apply(self.comparator.acknowledged(mark))
+
+    def _on_message(self, msg: MirrorMessage) -> None:
+        if not isinstance(msg, Output):
+            raise MirrorProtocolError("the secondary sent INPUT")
+        c = self.comparator
+        self._apply(c.secondary_output(msg.generation, msg.conn, msg.offset, msg.data, msg.closed))
+
+    def _apply(self, verdict: Verdict) -> None:
+        if verdict.releases:
+            self._deliver(verdict.releases)
+        if verdict.checkpoint is not None:
+            self._request_checkpoint(verdict.checkpoint)
+        self._timer_wake.set()
+
+    async def _run_timer(self) -> None:
+        while True:
+            deadline = self.comparator.next_deadline()
+            self._timer_wake.clear()
+            if deadline is None:
+                await self._timer_wake.wait()
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._timer_wake.wait(), max(0.0, deadline - time.monotonic()))
+            self._apply_timer()
+
+    def _apply_timer(self) -> None:
+        verdict = self.comparator.handle_timer(time.monotonic())
+        if verdict.checkpoint is not None:
+            self._request_checkpoint(verdict.checkpoint)
+
+    @property
+    def failed(self) -> str | None:
+        return self._link.failed
+
+    async def close(self) -> list[Release]:
+        """Stop mirroring; everything still held is returned (the caller decides about it)."""
+        self.machine.devices.set_rx_tap(None)
+        self._timer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._timer
+        await self._link.close()
+        return self.comparator.release_all()
+
+
+class SecondaryMirror:
+    """The secondary's half: mirrored input in, its guest's output out."""
+
+    def __init__(self, machine: Machine, conn: Connection) -> None:
+        self.machine = machine
+        self.offsets = OutputOffsets()
+        self.generation = 0
+        machine.devices.enable_rx_mirror()
+        machine.set_output_callback(self._on_output)
+        self._link = _Link(conn, self._on_message, "lockstep mirror (secondary)")
+
+    def _on_message(self, msg: MirrorMessage) -> None:
+        if not isinstance(msg, Input):
+            raise MirrorProtocolError("the primary sent OUTPUT")
+        self.machine.devices.mirror_rx(msg.position, msg.data)
+
+    def _on_output(self, conn: int, data: bytes, closed: bool) -> None:
+        """vCPU thread: our guest's output goes to the primary's comparator."""
+        offset = self.offsets.advance(conn, len(data), closed)
+        self._link.send_threadsafe(Output(self.generation, conn, offset, data, closed))
+
+    def committed(self, epoch: int, offsets: dict[int, tuple[int, bool]]) -> None:
+        """The guest (paused) was reset to the primary's state at `epoch`'s pause."""
+        self.generation = epoch
+        self.offsets.reset(offsets)
+
+    @property
+    def failed(self) -> str | None:
+        return self._link.failed
+
+    async def close(self) -> None:
+        await self._link.close()
