@@ -285,6 +285,8 @@ def test_server_commands_redis_tools_call(driver: Path) -> None:
         ("SET", "x", "1", "EX", "100"),
         ("INFO",),
         ("CONFIG", "SET", "save", ""),
+        ("info", "memory", "KEYSPACE"),
+        ("INFO", "nosuchsection"),
         ("QUIT",),
         ("PING",),
     ):
@@ -303,8 +305,13 @@ def test_server_commands_redis_tools_call(driver: Path) -> None:
     assert fields["db0"] == "keys=1,expires=1,avg_ttl=0"
     assert "uptime_in_seconds" in fields
     assert isinstance(replies[7], Err)
+    sections = replies[8]
+    assert isinstance(sections, bytes)
+    assert sections.startswith(b"# Memory\r\nused_memory:") and b"# Keyspace\r\ndb0:keys=1," in sections
+    assert b"# Server" not in sections and b"# Clients" not in sections
+    assert replies[9] == b""
     # QUIT answers, then closes: the PING after it is never executed.
-    assert replies[8:] == ["OK"]
+    assert replies[10:] == ["OK"]
     assert out.closed == [1]
 
 

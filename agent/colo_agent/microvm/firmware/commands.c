@@ -297,35 +297,66 @@ static void cmd_time(struct arg *argv, u64 argc) {
     reply_bulk(usec, un);
 }
 
+enum { INFO_SERVER = 1, INFO_CLIENTS = 2, INFO_MEMORY = 4, INFO_STATS = 8, INFO_KEYSPACE = 16 };
+
+/* INFO [section ...]: the named sections (case-insensitive), all of them
+ * for none, "all", "default" or "everything"; unknown names add nothing. */
 static void cmd_info(struct arg *argv, u64 argc) {
-    (void)argv;
-    (void)argc;
+    static const struct {
+        const char *name;
+        unsigned bits;
+    } sections[] = {
+        {"SERVER", INFO_SERVER}, {"CLIENTS", INFO_CLIENTS}, {"MEMORY", INFO_MEMORY},
+        {"STATS", INFO_STATS},   {"KEYSPACE", INFO_KEYSPACE}, {"ALL", ~0u},
+        {"DEFAULT", ~0u},        {"EVERYTHING", ~0u},
+    };
+    unsigned want = argc == 1 ? ~0u : 0;
+    for (u64 i = 1; i < argc; i++) {
+        for (usize k = 0; k < ARRAY_LEN(sections); k++) {
+            if (arg_is(&argv[i], sections[k].name))
+                want |= sections[k].bits;
+        }
+    }
     struct kv_stats s;
     kv_get_stats(&s);
-    u64 now = (u64)kv_now_ms() * 1000000ULL;
-    u64 up = now > boot_time_ns() ? (now - boot_time_ns()) / 1000000000ULL : 0;
     struct text t = {.n = 0};
-    text_str(&t, "# Server\r\ncolo_version:" KV_VERSION "\r\nredis_mode:standalone\r\nuptime_in_seconds:");
-    text_u64(&t, up);
-    text_str(&t, "\r\nuptime_in_days:");
-    text_u64(&t, up / 86400);
-    text_str(&t, "\r\n\r\n# Clients\r\nconnected_clients:");
-    text_u64(&t, s.connections);
-    text_str(&t, "\r\nmaxclients:");
-    text_u64(&t, KV_MAX_CONNS);
-    text_str(&t, "\r\n\r\n# Memory\r\nused_memory:");
-    text_u64(&t, s.used_memory);
-    text_str(&t, "\r\nmaxmemory:");
-    text_u64(&t, s.heap_size);
-    text_str(&t, "\r\n\r\n# Stats\r\ntotal_commands_processed:");
-    text_u64(&t, s.commands);
-    text_str(&t, "\r\n\r\n# Keyspace\r\n");
-    if (s.keys) {
-        text_str(&t, "db0:keys=");
-        text_u64(&t, s.keys);
-        text_str(&t, ",expires=");
-        text_u64(&t, s.expires);
-        text_str(&t, ",avg_ttl=0\r\n");
+    if (want & INFO_SERVER) {
+        u64 now = (u64)kv_now_ms() * 1000000ULL;
+        u64 up = now > boot_time_ns() ? (now - boot_time_ns()) / 1000000000ULL : 0;
+        text_str(&t, "# Server\r\ncolo_version:" KV_VERSION "\r\nredis_mode:standalone\r\nuptime_in_seconds:");
+        text_u64(&t, up);
+        text_str(&t, "\r\nuptime_in_days:");
+        text_u64(&t, up / 86400);
+        text_str(&t, "\r\n\r\n");
+    }
+    if (want & INFO_CLIENTS) {
+        text_str(&t, "# Clients\r\nconnected_clients:");
+        text_u64(&t, s.connections);
+        text_str(&t, "\r\nmaxclients:");
+        text_u64(&t, KV_MAX_CONNS);
+        text_str(&t, "\r\n\r\n");
+    }
+    if (want & INFO_MEMORY) {
+        text_str(&t, "# Memory\r\nused_memory:");
+        text_u64(&t, s.used_memory);
+        text_str(&t, "\r\nmaxmemory:");
+        text_u64(&t, s.heap_size);
+        text_str(&t, "\r\n\r\n");
+    }
+    if (want & INFO_STATS) {
+        text_str(&t, "# Stats\r\ntotal_commands_processed:");
+        text_u64(&t, s.commands);
+        text_str(&t, "\r\n\r\n");
+    }
+    if (want & INFO_KEYSPACE) {
+        text_str(&t, "# Keyspace\r\n");
+        if (s.keys) {
+            text_str(&t, "db0:keys=");
+            text_u64(&t, s.keys);
+            text_str(&t, ",expires=");
+            text_u64(&t, s.expires);
+            text_str(&t, ",avg_ttl=0\r\n");
+        }
     }
     reply_bulk(t.buf, t.n);
 }
