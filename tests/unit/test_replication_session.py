@@ -551,3 +551,59 @@ def test_zombie_batches_never_share_memory_with_a_resent_epoch() -> None:
     cache.commit(3, 2, b"")
     view = page_view(mem)
     assert (view[[5, 6]] == 1).all() and not view[[1, 2]].any()
+
+
+def _primary_steps() -> st.SearchStrategy[tuple[str, object]]:
+    term = st.sampled_from([2, 3, 4])
+    epoch = st.integers(0, 5)
+    return st.one_of(
+        st.tuples(st.just("ack"), st.builds(p.Ack, term, epoch)),
+        st.tuples(
+            st.just("nack"),
+            st.builds(p.Nack, term, epoch, st.integers(0, 3), st.sampled_from(p.NackReason), st.just("x")),
+        ),
+        st.tuples(st.just("heartbeat"), st.builds(p.Heartbeat, term, st.integers(0, 9), epoch)),
+        st.tuples(st.just("goodbye"), st.builds(p.Goodbye, st.sampled_from(p.GoodbyeReason), st.just("x"))),
+        st.tuples(st.just("begin"), st.integers(0, 12)),
+        st.tuples(st.just("sync"), st.integers(0, 3)),
+        st.tuples(st.just("timer"), st.floats(0, 0.3)),
+        st.tuples(st.just("lost"), st.just(None)),
+    )
+
+
+@given(st.lists(_primary_steps(), max_size=40))
+@settings(max_examples=int(os.environ.get("COLO_HYPOTHESIS_EXAMPLES", "300")), deadline=None)
+def test_primary_releases_output_only_for_the_acknowledged_epoch(steps: list[tuple[str, object]]) -> None:
+    prim = PrimarySession(term=3, channels=2, page_count=N_PAGES, cache_pages=8, now=0.0, batch_pages=4)
+    ram = np.zeros((N_PAGES, PAGE), dtype=np.uint8)
+    now = 0.0
+    released: list[int] = []
+    for kind, arg in steps:
+        inflight = prim.epoch_in_flight
+        try:
+            if kind == "begin":
+                n = int(arg)  # type: ignore[call-overload]
+                actions = prim.begin_epoch(now, np.arange(n, dtype=np.int64), ram[:n], b"d")
+            elif kind == "sync":
+                actions = [
+                    *prim.start_sync(now),
+                    *prim.sync_round(now, np.arange(int(arg), dtype=np.int64), ram),  # type: ignore[call-overload]
+                    *prim.end_sync(now),
+                ]
+            elif kind == "timer":
+                now += float(arg)  # type: ignore[arg-type]
+                actions = prim.handle_timer(now)
+            elif kind == "lost":
+                actions = prim.channel_lost(data_channel(0), "reset", now)
+            else:
+                actions = prim.receive(CONTROL, arg, now)  # type: ignore[arg-type]
+        except p.ProtocolError:
+            continue
+        for a in actions:
+            if isinstance(a, ReleaseOutput):
+                assert kind == "ack" and isinstance(arg, p.Ack)
+                assert (arg.term, arg.epoch) == (3, inflight) == (a.term, a.epoch)
+                released.append(a.epoch)
+            if isinstance(a, Send) and isinstance(a.message, p.CheckpointBegin):
+                assert a.message.pages <= 8  # never more than the secondary's cache
+    assert released == sorted(set(released))  # each epoch once, in order
