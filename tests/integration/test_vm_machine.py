@@ -18,8 +18,9 @@ from colo_agent.microvm.state import DeviceStateError
 
 
 @pytest.mark.parametrize("accel", ACCELS)
-def test_dirty_log_never_misses_a_changed_page(accel: str) -> None:
-    with serve(accel) as vm:
+@pytest.mark.parametrize("dirty_rate", [0, 2_000], ids=["clients", "clients+busy-guest"])
+def test_dirty_log_never_misses_a_changed_page(accel: str, dirty_rate: int) -> None:
+    with serve(accel, dirty_rate=dirty_rate) as vm:
         client = vm.client()
         assert client.ping()
         machine = vm.machine
@@ -42,8 +43,12 @@ def test_dirty_log_never_misses_a_changed_page(accel: str) -> None:
             assert missed.size == 0, f"round {round_}: pages {missed[:20].tolist()} changed, not logged"
             assert np.all(np.diff(dirty) > 0), "collect_dirty must be sorted and unique"
             assert dirty.dtype == np.int64
-            assert 0 < dirty.size < machine.page_count // 4, "the dirty log must not be 'everything'"
+            # A busy guest's scratch pages add up; clients alone touch few pages.
+            limit = machine.page_count if dirty_rate else machine.page_count // 4
+            assert 0 < dirty.size < limit, "the dirty log must not be 'everything'"
             shadow = current
+        if dirty_rate:
+            return
         # Nothing happens: (almost) nothing is dirty. A WAIT timeout may run
         # a little firmware housekeeping, but the log must stay small.
         time.sleep(0.2)
