@@ -338,10 +338,9 @@ static inline int hex_value(u8 c) {
 /* Splits an inline request line the way redis-cli and Redis do (Redis's
  * sdssplitargs): words between spaces; "double quotes" with \n \r \t \b \a
  * \xHH escapes, 'single quotes' with \'; a closing quote must end its word.
- * With `out` == NULL arguments point into the line (the caller knows it has
- * no quotes); otherwise unquoted bytes go to `out` (the line's length is
- * enough). With `argv` == NULL it only counts. Returns the number of words,
- * or -1 for unbalanced quotes. */
+ * Unquoted bytes go to `out` (the line's length is enough); with `argv` ==
+ * NULL it only counts (and `out` may be NULL). Returns the number of words,
+ * or -1 for unbalanced quotes. Lines without quotes take a cheaper path. */
 static i64 split_inline(const u8 *p, u64 n, u8 *out, struct arg *argv) {
     i64 words = 0;
     u64 i = 0, o = 0;
@@ -401,23 +400,28 @@ static i64 split_inline(const u8 *p, u64 n, u8 *out, struct arg *argv) {
 }
 
 static int parse_inline(struct parse_state *ps, const u8 *b, u64 n) {
+    u8 quoted = ps->quoted;
     for (u64 i = ps->pos; i < n; i++) {
         u8 c = b[i];
         if (c == '\n') {
             u64 len = (i > 0 && b[i - 1] == '\r') ? i - 1 : i;
-            int quoted = 0;
-            for (u64 j = 0; j < len && !quoted; j++)
-                quoted = b[j] == '"' || b[j] == '\'';
-            i64 words = split_inline(b, len, NULL_PTR, NULL_PTR);
-            if (words < 0) {
-                parse_error = "unbalanced quotes in request";
-                return PARSE_ERROR;
+            i64 words = 0;
+            if (quoted) {
+                words = split_inline(b, len, NULL_PTR, NULL_PTR);
+                if (words < 0) {
+                    parse_error = "unbalanced quotes in request";
+                    return PARSE_ERROR;
+                }
+            } else {
+                for (u64 j = 0; j < len; j++)
+                    words += !is_space(b[j]) && (j == 0 || is_space(b[j - 1]));
             }
             ps->argc = (i32)words;
-            ps->quoted = (u8)quoted;
+            ps->quoted = quoted;
             ps->pos = (u32)(i + 1);
             return PARSE_DONE;
         }
+        quoted |= c == '"' || c == '\'';
         /* Control bytes never belong in a typed command: this is binary
          * garbage or a client speaking some other protocol. A CR is fine as
          * the first half of a line end (its LF may still be on its way). */
@@ -427,6 +431,7 @@ static int parse_inline(struct parse_state *ps, const u8 *b, u64 n) {
         }
     }
     ps->pos = (u32)n;
+    ps->quoted = quoted;
     if (n > MAX_INLINE) {
         parse_error = "too big inline request";
         return PARSE_ERROR;
@@ -483,7 +488,49 @@ static void collect_args(const struct parse_state *ps, const u8 *b, struct arg *
     u64 end = ps->pos - 1; /* the '\n' */
     if (end > 0 && b[end - 1] == '\r')
         end--;
-    split_inline(b, end, out, argv);
+    if (ps->quoted) {
+        split_inline(b, end, out, argv);
+        return;
+    }
+    i64 k = 0; /* plain words, pointing into the line */
+    for (u64 j = 0; j < end;) {
+        while (j < end && is_space(b[j]))
+            j++;
+        if (j == end)
+            break;
+        u64 start = j;
+        while (j < end && !is_space(b[j]))
+            j++;
+        argv[k].p = b + start;
+        argv[k].n = j - start;
+        k++;
+    }
+}
+
+/* The common case in one tight pass: a whole multibulk request of at most
+ * STATIC_ARGS arguments at the start of [b, b + n). Fills static_args and
+ * returns the bytes it occupies, or 0 for anything else (incomplete,
+ * malformed, large), which the resumable parser then handles, errors
+ * included. */
+static u64 parse_whole_multibulk(const u8 *b, u64 n, u64 *argc_out) {
+    i64 argc, len;
+    u64 pos;
+    if (length_line(b, 0, n, &argc, &pos) != 1 || argc <= 0 || argc > STATIC_ARGS)
+        return 0;
+    for (i64 i = 0; i < argc; i++) {
+        u64 start;
+        if (pos >= n || b[pos] != '$' || length_line(b, pos, n, &len, &start) != 1 || len < 0 ||
+            (u64)len > n)
+            return 0;
+        pos = start + (u64)len;
+        if (pos + 2 > n || b[pos] != '\r' || b[pos + 1] != '\n')
+            return 0;
+        static_args[i].p = b + start;
+        static_args[i].n = (u64)len;
+        pos += 2;
+    }
+    *argc_out = (u64)argc;
+    return pos;
 }
 
 static const char oom_error[] = "OOM command not allowed when used memory > 'maxmemory'.";
@@ -493,6 +540,21 @@ static const char oom_error[] = "OOM command not allowed when used memory > 'max
 static i64 run_commands(struct conn *c, const u8 *b, u64 n) {
     u64 off = 0;
     while (off < n) {
+        if (b[off] == '*' && c->ps.kind == KIND_NONE) {
+            u64 argc;
+            u64 used = parse_whole_multibulk(b + off, n - off, &argc);
+            if (used) {
+                ncommands++;
+                execute_command(static_args, argc);
+                off += used;
+                if (cur_close) {
+                    cur_close = 0;
+                    close_current(c);
+                    return -1;
+                }
+                continue;
+            }
+        }
         int r = parse(&c->ps, b + off, n - off);
         if (r == PARSE_MORE)
             break;
