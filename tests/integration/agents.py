@@ -439,6 +439,48 @@ def wait_protected(primary: AgentProcess, secondary: AgentProcess, timeout: floa
     return st.term
 
 
+# --------------------------------------------------------------------------- the stream
+
+
+def queued_bytes(port: int) -> int:
+    """Bytes queued right now on TCP connections of the local namespace to or from `port`.
+
+    Send and receive queues both count: on loopback a checkpoint in flight
+    shows as data the primary has not got acknowledged or the secondary has
+    not read yet. Read from /proc/net/tcp{,6}, so it costs no syscall on the
+    agents' sockets and sees them from outside.
+    """
+    total = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            if len(f) < 5 or f[3] != "01":  # ESTABLISHED only
+                continue
+            local, remote = int(f[1].rsplit(":", 1)[1], 16), int(f[2].rsplit(":", 1)[1], 16)
+            if port in (local, remote):
+                tx, rx = f[4].split(":")
+                total += int(tx, 16) + int(rx, 16)
+    return total
+
+
+def wait_mid_stream(port: int, threshold: int = 256 << 10, timeout: float = 10.0) -> int:
+    """Until at least `threshold` bytes are in flight on the replication port; returns them.
+
+    Heartbeats and acknowledgements are a few dozen bytes: only a stream of
+    pages fills queues this much, so a kill right after is a kill mid-epoch.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        queued = queued_bytes(port)
+        if queued >= threshold:
+            return queued
+    raise HarnessError(f"no checkpoint stream of {threshold} bytes seen on port {port} in {timeout:.0f} s")
+
+
 # --------------------------------------------------------------------------- writers
 
 
