@@ -110,3 +110,16 @@ def test_help_explains_every_flag() -> None:
                       ("--port", "COLO_PORT"), ("--dirty-rate", "COLO_DIRTY_RATE"),
                       ("--ram-path", "COLO_RAM_PATH")]:
         assert flag in done.stdout and env in done.stdout
+
+
+def test_missing_compiler_is_one_clear_line(tmp_path: Path) -> None:
+    env = {**os.environ, "PATH": str(tmp_path), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    done = subprocess.run(
+        [sys.executable, "-m", "colo_agent", "vm", "run", "--accel", "tcg", "--memory", "8Mi",
+         "--port", str(_free_port())],
+        env=env, capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert done.returncode == 1
+    assert "cannot build the guest firmware" in done.stderr
+    assert "gcc" in done.stderr
+    assert "Traceback" not in done.stderr

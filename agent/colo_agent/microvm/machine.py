@@ -201,10 +201,13 @@ class Machine:
                 raise MachineError("the machine was already started")
             if self._closed:
                 raise MachineError("the machine is stopped")
-            self._started = True
-            self._parked = False
         if not self._loaded_state:
             self._boot()
+        with self._lock:
+            if self._started:
+                raise MachineError("the machine was already started")
+            self._started = True
+            self._parked = False
         self._thread = threading.Thread(target=self._vcpu_main, name=f"vcpu-{self.accelerator}", daemon=True)
         self._thread.start()
 
@@ -344,7 +347,15 @@ class Machine:
     # ---- internals --------------------------------------------------------------------------
 
     def _boot(self) -> None:
-        firmware = self._firmware or default_firmware()
+        if self._firmware is not None:
+            firmware = self._firmware
+        else:
+            from colo_agent.microvm.firmware_build import FirmwareBuildError
+
+            try:
+                firmware = default_firmware()
+            except FirmwareBuildError as exc:
+                raise MachineError(f"cannot build the guest firmware: {exc}") from exc
         if abi.FIRMWARE_ADDR + len(firmware.image) > self._ram_size or firmware.heap_start >= self._ram_size:
             raise MachineError(
                 f"the firmware ({firmware.heap_start - abi.FIRMWARE_ADDR} bytes with its bss) does not fit "
