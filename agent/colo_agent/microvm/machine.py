@@ -102,7 +102,11 @@ class Machine:
         self._ram_array: npt.NDArray[np.uint8] | None = np.frombuffer(ram_map, dtype=np.uint8)
 
         self.devices = DeviceModel(self._ram, on_panic=self._guest_panicked)
-        self._accel: Accelerator = _make_accelerator(accelerator, ram_map, self.devices)
+        try:
+            self._accel: Accelerator = _make_accelerator(accelerator, ram_map, self.devices)
+        except (OSError, RuntimeError) as exc:
+            # No /dev/kvm access, a kernel without a needed capability...
+            raise MachineError(f"cannot create the {accelerator} accelerator: {exc}") from exc
         self.accelerator = self._accel.name
 
         # Run state, guarded by _lock. The vCPU thread parks on _changed while
@@ -157,7 +161,10 @@ class Machine:
                 ram_map=ram_map,
             )
         except BaseException:
-            ram_map.close()
+            # Views the half-built machine took may still pin the mapping;
+            # it goes with them. The file must go now.
+            with contextlib.suppress(BufferError):
+                ram_map.close()
             os.close(fd)
             _unlink(path)
             raise
