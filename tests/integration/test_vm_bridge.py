@@ -15,12 +15,12 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import pytest
+from test_vm_helpers import RingGuest
 
 from colo_agent.guest import OutputCallback
 from colo_agent.microvm import abi
 from colo_agent.microvm.bridge import ClientBridge
 from colo_agent.microvm.devices import INPUT_HIGH_WATER, DeviceModel
-from tests.unit.test_devices import RingGuest
 
 
 @dataclass
