@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import struct
 import threading
 from collections.abc import Iterator
@@ -77,14 +76,6 @@ class RingGuest:
         HDR.pack_into(self.ram, base, conn, kind, len(payload))
         self.ram[base + 8 : base + 8 + len(payload)] = payload
         self._set_u32(ring + abi.RING_HEAD_OFFSET, head + size)
-
-
-def available_accels() -> list[str]:
-    return ["tcg"] + (["kvm"] if KVM_REASON is None else [])
-
-
-def have_module(name: str) -> bool:
-    return importlib.util.find_spec(name) is not None
 
 
 class VmServer:
