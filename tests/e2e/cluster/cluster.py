@@ -40,7 +40,7 @@ from typing import Any
 from . import build, netns
 from .controlplane import SERVICE_CIDR, ControlPlane, ControlPlaneError
 from .noderunner import SA_MOUNT, NodeSpec
-from .rest import ApiError, Kube
+from .rest import ApiError, Kube, without_proxies
 
 E2E_DIR = Path(__file__).resolve().parent.parent
 REPO = E2E_DIR.parent.parent
@@ -320,7 +320,7 @@ class LocalCluster:
         return node
 
     def _start_runner(self, node: ProcessNode) -> None:
-        env = dict(os.environ)
+        env = without_proxies(dict(os.environ))
         env["PYTHONPATH"] = str(E2E_DIR) + os.pathsep + env.get("PYTHONPATH", "")
         env["PYTHONUNBUFFERED"] = "1"
         with node.log_path.open("ab") as out:
@@ -503,6 +503,7 @@ class LocalCluster:
         """Run ``argv`` inside node ``name``'s network namespace (e.g. a client on that node)."""
         return subprocess.run(
             ["ip", "netns", "exec", self.node(name).netns, *argv],
+            env=without_proxies(dict(os.environ)),
             capture_output=True,
             text=True,
             timeout=timeout,

@@ -25,6 +25,7 @@ from pathlib import Path
 import yaml
 
 from . import build, pki
+from .rest import direct_opener, without_proxies
 
 SERVICE_CIDR = "10.96.0.0/16"
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
@@ -70,7 +71,7 @@ class Component:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                env=env,
+                env=without_proxies(dict(os.environ) if env is None else env),
                 start_new_session=True,
             )
 
@@ -276,7 +277,7 @@ class ControlPlane:
         """GET ``path`` from the API server as admin; returns (status, body)."""
         request = urllib.request.Request(self.server + path)
         try:
-            with urllib.request.urlopen(request, timeout=timeout, context=self._ssl_context()) as response:
+            with direct_opener(self._ssl_context()).open(request, timeout=timeout) as response:
                 return int(response.status), response.read()
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read()

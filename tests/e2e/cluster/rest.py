@@ -18,6 +18,20 @@ import yaml
 
 JSON = dict[str, Any]
 MERGE_PATCH = "application/merge-patch+json"
+_PROXY_VARIABLES = {"http_proxy", "https_proxy", "all_proxy", "no_proxy"}
+
+
+def direct_opener(context: ssl.SSLContext | None = None) -> urllib.request.OpenerDirector:
+    """An opener that ignores *_proxy variables: cluster traffic must never leave the machine."""
+    handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({})]
+    if context is not None:
+        handlers.append(urllib.request.HTTPSHandler(context=context))
+    return urllib.request.build_opener(*handlers)
+
+
+def without_proxies(env: dict[str, str]) -> dict[str, str]:
+    """``env`` minus proxy settings, for processes the harness starts."""
+    return {k: v for k, v in env.items() if k.lower() not in _PROXY_VARIABLES}
 
 
 class ApiError(RuntimeError):
@@ -34,8 +48,9 @@ class ApiError(RuntimeError):
 class Kube:
     def __init__(self, server: str, ca: Path, cert: Path, key: Path) -> None:
         self.server = server.rstrip("/")
-        self._context = ssl.create_default_context(cafile=str(ca))
-        self._context.load_cert_chain(str(cert), str(key))
+        context = ssl.create_default_context(cafile=str(ca))
+        context.load_cert_chain(str(cert), str(key))
+        self._opener = direct_opener(context)
 
     @classmethod
     def from_kubeconfig(cls, path: Path) -> Kube:
@@ -65,7 +80,7 @@ class Kube:
         if data is not None:
             request.add_header("Content-Type", content_type)
         try:
-            with urllib.request.urlopen(request, timeout=timeout, context=self._context) as response:
+            with self._opener.open(request, timeout=timeout) as response:
                 raw = response.read()
         except urllib.error.HTTPError as exc:
             raise ApiError(method, path, exc.code, exc.read().decode(errors="replace")) from None

@@ -1,4 +1,4 @@
-"""The e2e harness's certificates work for real TLS with client authentication."""
+"""The e2e harness against real openssl, TLS and HTTP: its certificates and its proxy-free client."""
 
 from __future__ import annotations
 
@@ -82,3 +82,23 @@ def test_service_account_keys_are_a_matching_ec_pair(tmp_path: Path) -> None:
     keys = service_account_keys(tmp_path)
     derived = openssl("ec", "-in", str(keys.key), "-pubout")
     assert derived == keys.cert.read_text()
+
+
+def test_harness_http_ignores_proxy_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    import http.server
+
+    from cluster.rest import direct_opener, without_proxies
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    # A proxy that would refuse every connection: going through it fails.
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:1")
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:1")
+    try:
+        with direct_opener().open(f"http://127.0.0.1:{server.server_address[1]}/", timeout=10) as response:
+            assert response.status == 200
+    finally:
+        server.shutdown()
+    env = without_proxies({"http_proxy": "x", "HTTPS_PROXY": "y", "NO_PROXY": "z", "PATH": "/bin"})
+    assert env == {"PATH": "/bin"}
