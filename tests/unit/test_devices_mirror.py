@@ -104,3 +104,51 @@ def test_a_full_ring_waits_for_the_guest() -> None:
     _consume_all(sram)
     secondary.flush_rx()
     assert _head(sram) == _head(pram)
+
+
+def test_a_batch_applied_after_the_checkpoint_is_applied_again_after_the_commit() -> None:
+    """The secondary's guest may take input the primary published after its pause; the commit
+    resets the ring to that pause, and the input must reach the guest a second time."""
+    primary, pram = _nic()
+    secondary, sram = _nic()
+    batches: list[tuple[int, bytes]] = []
+    primary.set_rx_tap(lambda pos, raw: batches.append((pos, raw)))
+    secondary.enable_rx_mirror()
+    conn = primary.open_connection()
+    primary.flush_rx()
+    checkpoint_ram = bytes(pram)
+    checkpoint = primary.host_state()  # the pause: OPEN is in, the SET is not
+    primary.send_input(conn, b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\nv\r\n")
+    primary.flush_rx()
+    for b in batches:
+        secondary.mirror_rx(*b)
+    secondary.flush_rx()
+    _consume_all(sram)  # the secondary's guest executed the SET
+    sram[:] = checkpoint_ram  # commit of the checkpoint
+    secondary.restore(checkpoint, clock_ns=0, clock_latch=0, console=b"", keep_connections=True)
+    assert _head(sram) == checkpoint.rx_head
+    secondary.flush_rx()
+    assert _head(sram) == _head(pram)
+    assert _ring(sram) == _ring(pram)
+
+
+def test_connections_opened_through_the_mirror_are_known_even_across_the_ring_end() -> None:
+    primary, pram = _nic()
+    secondary, sram = _nic()
+    batches: list[tuple[int, bytes]] = []
+    primary.set_rx_tap(lambda pos, raw: batches.append((pos, raw)))
+    secondary.enable_rx_mirror()
+    first = primary.open_connection()
+    primary.send_input(first, b"x" * (abi.RING_CAPACITY - 200))
+    primary.flush_rx()
+    _consume_all(pram)
+    second = primary.open_connection()  # after a PAD at the end of the ring
+    primary.send_input(second, b"y" * 300)
+    primary.flush_rx()
+    primary.close_connection(first)
+    primary.flush_rx()
+    for b in batches:
+        secondary.mirror_rx(*b)
+        secondary.flush_rx()
+        _consume_all(sram)
+    assert secondary.open_connections == {second}

@@ -74,6 +74,7 @@ class CheckpointCause(enum.StrEnum):
     INTERVAL = "interval"
     DIRTY_THRESHOLD = "dirty-threshold"
     MISMATCH = "mismatch"  # lockstep: outputs differed
+    TIMEOUT = "timeout"  # lockstep: output unmatched too long, or too much of it
     REQUESTED = "requested"  # POST /v1/checkpoint
     INITIAL_SYNC = "initial-sync"
 

@@ -74,6 +74,13 @@ class _Link:
         ]
         for t in self._tasks:
             t.set_name(name)
+            t.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            self.failed = f"mirror link failed: {exc!r}"
+            log.error("%s", self.failed, exc_info=exc)
 
     def send_threadsafe(self, msg: MirrorMessage) -> None:
         data = encode(msg)
@@ -144,8 +151,9 @@ class PrimaryMirror:
         self._deliver = deliver
         self._request_checkpoint = request_checkpoint
         self._link = _Link(conn, self._on_message, "lockstep mirror (primary)")
-        self._timer = asyncio.ensure_future(self._run_timer())
         self._timer_wake = asyncio.Event()
+        self._timer = asyncio.ensure_future(self._run_timer())
+        self._timer.add_done_callback(self._link._finished)
         machine.devices.set_rx_tap(self._on_rx_batch)
 
     def _on_rx_batch(self, position: int, data: bytes) -> None:
@@ -163,6 +171,8 @@ class PrimaryMirror:
         if not isinstance(msg, Output):
             raise MirrorProtocolError("the secondary sent INPUT")
         c = self.comparator
+        log.debug("secondary output of conn %d: %d bytes at offset %d (generation %d, ours %d)",
+                  msg.conn, len(msg.data), msg.offset, msg.generation, c.generation)
         self._apply(c.secondary_output(msg.generation, msg.conn, msg.offset, msg.data, msg.closed))
 
     def _apply(self, verdict: Verdict) -> None:
@@ -216,11 +226,14 @@ class SecondaryMirror:
     def _on_message(self, msg: MirrorMessage) -> None:
         if not isinstance(msg, Input):
             raise MirrorProtocolError("the primary sent OUTPUT")
+        log.debug("mirrored input: %d bytes at ring position %#x", len(msg.data), msg.position)
         self.machine.devices.mirror_rx(msg.position, msg.data)
 
     def _on_output(self, conn: int, data: bytes, closed: bool) -> None:
         """vCPU thread: our guest's output goes to the primary's comparator."""
         offset = self.offsets.advance(conn, len(data), closed)
+        log.debug("output of conn %d: %d bytes at offset %d (generation %d)", conn, len(data), offset,
+                  self.generation)
         self._link.send_threadsafe(Output(self.generation, conn, offset, data, closed))
 
     def committed(self, epoch: int, offsets: dict[int, tuple[int, bool]]) -> None:

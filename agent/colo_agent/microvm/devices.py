@@ -131,6 +131,9 @@ class DeviceModel:
         # restored state already holds.
         self._rx_tap: Callable[[int, bytes], None] | None = None
         self._mirror_rx: dict[int, bytes] | None = None  # batches by ring position
+        # Batches from here on are kept even once applied: a commit may reset
+        # the ring to a head before them, and then they must be applied again.
+        self._mirror_floor = 0
         self.counters = {"io_exits": 0, "waits": 0, "rx_frames": 0, "tx_frames": 0, "tx_errors": 0}
 
     # ---- host side (any thread) -------------------------------------------------------------
@@ -181,6 +184,7 @@ class DeviceModel:
         """From now on the RX ring is fed by `mirror_rx` only (a lockstep secondary)."""
         with self._lock:
             self._mirror_rx = {}
+            self._mirror_floor = self._rx_head
             self._pending.clear()
             self._pending_bytes.clear()
 
@@ -282,6 +286,7 @@ class DeviceModel:
                 self._store_u32(abi.RX_RING_ADDR + abi.RING_HEAD_OFFSET, nic.rx_head)
                 self._store_u32(abi.TX_RING_ADDR + abi.RING_TAIL_OFFSET, nic.tx_tail)
             self._rx_head = nic.rx_head
+            self._mirror_floor = nic.rx_head
             self._tx_tail = nic.tx_tail
             self._next_conn_id = nic.next_conn_id or 1
             self._pending.clear()
@@ -474,28 +479,45 @@ class DeviceModel:
     def _apply_mirror_locked(self, batches: dict[int, bytes]) -> None:
         """Write mirrored batches that continue the ring at its head, as far as the guest made room.
 
-        Batches may arrive in any order; one published before the state this
-        ring was restored to is already in it and is dropped."""
+        Batches may arrive in any order. One published before the state this
+        ring was last restored to is already in it and is dropped; one applied
+        since is kept, because the next restore may go back before it."""
         base = abi.RX_RING_ADDR + abi.RING_DATA_OFFSET
         start = head = self._rx_head
-        for position in [p for p in batches if 0 < (head - p) & _U32 < 1 << 31]:
+        floor = self._mirror_floor
+        for position in [p for p in batches if 0 < (floor - p) & _U32 < 1 << 31]:
             del batches[position]
         while head in batches:
             data = batches[head]
             tail = self._load_u32(abi.RX_RING_ADDR + abi.RING_TAIL_OFFSET)
             if ((head - tail) & _U32) + len(data) > _CAP:
                 break  # the guest has not consumed enough yet
-            del batches[head]
             pos = head & _MASK
             first = min(len(data), _CAP - pos)
             self._ram[base + pos : base + pos + first] = data[:first]
             if first < len(data):
                 self._ram[base : base + len(data) - first] = data[first:]
+            self._track_mirrored(head, data)
             head = (head + len(data)) & _U32
         if head != start:
             self._mark_ring_data(abi.RX_RING_ADDR, start, (head - start) & _U32)
             self._rx_head = head
             self._store_u32(abi.RX_RING_ADDR + abi.RING_HEAD_OFFSET, head)
+
+    def _track_mirrored(self, position: int, data: bytes) -> None:
+        """Follow OPEN and CLOSE in mirrored frames, so the guest's output on those
+        connections is handed over like a primary's (and promotion knows what is open)."""
+        pos = 0
+        while pos + abi.FRAME_HEADER_SIZE <= len(data):
+            conn, kind, length = _HEADER.unpack_from(data, pos)
+            if kind == abi.FrameType.PAD:
+                pos += _CAP - ((position + pos) & _MASK)  # padding up to the ring's end
+                continue
+            if kind == abi.FrameType.OPEN:
+                self._open.add(conn)
+            elif kind == abi.FrameType.CLOSE:
+                self._open.discard(conn)
+            pos += _frame_size(length)
 
     def _notify_drained(self, conns: list[int]) -> None:
         callback = self._on_input_drained
