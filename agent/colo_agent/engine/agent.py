@@ -31,6 +31,7 @@ from prometheus_client import CollectorRegistry
 from colo_agent.api.metrics import AgentMetrics
 from colo_agent.api.models import (
     AgentStatus,
+    ArbiterConflict,
     CheckpointCause,
     CheckpointFigures,
     CheckpointResult,
@@ -46,6 +47,7 @@ from colo_agent.api.models import (
     Unavailable,
     WrongRole,
 )
+from colo_agent.api.server import arbiter_refusals
 from colo_agent.arbiter.base import Arbiter
 from colo_agent.engine.compare import Cause, Mark, OutputComparator, Release
 from colo_agent.engine.lockstep import OutputOffsets, PrimaryMirror, SecondaryMirror
@@ -71,6 +73,8 @@ log = logging.getLogger(__name__)
 
 # How long a promotion may wait for the old primary's lease to run out.
 PROMOTE_TIMEOUT_LEASES = 3.0
+# How long POST /v1/checkpoint waits for the acknowledgement.
+CHECKPOINT_TIMEOUT = 10.0
 # A new secondary is retried this often after a failed pairing.
 PAIR_RETRY = 0.5
 
@@ -597,9 +601,11 @@ class Agent:
         if receiver is None or self.cache is None or self.cache.committed is None:
             raise NotReady("no epoch committed yet: this secondary has nothing to resume from")
         timeout = PROMOTE_TIMEOUT_LEASES * self.arbiter.lease_duration
-        if not await self.arbiter.wait_acquire(term, timeout):
-            raise Unavailable(f"the arbiter is still held by {self.arbiter.holder}; "
-                              f"its lease did not run out within {timeout:.1f} s")
+        with arbiter_refusals():
+            taken = await self.arbiter.wait_acquire(term, timeout)
+        if not taken:
+            raise ArbiterConflict(f"the arbiter is still held by {self.arbiter.holder}; "
+                                  f"its lease did not run out within {timeout:.1f} s")
         promoted = receiver.promote()
         await receiver.close()
         self.receiver = None
@@ -633,10 +639,14 @@ class Agent:
             raise NotReady("no synced secondary: there is nothing to checkpoint to")
         target = self.last_acked_epoch + 1
         self._checkpoint_now.set()
-        async with self._checkpoint_done:
-            await asyncio.wait_for(
-                self._checkpoint_done.wait_for(lambda: self.last_acked_epoch >= target or not self.protected),
-                timeout=10.0)
+        try:
+            async with self._checkpoint_done:
+                await asyncio.wait_for(
+                    self._checkpoint_done.wait_for(
+                        lambda: self.last_acked_epoch >= target or not self.protected),
+                    timeout=CHECKPOINT_TIMEOUT)
+        except TimeoutError:
+            raise Unavailable(f"no checkpoint was acknowledged within {CHECKPOINT_TIMEOUT:.0f} s") from None
         if self.last_acked_epoch < target:
             raise Unavailable("the secondary was lost before the checkpoint was acknowledged")
         return CheckpointResult(term=self.arbiter.term, epoch=self.last_acked_epoch)
