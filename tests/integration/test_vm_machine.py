@@ -154,13 +154,16 @@ def test_ram_file_lifecycle(accel: str, tmp_path: Path) -> None:
     assert not path.exists()
 
 
-def test_default_ram_file_is_removed_on_stop() -> None:
+def test_default_ram_file_leaves_nothing_behind_even_if_the_process_is_killed() -> None:
+    """The file is unlinked as soon as it is mapped: a SIGKILLed agent leaves no RAM in /dev/shm."""
     machine = Machine.create("4Mi", accel="tcg")
     path = machine.ram_path
-    assert path.exists()
-    machine.start()
-    machine.stop()
     assert not path.exists()
+    machine.start()
+    machine.pause()
+    machine.ram[0x200000] = 0x5A  # the mapping is still backed
+    assert machine.ram[0x200000] == 0x5A
+    machine.stop()
 
 
 def test_loading_a_bad_state_is_refused_clearly() -> None:

@@ -467,6 +467,10 @@ def _create_ram_file(size: int, path: str | os.PathLike[str] | None) -> tuple[Pa
         raise MachineError(
             f"cannot allocate {size >> 20} MiB for RAM file {ram_path}: {exc.strerror}"
         ) from None
+    if path is None:
+        # Nobody else opens a file we named ourselves: unlinked now, it lives as
+        # long as our mapping and vanishes even if the agent is killed -9.
+        _unlink(ram_path)
     return ram_path, fd
 
 
