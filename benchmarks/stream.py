@@ -52,11 +52,14 @@ async def _receiver(args: argparse.Namespace) -> None:
     pages = args.ram_mib * 256
     cache = ColoCache(bytearray(pages * PAGE), capacity=args.epoch_mib * 256)
     commit_s: list[float] = []
+    cpu_at_sync: list[float] = []
 
     def timed_commit(a: CommitEpoch) -> None:
         t = time.perf_counter()
         cache.commit(a.term, a.epoch, a.device_state)
         commit_s.append(time.perf_counter() - t)
+        if a.epoch == 1:  # the empty epoch that closes the sync: epochs start now
+            cpu_at_sync.append(time.process_time())
 
     rx = CheckpointReceiver(cache, secret=SECRET, vm=VM, term=1, on_commit=timed_commit)
     port = await rx.start(args.host, args.port)
@@ -64,7 +67,8 @@ async def _receiver(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     await loop.run_in_executor(None, sys.stdin.readline)  # the parent asks for our figures
     # The first commit is the (empty) epoch that closes the sync.
-    print(json.dumps({"commit_s": commit_s[1:]}), flush=True)
+    cpu = time.process_time() - cpu_at_sync[0]
+    print(json.dumps({"commit_s": commit_s[1:], "cpu_s": cpu}), flush=True)
     await rx.close()
 
 
@@ -88,11 +92,13 @@ async def _sender(args: argparse.Namespace) -> None:
     sync_s = time.perf_counter() - t0
     assert first.epoch == 1
     seconds: list[float] = []
+    cpu0 = time.process_time()
     for _ in range(args.epochs):
         dirty = np.sort(rng.choice(pages, size=epoch_pages, replace=False)).astype(np.int64)
         staged = staging.stage(ram, dirty)
         result = await sender.send_epoch(dirty, staged, b"device-state")
         seconds.append(result.seconds)
+    cpu = time.process_time() - cpu0
     await sender.close()
     total = args.epochs * epoch_pages * PAGE
     print(json.dumps({
@@ -102,6 +108,7 @@ async def _sender(args: argparse.Namespace) -> None:
         "epoch_ms_p50": percentile([s * 1e3 for s in seconds], 50),
         "epoch_ms_max": max(seconds) * 1e3,
         "rejections": len(sender.rejections),
+        "sender_cpu_s": cpu,
     }), flush=True)  # fmt: skip
 
 
@@ -133,21 +140,26 @@ def run_stream(path: Path, channels: int, args: argparse.Namespace) -> dict[str,
         assert rx.stdin is not None
         rx.stdin.write("figures\n")
         rx.stdin.flush()
-        commits = json.loads(rx.stdout.readline())["commit_s"]
+        figures = json.loads(rx.stdout.readline())
+        commits = figures["commit_s"]
         # The network part of an epoch: from send_epoch to ACK, less the
         # secondary's commit (a memory copy checkpoint mode cannot overlap).
         total = args.epochs * args.epoch_mib * (1 << 20)
         stream_s = result.pop("epoch_s") - sum(commits)
         result["stream_gbps"] = total / stream_s / 1e9
         result["commit_ms_p50"] = percentile([c * 1e3 for c in commits], 50)
+        # CPU seconds (both processes) per GB of pages: unlike throughput, hardly
+        # moved by other work on a shared machine. Staging is outside it.
+        result["cpu_s_per_gb"] = (result.pop("sender_cpu_s") + figures["cpu_s"]) / (total / 1e9)
         return result
     finally:
         rx.kill()
         rx.wait()
 
 
-def run_iperf3(path: Path, streams: int, seconds: float) -> float:
-    """Receiver-side goodput in GB/s of `streams` parallel TCP streams."""
+def run_iperf3(path: Path, streams: int, seconds: float) -> tuple[float, float]:
+    """Receiver-side goodput in GB/s of `streams` parallel TCP streams, and the
+    CPU seconds per GB both iperf3 processes spent."""
     port = free_port() if not path.server_prefix else 5201 + streams
     server = subprocess.Popen(
         [*path.server_prefix, "iperf3", "-s", "-1", "-B", path.server_addr, "-p", str(port)],
@@ -162,8 +174,12 @@ def run_iperf3(path: Path, streams: int, seconds: float) -> float:
                 capture_output=True, text=True, timeout=120, check=False,
             )  # fmt: skip
             if done.returncode == 0:
-                report = json.loads(done.stdout)
-                return float(report["end"]["sum_received"]["bits_per_second"]) / 8e9
+                report = json.loads(done.stdout)["end"]
+                gbps = float(report["sum_received"]["bits_per_second"]) / 8e9
+                cpu = report["cpu_utilization_percent"]
+                seconds_run = float(report["sum_received"]["seconds"])
+                cpu_s = (cpu["host_total"] + cpu["remote_total"]) / 100 * seconds_run
+                return gbps, cpu_s / (gbps * seconds_run)
         raise RuntimeError(f"iperf3 client failed: {done.stdout[-500:]} {done.stderr[-500:]}")
     finally:
         server.kill()
@@ -201,25 +217,36 @@ def pause_cost(args: argparse.Namespace) -> list[dict[str, float]]:
 
 
 def measure_path(path: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """Best of `--rounds` alternating runs of iperf3 and the stream, per channel
-    count: the machine is shared, and the best run of each is the one least
-    disturbed by other work."""
+    """Per channel count, `--rounds` runs of the stream, each between two iperf3
+    runs with as many streams on the same path. The machine is shared and its
+    load drifts, so each ratio compares a stream run with the iperf3 runs
+    right around it; the median ratio over rounds is reported, and the best
+    absolute figures beside it."""
     rows = []
     for n in args.channels:
-        iperfs, singles, streams = [], [], []
+        runs: list[dict[str, Any]] = []
+        before = run_iperf3(path, n, args.iperf_seconds)
         for _ in range(args.rounds):
-            iperfs.append(run_iperf3(path, n, args.iperf_seconds))
-            singles.append(iperfs[-1] if n == 1 else run_iperf3(path, 1, args.iperf_seconds))
-            streams.append(run_stream(path, n, args))
-        iperf, iperf_one = max(iperfs), max(singles)
-        stream = max(streams, key=lambda r: r["stream_gbps"])
-        stream["sync_gbps"] = max(r["sync_gbps"] for r in streams)
-        stream["epoch_gbps"] = max(r["epoch_gbps"] for r in streams)
-        stream["runs"] = streams
+            stream = run_stream(path, n, args)
+            after = run_iperf3(path, n, args.iperf_seconds)
+            around = (before[0] + after[0]) / 2
+            runs.append({
+                **stream, "iperf3_gbps": around, "iperf3_cpu_s_per_gb": (before[1] + after[1]) / 2,
+                "ratio": stream["stream_gbps"] / around, "sync_ratio": stream["sync_gbps"] / around,
+                "epoch_ratio": stream["epoch_gbps"] / around,
+            })  # fmt: skip
+            before = after
+        iperf_one = max(run_iperf3(path, 1, args.iperf_seconds)[0] for _ in range(2))
+        best = ("stream_gbps", "sync_gbps", "epoch_gbps", "iperf3_gbps")
+        median = (
+            "ratio", "sync_ratio", "epoch_ratio", "commit_ms_p50", "cpu_s_per_gb", "iperf3_cpu_s_per_gb"
+        )  # fmt: skip
         rows.append({
-            "channels": n, **stream, "iperf3_gbps": iperf, "iperf3_single_gbps": iperf_one,
-            "ratio": stream["stream_gbps"] / iperf, "sync_ratio": stream["sync_gbps"] / iperf,
-            "epoch_ratio": stream["epoch_gbps"] / iperf,
+            "channels": n,
+            **{k: max(r[k] for r in runs) for k in best},
+            **{k: percentile([r[k] for r in runs], 50) for k in median},
+            "iperf3_single_gbps": iperf_one,
+            "runs": runs,
         })  # fmt: skip
     return {"path": path.name, "rows": rows}
 
@@ -227,15 +254,18 @@ def measure_path(path: Path, args: argparse.Namespace) -> dict[str, Any]:
 def print_tables(results: dict[str, Any]) -> None:
     cfg = results["config"]
     print(f"\ncheckpoint stream: {cfg['ram_mib']} MiB guest, epochs of {cfg['epoch_mib']} MiB, "
-          f"batches of {cfg['batch_pages']} pages, best of {cfg['rounds']} runs")  # fmt: skip
-    print("stream = epoch less commit; ratios are stream / iperf3 with as many parallel streams")
+          f"batches of {cfg['batch_pages']} pages, {cfg['rounds']} runs per figure")  # fmt: skip
+    print("stream = epoch less commit. GB/s: best run; ratios: median of stream / iperf3 (as many")
+    print("parallel streams) measured right around each run")
     print(f"{'path':9} {'ch':>3} {'stream':>7} {'sync':>6} {'epoch':>6} {'commit ms':>9} {'iperf3':>7} "
-          f"{'ratio':>6} {'sync ratio':>10} {'iperf3 x1':>9}   (GB/s)")  # fmt: skip
+          f"{'ratio':>6} {'sync ratio':>10} {'iperf3 x1':>9} {'cpu s/GB':>9} {'iperf3 cpu':>10}")  # fmt: skip
     for p in results["paths"]:
         for r in p["rows"]:
             print(f"{p['path']:9} {r['channels']:>3} {r['stream_gbps']:>7.2f} {r['sync_gbps']:>6.2f} "
                   f"{r['epoch_gbps']:>6.2f} {r['commit_ms_p50']:>9.1f} {r['iperf3_gbps']:>7.2f} "
-                  f"{r['ratio']:>6.0%} {r['sync_ratio']:>10.0%} {r['iperf3_single_gbps']:>9.2f}")  # fmt: skip
+                  f"{r['ratio']:>6.0%} {r['sync_ratio']:>10.0%} {r['iperf3_single_gbps']:>9.2f} "
+                  f"{r['cpu_s_per_gb']:>9.2f} {r['iperf3_cpu_s_per_gb']:>10.2f}")  # fmt: skip
+    print("(GB/s, except commit in ms and CPU seconds per GB of both processes)")
     for s in results.get("skipped", []):
         print(f"skipped {s['path']}: {s['reason']}")
     print("\npause-side cost: staging copy of N dirty pages vs plain copy of the same bytes")
@@ -255,7 +285,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--batch-pages", type=int, default=256)
     ap.add_argument("--iperf-seconds", type=float, default=2.0)
-    ap.add_argument("--rounds", type=int, default=3, help="alternating runs per figure; the best counts")
+    ap.add_argument("--rounds", type=int, default=3, help="stream runs per figure, each between iperf3 runs")
     ap.add_argument("--pause-reps", type=int, default=50)
     ap.add_argument("--no-veth", action="store_true", help="loopback only")
     ap.add_argument("--worker", choices=("sender", "receiver"), help=argparse.SUPPRESS)

@@ -562,7 +562,7 @@ class CheckpointSender:
                     self._pairing.enqueue(a)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._pairing.drained(), 1.0)
-        self._end(reason)
+        self._end(reason, lost=False)
 
     async def wait_lost(self) -> str:
         await self._pairing.closed.wait()
@@ -601,15 +601,16 @@ class CheckpointSender:
                 self._end(a.reason)
         self._pairing.poke.set()
 
-    def _end(self, reason: str) -> None:
+    def _end(self, reason: str, *, lost: bool = True) -> None:
+        """End the pairing; `lost` is False when we close it ourselves."""
         if self._pairing.closed.is_set():
             return
-        log.warning("pairing with the secondary ended: %s", reason)
+        (log.warning if lost else log.info)("pairing with the secondary ended: %s", reason)
         self._pairing.lost = self._pairing.lost or reason
         for fut in self._waiters.values():
             if not fut.done():
                 fut.set_exception(PeerLostError(reason))
-        if self.on_peer_lost is not None:
+        if lost and self.on_peer_lost is not None:
             self.on_peer_lost(reason)
         self._pairing.yank(reason)
 
