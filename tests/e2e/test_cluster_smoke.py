@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 import kubernetes
 import pytest
 from cluster import build
-from cluster.testing import ClusterHandle, model
+from cluster.testing import ClusterHandle, model, ready_endpoints
 from kubernetes.client import (
     ApiException,
     V1Namespace,
@@ -197,7 +197,6 @@ def test_pod_serves_other_nodes_backs_a_service_and_stops_on_delete(
     cluster: ClusterHandle, kube_api: kubernetes.client.ApiClient, namespace: str
 ) -> None:
     core = kubernetes.client.CoreV1Api(kube_api)
-    discovery = kubernetes.client.DiscoveryV1Api(kube_api)
     server_node, client_node = cluster.node_names[0], cluster.node_names[1]
     core.create_namespaced_secret(namespace, model(V1Secret, GREETING))
     service = {
@@ -229,17 +228,7 @@ def test_pod_serves_other_nodes_backs_a_service_and_stops_on_delete(
     }
 
     def ready_endpoint() -> bool:
-        slices = discovery.list_namespaced_endpoint_slice(
-            namespace, label_selector="kubernetes.io/service-name=web"
-        ).items
-        return any(
-            pod_ip in (e.addresses or [])
-            and e.conditions is not None
-            and e.conditions.ready
-            and (s.ports or [])[0].port == 8080
-            for s in slices
-            for e in s.endpoints or []
-        )
+        return ready_endpoints(kube_api, namespace, "web") == [(pod_ip, 8080)]
 
     wait_for(ready_endpoint, 60, "an EndpointSlice with the pod's address")
 

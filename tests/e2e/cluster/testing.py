@@ -95,3 +95,28 @@ def model(cls: Any, body: dict[str, Any]) -> Any:
     if obj is None:
         raise ValueError(f"{cls.__name__}: empty manifest")
     return obj
+
+
+def ready_endpoints(
+    api: Any, namespace: str, service: str, port_name: str | None = None
+) -> list[tuple[str, int]]:
+    """(address, port) of the ready endpoints of ``service``, from its EndpointSlices.
+
+    This is how tests reach a Service: ClusterIPs are blackholed on the
+    local driver (no kube-proxy), endpoint addresses are pod IPs on the
+    cluster bridge. ``port_name`` picks one of several ports.
+    """
+    import kubernetes
+
+    slices = kubernetes.client.DiscoveryV1Api(api).list_namespaced_endpoint_slice(
+        namespace, label_selector=f"kubernetes.io/service-name={service}"
+    )
+    found: list[tuple[str, int]] = []
+    for item in slices.items:
+        ports = [p for p in item.ports or [] if port_name is None or p.name == port_name]
+        if not ports or ports[0].port is None:
+            continue
+        for endpoint in item.endpoints or []:
+            if endpoint.conditions is not None and endpoint.conditions.ready:
+                found += [(address, int(ports[0].port)) for address in endpoint.addresses or []]
+    return sorted(found)
