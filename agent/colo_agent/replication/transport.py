@@ -761,7 +761,14 @@ class CheckpointReceiver:
         loop = asyncio.get_running_loop()
         assert self._listener is not None
         while True:
-            sock, addr = await loop.sock_accept(self._listener)
+            try:
+                sock, addr = await loop.sock_accept(self._listener)
+            except OSError as exc:
+                # Out of descriptors or a reset before accept: keep listening
+                # rather than let the secondary go deaf.
+                log.warning("accept on the replication port failed: %s", exc)
+                await asyncio.sleep(0.1)
+                continue
             task = asyncio.create_task(self._admit(sock, addr))
             self._handshakes.add(task)
             task.add_done_callback(self._handshakes.discard)
