@@ -74,6 +74,12 @@ def test_kill_9_of_the_primary_between_and_during_checkpoints_loses_no_acknowled
         protected_from = len(primary.log())
         stop, writers = _start_writers(primary, f"r{round_}", writes)
         time.sleep(1.0 + rng.uniform(0, 0.5))
+        while "running unprotected" in primary.log()[protected_from:]:
+            # The guest outran the pacer and the pair re-syncs (by design, not a loss): a kill
+            # now would test an unprotected VM, so wait until it is protected again.
+            protected_from = len(primary.log())
+            wait_protected(primary, secondary)
+            time.sleep(0.5)
         before = primary.status()
         assert before is not None and before.synced, f"{context}: not protected before the kill"
         if how == "mid-stream":
@@ -105,7 +111,8 @@ def test_kill_9_of_the_primary_between_and_during_checkpoints_loses_no_acknowled
 
 
 def test_sigstop_of_the_secondary_holds_output_until_the_primary_gives_up_on_it(group: AgentGroup) -> None:
-    timeout, interval = 1.0, 0.1
+    # A long timeout keeps "held until the primary gave up" apart from scheduling noise.
+    timeout, interval = 2.0, 0.1
     primary, secondary = group.pair(extra=["--heartbeat-timeout-ms", str(int(timeout * 1000)),
                                            "--heartbeat-interval-ms", str(int(interval * 1000))])
     with primary.client() as c:
@@ -118,8 +125,8 @@ def test_sigstop_of_the_secondary_holds_output_until_the_primary_gives_up_on_it(
         assert reply == b"OK"
         # The epoch of this SET can never be acknowledged: the reply may only leave once the
         # primary has declared the secondary lost, a heartbeat timeout after the last message
-        # it got (at most one heartbeat interval before the stop, plus scheduling slack).
-        assert waited >= timeout - interval - 0.2, f"reply released after {waited:.3f} s, unacknowledged"
+        # it got (one heartbeat interval before the stop, plus generous scheduling slack).
+        assert waited >= timeout - interval - 0.4, f"reply released after {waited:.3f} s, unacknowledged"
         assert waited < timeout + 10.0, f"the primary took {waited:.1f} s to yank a stopped secondary"
         st = primary.status()
         assert st is not None and not st.synced

@@ -30,7 +30,10 @@ def test_secondary_image_equals_primary_ram_at_every_acknowledged_epoch(group: A
                for i in range(3)]
     for t in writers:
         t.start()
-    time.sleep(3.0)
+    # Enough epochs with writes in them, however slow the machine.
+    deadline = time.monotonic() + 120
+    while len(primary.digests()) < 30 and time.monotonic() < deadline:
+        time.sleep(0.2)
     stop.set()
     for t in writers:
         t.join(60)
