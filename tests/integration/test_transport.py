@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -345,5 +346,48 @@ async def test_a_secondary_dials_a_listening_primary() -> None:
         assert image_digest(mem) == digest and rx.committed_epoch == epoch
     finally:
         await sender.close()
+        await rx.close()
+        listener.close()
+
+
+async def test_an_intruder_dialling_alongside_does_not_keep_the_rightful_secondary_out() -> None:
+    guest = Guest(7)
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)
+    port = listener.getsockname()[1]
+    accepting = asyncio.create_task(
+        CheckpointSender.accept(listener, secret=SECRET, vm=VM, term=1, page_count=PAGES, channels=2)
+    )
+    refusals: list[str] = []
+
+    async def intruder() -> None:
+        while True:
+            cache = ColoCache(bytearray(PAGES * PAGE), capacity=64)
+            rx = CheckpointReceiver(cache, secret=b"some-other-secret-entirely", vm=VM, term=1)
+            with contextlib.suppress(AuthRefused, OSError, p.RemoteProtocolError, TimeoutError):
+                await rx.dial("127.0.0.1", port)
+            refusals.extend(r.text for r in rx.refusals)
+            await rx.close()
+            await asyncio.sleep(0.01)
+
+    pest = asyncio.create_task(intruder())
+    mem = bytearray(PAGES * PAGE)
+    rx = CheckpointReceiver(ColoCache(mem, capacity=512), secret=SECRET, vm=VM, term=1)
+    try:
+        for _ in range(20):  # a dial may itself meet a channel of the intruder's attempt
+            with contextlib.suppress(AuthRefused, p.RemoteProtocolError, TimeoutError):
+                await rx.dial("127.0.0.1", port)
+                break
+            rx = CheckpointReceiver(ColoCache(mem, capacity=512), secret=SECRET, vm=VM, term=1)
+        sender = await asyncio.wait_for(accepting, 30)
+        pest.cancel()
+        await sender.sync(guest.ram, guest.collect_dirty)
+        _, digest = await guest.checkpoint(sender, sender.take_sync_remainder())
+        assert image_digest(mem) == digest
+        assert any("wrong secret" in r for r in refusals)
+        await sender.close()
+    finally:
+        pest.cancel()
+        accepting.cancel()
         await rx.close()
         listener.close()

@@ -36,7 +36,7 @@ import numpy as np
 import numpy.typing as npt
 
 from colo_agent.replication.cache import ColoCache, PageArray
-from colo_agent.replication.handshake import AuthRefused, ClientHandshake, ServerHandshake
+from colo_agent.replication.handshake import AuthRefused, ClientHandshake, Policy, ServerHandshake
 from colo_agent.replication.protocol import (
     MAX_BATCH_PAGES,
     PAGE_SIZE,
@@ -53,6 +53,7 @@ from colo_agent.replication.protocol import (
     Pages,
     PagesHeader,
     Refused,
+    RefuseReason,
     RemoteProtocolError,
     is_message,
 )
@@ -381,7 +382,7 @@ class CheckpointSender:
         async def opener(channel: Channel) -> socket.socket:
             return await _open(host, port, connect_timeout)
 
-        return await cls._pair(opener, f"{host}:{port}", **options)
+        return await cls._pair(opener, f"{host}:{port}", retry_refused=False, **options)
 
     @classmethod
     async def accept(
@@ -392,23 +393,25 @@ class CheckpointSender:
         The first connection may take any time (a secondary joins when it
         likes); the rest of the pairing must follow within `join_timeout`.
         Channels are assigned in the order connections arrive; the HELLO
-        tells the secondary which is which. Raises like `connect`.
+        tells the secondary which is which. A connection whose handshake
+        fails (a wrong secret, another secondary refusing a channel of a
+        pairing it did not start) is dropped and its channel offered to the
+        next one, so an intruder cannot keep the rightful secondary out.
+        Raises like `connect`.
         """
         loop = asyncio.get_running_loop()
-        waiting_first = True
         peer = "secondary"
 
         async def opener(channel: Channel) -> socket.socket:
-            nonlocal waiting_first, peer
-            if waiting_first:
+            nonlocal peer
+            if channel == CONTROL:
                 sock, addr = await loop.sock_accept(listener)
-                waiting_first = False
                 peer = _address(addr)
             else:
                 sock, _ = await asyncio.wait_for(loop.sock_accept(listener), join_timeout)
             return sock
 
-        return await cls._pair(opener, lambda: peer, **options)
+        return await cls._pair(opener, lambda: peer, retry_refused=True, **options)
 
     @classmethod
     async def _pair(
@@ -416,6 +419,7 @@ class CheckpointSender:
         opener: Callable[[Channel], Awaitable[socket.socket]],
         peer_name: str | Callable[[], str],
         *,
+        retry_refused: bool,
         secret: bytes,
         vm: str,
         term: int,
@@ -442,14 +446,25 @@ class CheckpointSender:
         accepted: AuthOk | None = None
         try:
             for ch in plan:
-                sock = await opener(ch)
-                name = peer_name if isinstance(peer_name, str) else peer_name()
-                conn = conns[ch] = Connection(sock, f"{ch}->{name}")
-                hs = ClientHandshake(
-                    secret=secret, vm=vm, kind=ch.kind, index=ch.index, channels=channels,
-                    session=session_id, term=term, page_count=page_count,
-                )  # fmt: skip
-                accepted = await asyncio.wait_for(_client_handshake(conn, hs), HANDSHAKE_TIMEOUT)
+                while True:
+                    sock = await opener(ch)
+                    name = peer_name if isinstance(peer_name, str) else peer_name()
+                    conn = Connection(sock, f"{ch}->{name}")
+                    hs = ClientHandshake(
+                        secret=secret, vm=vm, kind=ch.kind, index=ch.index, channels=channels,
+                        session=session_id, term=term, page_count=page_count,
+                    )  # fmt: skip
+                    try:
+                        accepted = await asyncio.wait_for(_client_handshake(conn, hs), HANDSHAKE_TIMEOUT)
+                    except (AuthRefused, RemoteProtocolError, OSError, TimeoutError) as exc:
+                        conn.close()
+                        if not retry_refused:
+                            raise
+                        log.warning("%s: handshake failed, the channel goes to the next dialer: %s",
+                                    conn.name, exc)  # fmt: skip
+                        continue
+                    conns[ch] = conn
+                    break
         except BaseException:
             for conn in conns.values():
                 conn.close()
@@ -785,9 +800,22 @@ class CheckpointReceiver:
         `RemoteProtocolError`.
         """
         where = f"{host}:{port}"
-        hello = await self._handshake(await _open(host, port, connect_timeout), where)
+        session: int | None = None
+
+        def ours(hello: Hello) -> Refused | None:
+            # A listening primary hands out channels in the order connections
+            # arrive: refuse one of a pairing another secondary started, so
+            # that it goes to the next dialer instead.
+            if session is None and hello.kind is not ChannelKind.CONTROL:
+                return Refused(RefuseReason.BUSY, "a pairing starts with its control connection")
+            if session is not None and hello.session != session:
+                return Refused(RefuseReason.BUSY, "this secondary is joining another pairing")
+            return None
+
+        hello = await self._handshake(await _open(host, port, connect_timeout), where, ours)
+        session = hello.session
         for _ in range(hello.channels + 1 + int(mirror)):
-            await self._handshake(await _open(host, port, connect_timeout), where)
+            await self._handshake(await _open(host, port, connect_timeout), where, ours)
 
     async def _admit(self, sock: socket.socket, addr: object) -> None:
         try:
@@ -797,12 +825,12 @@ class CheckpointReceiver:
         except (OSError, RemoteProtocolError, TimeoutError) as exc:
             log.warning("connection from %s dropped during the handshake: %s", addr, exc)
 
-    async def _handshake(self, sock: socket.socket, where: str) -> Hello:
+    async def _handshake(self, sock: socket.socket, where: str, policy: Policy | None = None) -> Hello:
         """Authenticate one connection (we answer the primary's HELLO) and attach it."""
         conn = Connection(sock, where)
         hs = ServerHandshake(
             secret=self._secret, vm=self.vm, term=self.term, page_count=self.cache.page_count,
-            cache_pages=self.cache.capacity,
+            cache_pages=self.cache.capacity, policy=policy,
         )  # fmt: skip
         try:
             hello = await asyncio.wait_for(_server_handshake(conn, hs), HANDSHAKE_TIMEOUT)
