@@ -368,6 +368,7 @@ class AgentGroup:
         *,
         peer: AgentProcess | None = None,
         peer_host: str | None = None,
+        peer_address: str | None = None,
         secret: str | None = None,
         memory: str = "64Mi",
         dirty_rate: int = 0,
@@ -376,7 +377,11 @@ class AgentGroup:
         netns: Netns | None = None,
         host: str = "127.0.0.1",
     ) -> AgentProcess:
-        """Start one agent. Its ports listen on `host` (the namespace's address, if any)."""
+        """Start one agent. Its ports listen on `host` (the namespace's address, if any).
+
+        A secondary dials `peer`'s replication port (at `peer_host` if given), or
+        `peer_address` (HOST:PORT, e.g. a proxy in between).
+        """
         log_path = self.workdir / f"{name}.log"
         agent_ports = (free_port(), free_port(), free_port())
         argv = [
@@ -389,7 +394,9 @@ class AgentGroup:
             "--arbiter", f"file:{self.arbiter}", "--lease-duration-ms", str(self.lease_duration_ms),
             *extra,
         ]
-        if peer is not None:
+        if peer_address is not None:
+            argv += ["--peer", peer_address]
+        elif peer is not None:
             argv += ["--peer", f"{peer_host or peer.host}:{peer.replication_port}"]
         if netns is not None:
             argv = netns.command() + argv
