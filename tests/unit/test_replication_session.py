@@ -391,6 +391,10 @@ def test_peer_misbehaviour_raises_remote_errors() -> None:
         pair.secondary.receive(CONTROL, p.SyncBegin(3, N_PAGES), 0.0)
     with pytest.raises(p.RemoteProtocolError, match="data channel"):
         pair.secondary.receive(data_channel(0), p.Heartbeat(3, 1, 0), 0.0)
+    with pytest.raises(p.RemoteProtocolError, match="CheckpointEnd on the heartbeat connection"):
+        pair.secondary.receive(HEARTBEAT, p.CheckpointEnd(3, 2, 0, 0, (0, 0)), 0.0)
+    with pytest.raises(p.RemoteProtocolError, match="Ack on the heartbeat connection"):
+        pair.primary.receive(HEARTBEAT, p.Ack(3, 2), 0.0)
 
 
 def test_frames_of_an_older_term_are_ignored() -> None:

@@ -582,10 +582,11 @@ def _expect_end(payload: memoryview, end: int, what: str) -> None:
 
 
 def pages_payload_hash(
-    kind: MessageType, term: int, epoch: int, attempt: int, channel: int,
+    term: int, epoch: int, attempt: int, channel: int,
     indices: npt.NDArray[np.int64], data: memoryview | npt.NDArray[np.uint8],
 ) -> int:
-    """xxh3_64 of a PAGES payload, as the frame checksum and the epoch digest use it."""
+    """xxh3_64 of a PAGES/SYNC_PAGES payload, as the frame checksum and the epoch
+    digest use it (the frame type is covered by the header part of the checksum)."""
     h = xxhash.xxh3_64()
     h.update(PAGES_META.pack(term, epoch, attempt, channel, 0))
     h.update(_as_index_bytes(indices))
@@ -663,7 +664,7 @@ class FrameEncoder:
         payload_hash = msg.payload_hash
         if payload_hash is None:
             payload_hash = pages_payload_hash(
-                msg.kind, msg.term, msg.epoch, msg.attempt, msg.channel, msg.indices, data
+                msg.term, msg.epoch, msg.attempt, msg.channel, msg.indices, data
             )
         length = PAGES_META.size + count * _PAGE_ENTRY
         head = self._header(msg.kind, length, payload_hash)

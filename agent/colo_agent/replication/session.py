@@ -377,6 +377,9 @@ class PrimarySession:
     def receive(self, channel: Channel, message: Event, now: float) -> list[Action]:
         """A message from the secondary."""
         self._live.heard(now)
+        if isinstance(message, Ack | Nack) and channel != CONTROL:
+            # Only the control connection orders acks after what they answer.
+            raise RemoteProtocolError(f"{type(message).__name__} on the {channel} connection")
         if isinstance(message, Ack):
             return self._dispatch(_P.ACK, True, message)
         if isinstance(message, Nack):
@@ -470,7 +473,7 @@ class PrimarySession:
             ch = self._next_channel()
             idx = e.indices[batch]
             data = e.pages[batch]
-            h = pages_payload_hash(MessageType.PAGES, e.term, e.epoch, e.attempt, ch, idx, data)
+            h = pages_payload_hash(e.term, e.epoch, e.attempt, ch, idx, data)
             total += h
             counts[ch] += len(idx)
             out.append(
@@ -734,6 +737,11 @@ class SecondarySession:
             raise LocalProtocolError("page headers go through pages_destination")
         if channel.kind is ChannelKind.DATA:
             raise RemoteProtocolError(f"{type(event).__name__} on a data channel")
+        if isinstance(event, SyncBegin | SyncEnd | CheckpointBegin | DeviceState | CheckpointEnd) and (
+            channel != CONTROL
+        ):
+            # Their order matters, and only one connection keeps it.
+            raise RemoteProtocolError(f"{type(event).__name__} on the {channel} connection")
         if isinstance(event, SyncBegin):
             return self._dispatch(_S.SYNC_BEGIN, True, event)
         if isinstance(event, SyncEnd):
