@@ -12,9 +12,14 @@ the others free of asyncio, sockets and clocks):
   `now` in, actions out; `next_deadline()` / `handle_timer(now)`.
 - `transport`: `CheckpointSender` / `CheckpointReceiver` over asyncio.
 
+Either side may dial: `CheckpointSender.accept(listener, ...)` with
+`CheckpointReceiver.dial(host, port)` (a secondary joins a running primary),
+or `CheckpointSender.connect(host, port, ...)` with `CheckpointReceiver.start`.
+The primary always speaks first in the handshake.
+
 The engine's view (primary)::
 
-    sender = await CheckpointSender.connect(host, port, secret=..., vm=..., term=..., page_count=...)
+    sender = await CheckpointSender.accept(listener, secret=..., vm=..., term=..., page_count=...)
     await sender.sync(ram_pages, guest.collect_dirty)       # guest keeps running
     # every interval (or when the dirty set nears sender.cache_pages):
     guest.pause()
@@ -28,9 +33,9 @@ The engine's view (primary)::
 The engine's view (secondary)::
 
     receiver = CheckpointReceiver(ColoCache(guest.ram), secret=..., vm=..., term=...,
-                                  on_peer_lost=...)
-    port = await receiver.start(host, port)
-    ...
+                                  on_commit=..., on_peer_lost=...)
+    await receiver.dial(primary_host, primary_port)
+    reason = await receiver.wait_lost()
     promoted = receiver.promote()   # RAM is the committed image; load promoted.device_state
 """
 
