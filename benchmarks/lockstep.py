@@ -21,8 +21,13 @@ bytes released on match vs on acknowledgement
 the window is read from /proc. A short unmeasured warm-up comes first in
 every setup, so the tcg translation cache is equally warm for all three.
 
-    .venv/bin/python benchmarks/lockstep.py [--accel tcg|kvm|auto] [--requests N]
-        [--checkpoint-requests N] [--modes unprotected,checkpoint,lockstep]
+The machine is shared and its background load drifts, so the three setups
+are measured in several rounds (fresh processes every time, the order
+rotating) and the table shows medians; the JSON keeps every round, and the
+p99 ratios are also given round by round.
+
+    .venv/bin/python benchmarks/lockstep.py [--accel tcg|kvm|auto] [--rounds 3]
+        [--requests N] [--checkpoint-requests N] [--modes unprotected,checkpoint,lockstep]
 
 Prints a table and writes benchmarks/results/lockstep.json (with the exact
 commands; the secret, passed in COLO_SECRET, is not recorded).
@@ -35,6 +40,7 @@ import contextlib
 import os
 import shlex
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -51,7 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 # The agent-process harness of the integration tests: one way to start, watch and kill agents.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "integration"))
 
-from _common import free_port, machine_info, redis_benchmark, require_tool, wait_for_port, write_results
+from _common import free_port, redis_benchmark, require_tool, wait_for_port, write_results
 from agents import AgentGroup, AgentProcess, HarnessError, wait_protected
 
 from colo_agent.microvm.config import kvm_unavailable_reason
@@ -126,23 +132,42 @@ def scrape(agent: AgentProcess) -> Scrape:
 
 
 def replication_figures(before: Scrape, after: Scrape) -> dict[str, Any]:
-    window = after.at - before.at
+    """Counts over the window between two scrapes; `summarise_replication` turns them into rates."""
     causes = sorted(set(before.by_cause) | set(after.by_cause))
-    delta = {c: after.by_cause.get(c, 0) - before.by_cause.get(c, 0) for c in causes}
-    n = after.pause_count - before.pause_count
-    released = {how: after.released.get(how, 0.0) - before.released.get(how, 0.0)
-                for how in sorted(set(before.released) | set(after.released))}
+    return {
+        "window_s": after.at - before.at,
+        "checkpoints_by_cause": {c: after.by_cause.get(c, 0) - before.by_cause.get(c, 0) for c in causes},
+        "pause_s_sum": after.pause_sum - before.pause_sum,
+        "pause_count": int(after.pause_count - before.pause_count),
+        "duration_s_sum": after.duration_sum - before.duration_sum,
+        "duration_count": int(after.duration_count - before.duration_count),
+        "released_bytes": {how: int(after.released.get(how, 0.0) - before.released.get(how, 0.0))
+                           for how in sorted(set(before.released) | set(after.released))},
+        "synced_throughout": before.synced and after.synced,
+    }
+
+
+def summarise_replication(windows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Rates over all measured windows of one mode taken together."""
+    window = sum(w["window_s"] for w in windows)
+    by_cause: dict[str, int] = {}
+    released: dict[str, int] = {}
+    for w in windows:
+        for cause, n in w["checkpoints_by_cause"].items():
+            by_cause[cause] = by_cause.get(cause, 0) + n
+        for how, n in w["released_bytes"].items():
+            released[how] = released.get(how, 0) + n
+    pauses = sum(w["pause_count"] for w in windows)
+    acks = sum(w["duration_count"] for w in windows)
     return {
         "window_s": window,
-        "checkpoints": after.checkpoints - before.checkpoints,
-        "checkpoints_by_cause": delta,
-        "checkpoints_per_s_by_cause": {c: d / window for c, d in delta.items()},
-        "checkpoints_per_s": (after.checkpoints - before.checkpoints) / window,
-        "mean_pause_ms": (after.pause_sum - before.pause_sum) / n * 1e3 if n else None,
-        "mean_duration_ms": (after.duration_sum - before.duration_sum) / n * 1e3 if n else None,
-        "released_bytes": {how: int(v) for how, v in released.items()},
-        "synced_before": before.synced,
-        "synced_after": after.synced,
+        "checkpoints_by_cause": by_cause,
+        "checkpoints_per_s_by_cause": {c: n / window for c, n in sorted(by_cause.items())},
+        "checkpoints_per_s": sum(by_cause.values()) / window,
+        "mean_pause_ms": sum(w["pause_s_sum"] for w in windows) / pauses * 1e3 if pauses else None,
+        "mean_ack_ms": sum(w["duration_s_sum"] for w in windows) / acks * 1e3 if acks else None,
+        "released_bytes": released,
+        "synced_throughout": all(w["synced_throughout"] for w in windows),
     }
 
 
@@ -252,18 +277,42 @@ def benchmark_command(requests: int, clients: int) -> str:
                        "-n", str(requests), "-c", str(clients), "--csv"])
 
 
-def p99_ratios(modes: dict[str, Any]) -> dict[str, dict[str, float]]:
-    """p99 of each protected mode over unprotected's, per test."""
+def summarise_mode(entries: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One mode over its successful rounds: medians of the per-round figures."""
+    tests: dict[str, dict[str, Any]] = {}
+    for test in entries[0]["tests"]:
+        runs = [e["tests"][test] for e in entries if test in e["tests"]]
+        tests[test] = {key: statistics.median(r[key] for r in runs) for key in ("rps", "p50_ms", "p99_ms")}
+        tests[test]["p99_ms_by_round"] = [r["p99_ms"] for r in runs]
+    out: dict[str, Any] = {
+        "rounds": len(entries),
+        "requests_per_round": entries[0]["requests"],
+        "tests": tests,
+        "cpu_ms_per_request": {name: statistics.median(e["cpu_ms_per_request"][name] for e in entries)
+                               for name in entries[0]["cpu_ms_per_request"]},
+    }
+    if "replication" in entries[0]:
+        out["replication"] = summarise_replication([e["replication"] for e in entries])
+    return out
+
+
+def p99_ratios(rounds: Sequence[dict[str, Any]], modes: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """p99 of each protected mode over unprotected's, per test: of the medians, and round by round
+    (both setups measured minutes apart at most, under the same background load)."""
+    out: dict[str, dict[str, Any]] = {}
     base = modes.get("unprotected", {}).get("tests")
-    out: dict[str, dict[str, float]] = {}
-    if not base:
-        return out
     for mode in ("checkpoint", "lockstep"):
         tests = modes.get(mode, {}).get("tests")
-        if tests:
-            out[f"{mode}_p99_over_unprotected"] = {
-                t: tests[t]["p99_ms"] / base[t]["p99_ms"] for t in tests if t in base and base[t]["p99_ms"]
-            }
+        if not base or not tests:
+            continue
+        ratios: dict[str, Any] = {}
+        for test in tests:
+            if test not in base:
+                continue
+            paired = [r[mode]["tests"][test]["p99_ms"] / r["unprotected"]["tests"][test]["p99_ms"]
+                      for r in rounds if "tests" in r.get(mode, {}) and "tests" in r.get("unprotected", {})]
+            ratios[test] = {"of_medians": tests[test]["p99_ms"] / base[test]["p99_ms"], "by_round": paired}
+        out[f"{mode}_p99_over_unprotected"] = ratios
     return out
 
 
@@ -277,42 +326,54 @@ def print_tables(results: dict[str, Any]) -> None:
     modes = results["modes"]
     base = modes.get("unprotected", {}).get("tests", {})
     latency = Table(title=f"redis-benchmark -c {results['clients']}, accelerator {results['accel']}, "
-                          f"guest RAM {results['memory']}")
-    for col in ("mode", "test", "requests", "ops/s", "p50 ms", "p99 ms", "p99 vs unprotected"):
+                          f"guest RAM {results['memory']}: medians of {results['rounds']} round(s)")
+    columns = ("mode", "test", "requests", "ops/s", "p50 ms", "p99 ms", "p99 vs unprotected", "p99 by round")
+    for col in columns:
         latency.add_column(col, justify="left" if col in ("mode", "test") else "right")
     for mode, entry in modes.items():
-        if "error" in entry:
-            latency.add_row(mode, "-", "-", "-", "-", "-", f"[red]failed: {entry['error'][:60]}")
+        if "tests" not in entry:
+            latency.add_row(mode, "-", "-", "-", "-", "-", "-", "[red]failed in every round")
             continue
         for test, fig in entry["tests"].items():
             b = base.get(test, {}).get("p99_ms")
             ratio = f"{fig['p99_ms'] / b:.2f}x" if b else "-"
-            latency.add_row(mode, test, str(entry["requests"]), f"{fig['rps']:,.0f}", f"{fig['p50_ms']:.3f}",
-                            f"{fig['p99_ms']:.3f}", ratio)
+            by_round = " ".join(f"{v:.2f}" for v in fig["p99_ms_by_round"])
+            requests = f"{entry['requests_per_round']} x {entry['rounds']}"
+            latency.add_row(mode, test, requests, f"{fig['rps']:,.0f}", f"{fig['p50_ms']:.3f}",
+                            f"{fig['p99_ms']:.3f}", ratio, by_round)
     console.print(latency)
 
-    repl = Table(title="replication over the measured window (primary's control API)")
-    for col in ("mode", "checkpoints/s by cause", "mean pause ms", "mean ack ms", "released match / ack",
-                "CPU ms/request", "synced"):
+    repl = Table(title="replication over the measured windows (primary's control API), CPU per request")
+    for col in ("mode", "checkpoints/s by cause", "mean pause ms", "mean ack ms", "released on match / ack",
+                "CPU ms/request", "protected"):
         repl.add_column(col, justify="left" if col in ("mode", "checkpoints/s by cause") else "right")
     for mode, entry in modes.items():
-        if "error" in entry:
+        if "tests" not in entry:
             continue
-        cpu = ", ".join(f"{name} {ms:.2f}" for name, ms in entry["cpu_ms_per_request"].items())
+        cpu = ", ".join(f"{name} {ms:.3f}" for name, ms in entry["cpu_ms_per_request"].items())
         r = entry.get("replication")
         if r is None:
-            repl.add_row(mode, "-", "-", "-", "-", cpu, "-")
+            repl.add_row(mode, "-", "-", "-", "-", cpu, "no")
             continue
         causes = ", ".join(f"{c} {v:.2f}" for c, v in r["checkpoints_per_s_by_cause"].items() if v) or "none"
         released = r["released_bytes"]
-        rel = f"{released.get('match', 0):,} / {released.get('ack', 0):,}" if mode == "lockstep" else "-"
-        synced = "yes" if r["synced_before"] and r["synced_after"] else "[red]NO: not protected throughout"
+        rel = f"{released.get('match', 0):,} B / {released.get('ack', 0):,} B" if mode == "lockstep" else "-"
+        synced = "yes" if r["synced_throughout"] else "[red]NO: secondary lost during a run"
         pause = "-" if r["mean_pause_ms"] is None else f"{r['mean_pause_ms']:.2f}"
-        ack = "-" if r["mean_duration_ms"] is None else f"{r['mean_duration_ms']:.1f}"
+        ack = "-" if r["mean_ack_ms"] is None else f"{r['mean_ack_ms']:.1f}"
         repl.add_row(mode, causes, pause, ack, rel, cpu, synced)
     console.print(repl)
     for name, by_test in results["ratios"].items():
-        console.print(f"{name}: " + ", ".join(f"{t} {v:.2f}x" for t, v in by_test.items()))
+        console.print(f"{name}: " + ", ".join(
+            f"{t} {v['of_medians']:.2f}x (by round: {' '.join(f'{x:.2f}' for x in v['by_round'])})"
+            for t, v in by_test.items()))
+
+
+def run_mode(mode: str, args: argparse.Namespace) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix=f"colo-bench-{mode}-") as tmp:
+        if mode == "unprotected":
+            return bench_unprotected(args, Path(tmp))
+        return bench_pair(mode, args, Path(tmp))
 
 
 def main() -> int:
@@ -321,11 +382,15 @@ def main() -> int:
                     help="accelerator of every guest (default: %(default)s; nested kvm here runs guest "
                          "code about 20x slower than tcg)")
     ap.add_argument("--requests", type=int, default=10000,
-                    help="redis-benchmark -n for unprotected and lockstep (default: %(default)s)")
-    ap.add_argument("--checkpoint-requests", type=int, default=2000,
+                    help="redis-benchmark -n for unprotected and lockstep, per round (default: %(default)s)")
+    ap.add_argument("--checkpoint-requests", type=int, default=1000,
                     help="redis-benchmark -n in checkpoint mode, where every reply waits for an "
-                         "acknowledged epoch (default: %(default)s)")
+                         "acknowledged epoch, per round (default: %(default)s)")
     ap.add_argument("--clients", type=int, default=10, help="redis-benchmark -c (default: %(default)s)")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="every mode is set up, measured and torn down this many times, the order "
+                         "rotating, so background load drifting on a shared machine hits all "
+                         "modes alike (default: %(default)s)")
     ap.add_argument("--warmup", type=int, default=500,
                     help="unmeasured requests per test before each measured run, at most a tenth of "
                          "the run (default: %(default)s)")
@@ -334,15 +399,16 @@ def main() -> int:
                     help="--interval-ms of the checkpoint pair (default: the agent's, 100)")
     ap.add_argument("--lockstep-interval-ms", type=int, default=None,
                     help="--interval-ms of the lockstep pair (default: the agent's, 2000)")
-    ap.add_argument("--modes", default=",".join(MODES),
-                    help="comma-separated subset of %(default)s, run in this order")
+    ap.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of %(default)s")
     ap.add_argument("--output", default="lockstep",
                     help="results file name under benchmarks/results/, without .json (default: %(default)s)")
     args = ap.parse_args()
     modes = [m for m in args.modes.split(",") if m]
     if unknown := sorted(set(modes) - set(MODES)):
         ap.error(f"unknown mode(s) {', '.join(unknown)}; choose from {', '.join(MODES)}")
-    for name in ("requests", "checkpoint_requests", "clients"):
+    if not modes:
+        ap.error("--modes is empty")
+    for name in ("requests", "checkpoint_requests", "clients", "rounds"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.warmup < 0:
@@ -353,38 +419,44 @@ def main() -> int:
         ap.error(f"--accel kvm: {reason}")
     require_tool("redis-benchmark", "redis-tools")
 
-    results: dict[str, Any] = {
-        "accel": args.accel,
-        "memory": args.memory,
-        "clients": args.clients,
-        "machine_at_start": machine_info(),
-        "redis_benchmark": {
-            "unprotected": benchmark_command(args.requests, args.clients),
-            "checkpoint": benchmark_command(args.checkpoint_requests, args.clients),
-            "lockstep": benchmark_command(args.requests, args.clients),
-        },
-        "modes": {},
-    }
+    rounds: list[dict[str, Any]] = []
     failed = False
-    for mode in modes:
-        print(f"{mode} ...", flush=True)
-        with tempfile.TemporaryDirectory(prefix=f"colo-bench-{mode}-") as tmp:
+    for i in range(args.rounds):
+        this: dict[str, Any] = {}
+        for mode in modes[i % len(modes):] + modes[:i % len(modes)]:
+            print(f"round {i + 1}/{args.rounds}: {mode} ...", flush=True)
             try:
-                if mode == "unprotected":
-                    entry = bench_unprotected(args, Path(tmp))
-                else:
-                    entry = bench_pair(mode, args, Path(tmp))
+                entry = run_mode(mode, args)
             except (HarnessError, RuntimeError, TimeoutError, subprocess.TimeoutExpired,
                     httpx.HTTPError) as exc:
                 print(f"{mode} failed: {exc}", file=sys.stderr)
                 entry = {"error": str(exc)[:4000]}
                 failed = True
-        results["modes"][mode] = entry
-        if "tests" in entry:
-            summary = ", ".join(f"{t} {f['rps']:,.0f} ops/s, p50 {f['p50_ms']:.3f}, p99 {f['p99_ms']:.3f} ms"
-                                for t, f in entry["tests"].items())
-            print(f"  {summary}", flush=True)
-    results["ratios"] = p99_ratios(results["modes"])
+            this[mode] = entry
+            if "tests" in entry:
+                summary = ", ".join(f"{t} {f['rps']:,.0f} ops/s, p50 {f['p50_ms']:.3f}, "
+                                    f"p99 {f['p99_ms']:.3f} ms" for t, f in entry["tests"].items())
+                print(f"  {summary}", flush=True)
+        rounds.append(this)
+
+    summaries: dict[str, Any] = {}
+    for mode in modes:
+        ok = [r[mode] for r in rounds if "tests" in r[mode]]
+        summaries[mode] = summarise_mode(ok) if ok else {"error": "failed in every round"}
+    results: dict[str, Any] = {
+        "accel": args.accel,
+        "memory": args.memory,
+        "clients": args.clients,
+        "rounds": args.rounds,
+        "redis_benchmark": {
+            "unprotected": benchmark_command(args.requests, args.clients),
+            "checkpoint": benchmark_command(args.checkpoint_requests, args.clients),
+            "lockstep": benchmark_command(args.requests, args.clients),
+        },
+        "modes": summaries,
+        "ratios": p99_ratios(rounds, summaries),
+        "by_round": rounds,
+    }
     path = write_results(args.output, results)
     print_tables(results)
     print(f"results: {path}")
