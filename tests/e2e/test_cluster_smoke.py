@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 import kubernetes
 import pytest
-from cluster import build
+from cluster import build, netns
 from cluster.testing import ClusterHandle, model, ready_endpoints
 from kubernetes.client import (
     ApiException,
@@ -237,6 +237,13 @@ def test_pod_serves_other_nodes_backs_a_service_and_stops_on_delete(
     core.delete_namespaced_pod("web", namespace)
     wait_for(lambda: pod_gone(core, namespace, "web"), 60, "pod web to be removed")
     wait_for(lambda: not process_alive(pid), 10, f"process {pid} to exit")
+    if cluster.local is not None:
+        # Ports came and went; the bridge kept its MAC, so no namespace's
+        # neighbour entry for the API server went stale.
+        bridge = subprocess.run(
+            ["ip", "-br", "link", "show", cluster.local.bridge], capture_output=True, text=True, check=True
+        )
+        assert bridge.stdout.split()[2] == netns.mac_for(cluster.local.gateway)
 
 
 def test_service_account_token_carries_its_rbac(

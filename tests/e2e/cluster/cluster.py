@@ -265,7 +265,13 @@ class LocalCluster:
                     break
             else:
                 raise ClusterError("no free 10.88-10.95 subnet: too many local clusters running")
-            netns.ip("link", "add", self.bridge, "type", "bridge")
+            # A bridge without an address of its own takes the lowest MAC of
+            # its ports and changes it when that port goes (a pod deleted):
+            # every namespace's neighbour entry for the gateway and the API
+            # server then points at a MAC nobody answers to, for up to a
+            # minute. A fixed MAC keeps them valid.
+            mac = netns.mac_for(self.gateway)
+            netns.ip("link", "add", self.bridge, "address", mac, "type", "bridge")
             netns.ip("addr", "add", f"{self.gateway}/16", "dev", self.bridge)
             netns.ip("addr", "add", f"{self.apiserver_ip}/16", "dev", self.bridge)
             netns.ip("link", "set", self.bridge, "up")

@@ -83,6 +83,11 @@ def list_names(prefix: str) -> list[str]:
         return []
 
 
+def mac_for(address: str) -> str:
+    """A locally administered MAC address derived from an IPv4 address (02:c0:a:b:c:d)."""
+    return "02:c0:" + ":".join(f"{int(octet):02x}" for octet in address.split("."))
+
+
 def add_veth_to_bridge(
     root_ns: str | None, bridge: str, host_end: str, ns: str, address: str, prefix_len: int
 ) -> None:
@@ -93,7 +98,7 @@ def add_veth_to_bridge(
     namespaces still hold for it stay right, where a fresh random MAC would
     leave them sending to a vanished port until their entry goes stale.
     """
-    mac = "02:c0:" + ":".join(f"{int(octet):02x}" for octet in address.split("."))
+    mac = mac_for(address)
     ip(
         "link", "add", host_end, "type", "veth", "peer", "name", "eth0", "address", mac, "netns", ns,
         ns=root_ns,
