@@ -70,6 +70,9 @@ def test_identical_input_is_released_on_match_without_extra_checkpoints(group: A
     # (released on its ack instead); nearly everything must leave on match.
     replies = len(writes.acknowledged) * len(b"+OK\r\n")
     assert released.get("match", 0) >= 0.9 * replies, released
+    st = primary.status()
+    assert st is not None and st.lockstep is not None
+    assert st.lockstep.released_on_match_bytes == released["match"]
     assert secondary.proc.poll() is None
 
 

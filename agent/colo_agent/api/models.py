@@ -356,6 +356,30 @@ class GuestStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class LockstepFigures:
+    """Lockstep mode, primary: how output left, and what waits for the secondary."""
+
+    released_on_match_bytes: int = 0  # both guests produced it
+    released_on_ack_bytes: int = 0  # its epoch was acknowledged (mismatch, timeout, or a periodic checkpoint)
+    queue_bytes: int = 0  # unmatched output held right now
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "releasedOnMatchBytes": self.released_on_match_bytes,
+            "releasedOnAckBytes": self.released_on_ack_bytes,
+            "queueBytes": self.queue_bytes,
+        }
+
+    @classmethod
+    def _parse(cls, r: _Reader) -> LockstepFigures:
+        return cls(
+            released_on_match_bytes=r.integer("releasedOnMatchBytes"),
+            released_on_ack_bytes=r.integer("releasedOnAckBytes"),
+            queue_bytes=r.integer("queueBytes"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class AgentStatus(_Document):
     """`GET /v1/status`."""
 
@@ -373,9 +397,16 @@ class AgentStatus(_Document):
     # Secondary: holds a complete committed image (promotable). Primary: its
     # secondary is synced, i.e. the VM is protected.
     synced: bool = False
+    lockstep: LockstepFigures | None = None  # lockstep mode only (added within v1)
     api_version: str = API_VERSION
 
     def to_dict(self) -> dict[str, Any]:
+        out = self._to_dict()
+        if self.lockstep is not None:
+            out["lockstep"] = self.lockstep.to_dict()
+        return out
+
+    def _to_dict(self) -> dict[str, Any]:
         return {
             "apiVersion": self.api_version,
             "role": self.role.value,
@@ -392,7 +423,9 @@ class AgentStatus(_Document):
     @classmethod
     def _parse(cls, r: _Reader) -> AgentStatus:
         last = r.optional_child("lastCheckpoint")
+        lockstep = r.optional_child("lockstep")
         return cls(
+            lockstep=None if lockstep is None else LockstepFigures._parse(lockstep),
             api_version=r.string("apiVersion"),
             role=r.choice("role", Role),
             term=r.integer("term"),

@@ -37,6 +37,7 @@ from colo_agent.api.models import (
     CheckpointResult,
     DemoteResult,
     GuestStatus,
+    LockstepFigures,
     NotReady,
     PeerState,
     PeerStatus,
@@ -572,6 +573,11 @@ class Agent:
             synced = bool(receiver is not None and receiver.synced.is_set() and self.last_acked_epoch)
             peer = PeerStatus(PeerState.CONNECTED if synced else PeerState.SYNCING)
         m = self.machine
+        lockstep = None
+        if self.settings.lockstep and self.role is Role.PRIMARY:
+            on_match, on_ack = self.metrics.released_bytes
+            queue = self.mirror.comparator.pending_bytes if self.mirror is not None else 0
+            lockstep = LockstepFigures(on_match, on_ack, queue)
         return AgentStatus(
             role=self.role,
             term=self.arbiter.term,
@@ -583,6 +589,7 @@ class Agent:
             totals=self.metrics.totals(),
             last_checkpoint=self.last_checkpoint,
             synced=synced,
+            lockstep=lockstep,
         )
 
     def ready(self) -> bool:
