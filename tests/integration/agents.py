@@ -20,6 +20,7 @@ import ctypes
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -161,16 +162,8 @@ def netns_unavailable_reason() -> str | None:
     """None if this process may create network namespaces and veths, else why not."""
     if os.geteuid() != 0:
         return "network namespaces need root (CAP_SYS_ADMIN and CAP_NET_ADMIN)"
-    if not Path("/usr/sbin/ip").exists() and not Path("/sbin/ip").exists() and not _which("ip"):
+    if shutil.which("ip") is None:
         return "iproute2's `ip` is not installed"
-    return None
-
-
-def _which(name: str) -> str | None:
-    for d in os.environ.get("PATH", "").split(os.pathsep):
-        p = Path(d) / name
-        if p.is_file() and os.access(p, os.X_OK):
-            return str(p)
     return None
 
 
