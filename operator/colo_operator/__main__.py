@@ -74,6 +74,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     # kopf's liveness server logs every probe otherwise.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # kopf reports every watch-event handler's success at INFO (several per second per node).
+    logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     try:
         config = OperatorConfig.from_env(os.environ)
     except ConfigError as exc:

@@ -312,8 +312,10 @@ def _create_primary(d: _Draft) -> Plan:
 
 
 def _secondary_synced(p_report: AgentReport, s_report: AgentReport) -> bool:
-    if s_report.status is not None and s_report.status.synced:
-        return True
+    """The secondary holds a committed image: its own word when it can be asked (it is the one
+    holding the image), else the primary's view of its peer."""
+    if s_report.status is not None:
+        return s_report.status.synced
     p = p_report.status
     return p is not None and p.synced and p.peer.state is PeerState.CONNECTED
 
@@ -348,14 +350,17 @@ def _steady(d: _Draft, current: str) -> Plan:
             what="secondary",
         )
     remembered = st.get("secondary") or {}
+    # status.secondary.synced is sticky for a given pod: once it holds a
+    # committed image it stays promotable, even after its own report turns
+    # false because it lost the primary (exactly when it is needed).
     was_synced = bool(secondary and remembered.get("pod") == secondary.name and remembered.get("synced"))
-    synced = secondary is not None and (
-        _secondary_synced(p_report, s_report)
-        or (was_synced and isinstance(s_health, Healthy | Uncertain) and s_report.status is None)
+    live_synced = secondary is not None and _secondary_synced(p_report, s_report)
+    synced = live_synced or (
+        was_synced and isinstance(s_health, Healthy | Uncertain) and s_report.status is None
     )
     d.status["term"] = max(_term(s), p_report.status.term if p_report.status else 0)
     d.status["primary"] = _replica_status(primary, p_report, synced=False)
-    d.status["secondary"] = _replica_status(secondary, s_report, synced)
+    d.status["secondary"] = _replica_status(secondary, s_report, live_synced or was_synced)
     d.status.update(figures(st, p_report.status, s.now))
 
     verdict = failover_verdict(p_health, secondary, s_health, s_report, was_synced)

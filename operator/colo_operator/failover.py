@@ -71,14 +71,21 @@ ReplicaHealth = Healthy | Starting | Lost | Uncertain
 
 
 def peer_hears(report: AgentReport, timeout_ms: int) -> bool | None:
-    """Does this agent still receive its peer's heartbeats? None when the agent cannot be asked."""
+    """Does this agent still receive its peer's heartbeats?
+
+    None when it cannot tell: the agent cannot be asked, or it reports a
+    connected peer without the age of the last heartbeat (a state it set
+    when the connection was made says nothing about now).
+    """
     status = report.status
     if status is None:
         return None
     if status.peer.state in (PeerState.LOST, PeerState.NONE):
         return False
     age = status.peer.last_heartbeat_age_ms
-    return age is None or age <= timeout_ms
+    if age is None:
+        return None
+    return age <= timeout_ms
 
 
 def assess_replica(
@@ -110,9 +117,17 @@ def assess_replica(
         cause = Cause.NODE_NOT_READY if node.health is NodeHealth.NOT_READY else Cause.NODE_UNKNOWN
         state = "NotReady" if cause is Cause.NODE_NOT_READY else "Unknown"
         if hears is None:
+            if peer_report.status is not None and report.status is None:
+                # The peer cannot vouch either way, but the kubelet and the agent
+                # are both silent: two independent signals. The Lease still
+                # refuses a promotion while a live primary renews it.
+                return Lost(
+                    cause,
+                    f"node {node.name} of the {what} is {state} and its agent is silent: {report.error}",
+                )
             return Uncertain(
-                f"node {node.name} of the {what} is {state} and its peer agent cannot be asked: "
-                f"{peer_report.error}"
+                f"node {node.name} of the {what} is {state} and its peer agent cannot tell whether it "
+                f"still receives heartbeats ({peer_report.error or 'no heartbeat age reported'})"
             )
         if hears:
             return Uncertain(
@@ -126,8 +141,13 @@ def assess_replica(
         if hears is None:
             if peer_report is UNPOLLED:
                 return Uncertain(f"the {what} agent does not answer ({report.error}) and has no running peer")
+            if peer_report.status is None:
+                return Uncertain(
+                    f"neither agent answers the operator ({what}: {report.error}; peer: {peer_report.error})"
+                )
             return Uncertain(
-                f"neither agent answers the operator ({what}: {report.error}; peer: {peer_report.error})"
+                f"the {what} agent does not answer the operator ({report.error}) and its peer cannot tell "
+                "whether it still receives heartbeats"
             )
         if hears:
             return Uncertain(

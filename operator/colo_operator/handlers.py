@@ -84,6 +84,7 @@ class Runtime:
     kicks: dict[VMKey, asyncio.Event] = field(default_factory=dict)
     tokens: dict[VMKey, str] = field(default_factory=dict)
     summaries: dict[VMKey, str] = field(default_factory=dict)
+    failures: dict[VMKey, str] = field(default_factory=dict)
 
     def kick_event(self, key: VMKey) -> asyncio.Event:
         return self.kicks.setdefault(key, asyncio.Event())
@@ -94,7 +95,7 @@ class Runtime:
             event.set()
 
     def forget(self, key: VMKey) -> None:
-        for cache in (self.kicks, self.tokens, self.summaries):
+        for cache in (self.kicks, self.tokens, self.summaries, self.failures):
             cache.pop(key, None)
 
     async def close(self) -> None:
@@ -266,9 +267,14 @@ async def reconcile(rt: Runtime, namespace: str, name: str, logger: Any = log) -
         try:
             await apply(rt, snapshot, action)
         except (KubeError, AgentError) as exc:
-            logger.warning("%s/%s: %s failed: %s", namespace, name, type(action).__name__, exc)
-            rt.post_event(body, EventNote("Warning", "ActionFailed", f"{type(action).__name__}: {exc}"))
+            failure = f"{type(action).__name__}: {exc}"
+            # Retried every poll: report a failure once, not once per retry.
+            if rt.failures.get(key) != failure:
+                logger.warning("%s/%s: %s", namespace, name, failure)
+                rt.post_event(body, EventNote("Warning", "ActionFailed", failure))
+                rt.failures[key] = failure
             return False
+    rt.failures.pop(key, None)
     await _write_status(rt, snapshot, plan)
     for note in plan.events:
         rt.post_event(body, note)
@@ -345,9 +351,11 @@ async def run_vm(
     while not stopped:
         kick.clear()
         try:
-            again = await reconcile(rt, namespace, name, logger)
+            # The operator's own logger: kopf's per-object logger would also turn
+            # every decision line into a Kubernetes Event (events are posted explicitly).
+            again = await reconcile(rt, namespace, name)
         except Exception:
-            logger.exception("%s/%s: reconcile failed", namespace, name)
+            log.exception("%s/%s: reconcile failed", namespace, name)
             again = False
         if again and immediate < MAX_IMMEDIATE_RUNS:
             immediate += 1

@@ -125,8 +125,11 @@ def _affinity(vm: VMView, action: CreatePod) -> dict[str, Any]:
             {"key": key, "operator": "NotIn", "values": list(action.place.excluded_domains)}
         ]
     if action.place.excluded_nodes:
+        # The API server takes exactly one value per metadata.name requirement;
+        # requirements within a term are ANDed, so one per excluded node.
         term["matchFields"] = [
-            {"key": "metadata.name", "operator": "NotIn", "values": list(action.place.excluded_nodes)}
+            {"key": "metadata.name", "operator": "NotIn", "values": [node]}
+            for node in action.place.excluded_nodes
         ]
     if term:
         affinity["nodeAffinity"] = {

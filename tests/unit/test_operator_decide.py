@@ -494,3 +494,20 @@ def test_primary_that_never_served_is_replaced_a_few_times_then_failed() -> None
     # A primary that keeps failing makes the VM Failed eventually.
     exhausted = decide(world(status={**st, "primaryRestarts": 3}, pods=crashed, agents={}))
     assert exhausted.status["phase"] == "Failed"
+
+
+def test_promotable_secondary_stays_promotable_through_a_wait() -> None:
+    """The agent reports synced=false once it lost its primary; status must not forget it was synced."""
+    lonely = agent(Role.SECONDARY, synced=False, heartbeat_age_ms=None)
+    # The primary's agent went silent; its node still looks Ready: wait.
+    waiting = decide(world(agents={"vm-0": UNREACHABLE, "vm-1": lonely}))
+    assert waiting.actions == () and "transition" not in waiting.status
+    assert waiting.status["secondary"]["synced"] is True
+    # Then its node goes Unknown: two silent signals, promote the remembered-synced secondary.
+    s = world(
+        status=waiting.status,
+        node_views=nodes(node("n1", NodeHealth.UNKNOWN), node("n2"), node("n3")),
+        agents={"vm-0": UNREACHABLE, "vm-1": lonely},
+    )
+    t = decide(s).status["transition"]
+    assert (t["kind"], t["to"], t["cause"]) == ("Failover", "vm-1", "NodeUnknown")

@@ -41,7 +41,8 @@ def test_peer_hears() -> None:
     assert peer_hears(agent(Role.SECONDARY), 500) is True
     assert peer_hears(agent(Role.SECONDARY, heartbeat_age_ms=501), 500) is False
     assert peer_hears(agent(Role.SECONDARY, peer=PeerState.LOST), 500) is False
-    assert peer_hears(agent(Role.SECONDARY, peer=PeerState.SYNCING, heartbeat_age_ms=None), 500) is True
+    # Connected, but no heartbeat age: the agent cannot vouch for now.
+    assert peer_hears(agent(Role.SECONDARY, peer=PeerState.CONNECTED, heartbeat_age_ms=None), 500) is None
     assert peer_hears(UNREACHABLE, 500) is None
 
 
@@ -68,6 +69,16 @@ def test_node_not_ready_needs_the_peer_to_agree() -> None:
     assert isinstance(lost, Lost) and lost.cause is Cause.NODE_NOT_READY
     unknown = assess(n=node("n1", NodeHealth.UNKNOWN), peer=agent(Role.SECONDARY, heartbeat_age_ms=10_000))
     assert isinstance(unknown, Lost) and unknown.cause is Cause.NODE_UNKNOWN
+
+
+def test_node_down_and_agent_silent_is_lost_when_the_peer_cannot_vouch() -> None:
+    silent_peer = agent(Role.SECONDARY, heartbeat_age_ms=None)
+    lost = assess(n=node("n1", NodeHealth.UNKNOWN), report=UNREACHABLE, peer=silent_peer)
+    assert isinstance(lost, Lost) and lost.cause is Cause.NODE_UNKNOWN
+    # The agent still answers the operator: only the kubelet is gone.
+    assert isinstance(assess(n=node("n1", NodeHealth.UNKNOWN), peer=silent_peer), Uncertain)
+    # On a Ready node an unreachable agent alone is not enough.
+    assert isinstance(assess(report=UNREACHABLE, peer=silent_peer), Uncertain)
 
 
 def test_unreachable_agent_on_ready_node() -> None:

@@ -81,7 +81,10 @@ def test_anti_affinity_on_the_topology_key_and_excluded_domains() -> None:
     assert term["matchExpressions"] == [
         {"key": "topology.kubernetes.io/zone", "operator": "NotIn", "values": ["n1", "n2"]}
     ]
-    assert term["matchFields"] == [{"key": "metadata.name", "operator": "NotIn", "values": ["n1", "n2"]}]
+    assert term["matchFields"] == [
+        {"key": "metadata.name", "operator": "NotIn", "values": ["n1"]},
+        {"key": "metadata.name", "operator": "NotIn", "values": ["n2"]},
+    ]
     assert spec["nodeSelector"] == {"colo": "yes"}
     assert spec["tolerations"] == [{"key": "vm", "operator": "Exists", "effect": "NoSchedule"}]
 
