@@ -828,15 +828,26 @@ class NodeRunner:
 
     def run(self) -> None:
         signal.signal(signal.SIGTERM, self._on_sigterm)
+        # step -> (message, when first seen): a partition fails every tick,
+        # so the same error is logged once, then every 10 s, then its end.
+        failing: dict[str, tuple[str, float]] = {}
         while not self.stopping:
             started = time.monotonic()
             for step in (self.heartbeat, self.sync_pods):
+                name = step.__name__
                 try:
                     step()
                 except (ApiError, OSError, ValueError, KeyError) as exc:
                     # Cut off from the API server (partition) or a transient
                     # error: keep the pods running and try again next tick.
-                    log.warning("%s: %s", step.__name__, exc)
+                    message = str(exc)
+                    previous = failing.get(name)
+                    if previous is None or previous[0] != message or started - previous[1] >= 10.0:
+                        log.warning("%s: %s", name, message)
+                        failing[name] = (message, started)
+                else:
+                    if failing.pop(name, None) is not None:
+                        log.info("%s: working again", name)
             time.sleep(max(0.0, TICK - (time.monotonic() - started)))
         self.shutdown()
 
