@@ -8,9 +8,11 @@ import ssl
 import subprocess
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cluster.pki import CertificateAuthority, service_account_keys
+from cluster.rest import ApiError, Kube
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
 
@@ -102,3 +104,15 @@ def test_harness_http_ignores_proxy_settings(monkeypatch: pytest.MonkeyPatch) ->
         server.shutdown()
     env = without_proxies({"http_proxy": "x", "HTTPS_PROXY": "y", "NO_PROXY": "z", "PATH": "/bin"})
     assert env == {"PATH": "/bin"}
+
+
+def test_kube_apiserver_fixture_serves_with_rbac(kube_apiserver: Any) -> None:
+    status, body = kube_apiserver.get("/version")
+    assert status == 200 and b'"gitVersion": "v1.34.4"' in body
+    # Admin may do anything; an authenticated user without bindings may not.
+    assert kube_apiserver.get("/api/v1/namespaces/default/secrets")[0] == 200
+    pair = kube_apiserver.ca.issue("stranger", "stranger")
+    stranger = Kube.from_kubeconfig(kube_apiserver.client_kubeconfig("stranger", pair, "stranger"))
+    with pytest.raises(ApiError) as refused:
+        stranger.get("/api/v1/namespaces/default/secrets")
+    assert refused.value.status == 403
