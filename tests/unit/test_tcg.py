@@ -9,18 +9,17 @@ joins only have generous timeouts, so a loaded machine cannot fail a test.
 from __future__ import annotations
 
 import mmap
-import shutil
 import struct
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 import pytest
+from accel_testing import RecordingIo, assemble, needs_assembler
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -28,54 +27,12 @@ from colo_agent.microvm import abi, boot
 from colo_agent.microvm.accel import DescriptorTable, RunResult, Segment
 from colo_agent.microvm.tcg import TcgAccelerator, segment_from_descriptor, walk_page_tables
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("gcc") is None or shutil.which("objcopy") is None,
-    reason="the test guests need gcc and objcopy (Debian: gcc, binutils)",
-)
+pytestmark = needs_assembler
 
 RAM_SIZE = abi.MIN_RAM
 PAGE = abi.PAGE_SIZE
 JOIN_TIMEOUT_S = 10.0
 M64 = (1 << 64) - 1
-
-_assembled: dict[str, bytes] = {}
-
-
-def assemble(source: str, tmp_path: Path) -> bytes:
-    """Flat binary of `source` (GNU as, AT&T syntax, 64-bit)."""
-    if source not in _assembled:
-        src = tmp_path / "guest.S"
-        obj = tmp_path / "guest.o"
-        out = tmp_path / "guest.bin"
-        src.write_text(".code64\n.text\n" + source + "\n")
-        subprocess.run(["gcc", "-c", "-o", str(obj), str(src)], check=True, capture_output=True)
-        subprocess.run(
-            ["objcopy", "-O", "binary", "-j", ".text", str(obj), str(out)], check=True, capture_output=True
-        )
-        _assembled[source] = out.read_bytes()
-    return _assembled[source]
-
-
-@dataclass
-class RecordingIo:
-    """A device model that records every access and answers INs from a queue."""
-
-    inputs: dict[int, list[int]] = field(default_factory=dict)
-    outs: list[tuple[int, int, int]] = field(default_factory=list)
-    ins: list[tuple[int, int]] = field(default_factory=list)
-    on_access: Callable[[], None] | None = None
-
-    def io_out(self, port: int, size: int, value: int) -> None:
-        self.outs.append((port, size, value))
-        if self.on_access:
-            self.on_access()
-
-    def io_in(self, port: int, size: int) -> int:
-        self.ins.append((port, size))
-        if self.on_access:
-            self.on_access()
-        return self.inputs[port].pop(0)
-
 
 MakeVm = Callable[..., tuple[TcgAccelerator, mmap.mmap, RecordingIo]]
 
