@@ -187,6 +187,7 @@ def measure(port: int, args: argparse.Namespace, requests: int, processes: dict[
     wall = time.monotonic() - t0
     cpu = {name: cpu_seconds(pid) - cpu0[name] for name, pid in processes.items()}
     return {
+        "command": benchmark_command(port, requests, args.clients),
         "requests": requests,
         "wall_s": wall,
         "tests": tests,
@@ -214,11 +215,19 @@ def unprotected_vm(args: argparse.Namespace, workdir: Path) -> Iterator[tuple[in
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     try:
-        try:
-            wait_for_port("127.0.0.1", port, timeout=START_TIMEOUT)
-        except TimeoutError:
-            tail = log_path.read_text(errors="replace")[-2000:]
-            raise HarnessError(f"vm run did not listen on {port}:\n{tail}") from None
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            if proc.poll() is not None:
+                tail = log_path.read_text(errors="replace")[-2000:]
+                raise HarnessError(f"vm run exited with {proc.returncode}:\n{tail}")
+            try:
+                wait_for_port("127.0.0.1", port, timeout=0.5)
+                break
+            except TimeoutError:
+                if time.monotonic() > deadline:
+                    tail = log_path.read_text(errors="replace")[-2000:]
+                    why = f"vm run did not listen on {port} in {START_TIMEOUT:.0f} s"
+                    raise HarnessError(f"{why}:\n{tail}") from None
         yield port, proc.pid, argv
     finally:
         # SIGINT lets it stop the guest and remove its RAM file; the group kill
@@ -272,8 +281,9 @@ def bench_pair(mode: str, args: argparse.Namespace, workdir: Path) -> dict[str, 
 # -- report ---------------------------------------------------------------------------------------
 
 
-def benchmark_command(requests: int, clients: int) -> str:
-    return shlex.join(["redis-benchmark", "-h", "127.0.0.1", "-p", "<client port>", "-t", ",".join(TESTS),
+def benchmark_command(port: int | str, requests: int, clients: int) -> str:
+    """What `_common.redis_benchmark` runs."""
+    return shlex.join(["redis-benchmark", "-h", "127.0.0.1", "-p", str(port), "-t", ",".join(TESTS),
                        "-n", str(requests), "-c", str(clients), "--csv"])
 
 
@@ -419,6 +429,7 @@ def main() -> int:
         ap.error(f"--accel kvm: {reason}")
     require_tool("redis-benchmark", "redis-tools")
 
+    load_at_start = Path("/proc/loadavg").read_text().split()[:3]
     rounds: list[dict[str, Any]] = []
     failed = False
     for i in range(args.rounds):
@@ -444,14 +455,15 @@ def main() -> int:
         ok = [r[mode] for r in rounds if "tests" in r[mode]]
         summaries[mode] = summarise_mode(ok) if ok else {"error": "failed in every round"}
     results: dict[str, Any] = {
+        "loadavg_at_start": load_at_start,
         "accel": args.accel,
         "memory": args.memory,
         "clients": args.clients,
         "rounds": args.rounds,
         "redis_benchmark": {
-            "unprotected": benchmark_command(args.requests, args.clients),
-            "checkpoint": benchmark_command(args.checkpoint_requests, args.clients),
-            "lockstep": benchmark_command(args.requests, args.clients),
+            "unprotected": benchmark_command("PORT", args.requests, args.clients),
+            "checkpoint": benchmark_command("PORT", args.checkpoint_requests, args.clients),
+            "lockstep": benchmark_command("PORT", args.requests, args.clients),
         },
         "modes": summaries,
         "ratios": p99_ratios(rounds, summaries),
