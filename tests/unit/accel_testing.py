@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import mmap
 import shutil
 import subprocess
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
+
+from colo_agent.microvm import abi, boot
+from colo_agent.microvm.accel import Accelerator, RunResult
 
 needs_assembler = pytest.mark.skipif(
     shutil.which("gcc") is None or shutil.which("objcopy") is None,
@@ -52,3 +58,55 @@ class RecordingIo:
         if self.on_access:
             self.on_access()
         return self.inputs[port].pop(0)
+
+
+A = TypeVar("A", bound=Accelerator)
+MakeVm = Callable[..., tuple[A, mmap.mmap, RecordingIo]]
+# Generous: only a hang should fail, never a slow shared machine.
+JOIN_TIMEOUT_S = 10.0
+
+
+def vm_maker(accel_cls: Callable[[mmap.mmap, RecordingIo], A], tmp_path: Path) -> Iterator[MakeVm[A]]:
+    """Body of a `make_vm` fixture: accelerators over fresh long-mode RAM, closed afterwards.
+
+    `make(source)` assembles `source` at the firmware address and sets the
+    entry CPU state; `make(ram=..., io=...)` wraps existing RAM as it is."""
+    made: list[tuple[A, mmap.mmap]] = []
+
+    def make(
+        source: str | None = None,
+        ram: mmap.mmap | None = None,
+        io: RecordingIo | None = None,
+        ram_size: int = abi.MIN_RAM,
+    ) -> tuple[A, mmap.mmap, RecordingIo]:
+        io = io or RecordingIo()
+        if ram is None:
+            ram = mmap.mmap(-1, ram_size)
+            boot.write_boot_environment(ram, ram_size)
+            if source is not None:
+                code = assemble(source, tmp_path)
+                ram[abi.FIRMWARE_ADDR : abi.FIRMWARE_ADDR + len(code)] = code
+        accel = accel_cls(ram, io)
+        made.append((accel, ram))
+        if source is not None:
+            accel.set_cpu_state(boot.initial_cpu_state())
+        return accel, ram, io
+
+    yield make
+    for accel, ram in reversed(made):
+        accel.close()
+        ram.close()
+
+
+def run_in_thread(accel: Accelerator) -> tuple[threading.Thread, list[RunResult]]:
+    result: list[RunResult] = []
+    thread = threading.Thread(target=lambda: result.append(accel.run()), daemon=True)
+    thread.start()
+    return thread, result
+
+
+def kick_and_join(accel: Accelerator, thread: threading.Thread, result: list[RunResult]) -> RunResult:
+    accel.kick()
+    thread.join(JOIN_TIMEOUT_S)
+    assert not thread.is_alive(), "run() did not return after kick()"
+    return result[0]

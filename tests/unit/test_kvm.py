@@ -11,13 +11,22 @@ import mmap
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
-from accel_testing import RecordingIo, assemble, needs_assembler
+from accel_testing import (
+    JOIN_TIMEOUT_S,
+    MakeVm,
+    RecordingIo,
+    assemble,
+    kick_and_join,
+    needs_assembler,
+    run_in_thread,
+    vm_maker,
+)
 
 from colo_agent.microvm import abi, boot
 from colo_agent.microvm.accel import DescriptorTable, RunResult
@@ -31,8 +40,6 @@ pytestmark = [
 
 RAM_SIZE = abi.MIN_RAM
 PAGE = abi.PAGE_SIZE
-# Generous: only a hang should fail, never a slow shared machine.
-JOIN_TIMEOUT_S = 5.0
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -41,43 +48,8 @@ def _kick_handler() -> None:
 
 
 @pytest.fixture
-def make_vm(tmp_path: Path) -> Iterator[Callable[..., tuple[KvmAccelerator, mmap.mmap, RecordingIo]]]:
-    made: list[tuple[KvmAccelerator, mmap.mmap]] = []
-
-    def make(
-        source: str | None = None, ram: mmap.mmap | None = None, io: RecordingIo | None = None
-    ) -> tuple[KvmAccelerator, mmap.mmap, RecordingIo]:
-        io = io or RecordingIo()
-        if ram is None:
-            ram = mmap.mmap(-1, RAM_SIZE)
-            boot.write_boot_environment(ram, RAM_SIZE)
-            if source is not None:
-                code = assemble(source, tmp_path)
-                ram[abi.FIRMWARE_ADDR : abi.FIRMWARE_ADDR + len(code)] = code
-        accel = KvmAccelerator(ram, io)
-        made.append((accel, ram))
-        if source is not None:
-            accel.set_cpu_state(boot.initial_cpu_state())
-        return accel, ram, io
-
-    yield make
-    for accel, ram in reversed(made):
-        accel.close()
-        ram.close()
-
-
-def run_in_thread(accel: KvmAccelerator) -> tuple[threading.Thread, list[RunResult]]:
-    result: list[RunResult] = []
-    thread = threading.Thread(target=lambda: result.append(accel.run()), daemon=True)
-    thread.start()
-    return thread, result
-
-
-def kick_and_join(accel: KvmAccelerator, thread: threading.Thread, result: list[RunResult]) -> RunResult:
-    accel.kick()
-    thread.join(JOIN_TIMEOUT_S)
-    assert not thread.is_alive(), "run() did not return after kick()"
-    return result[0]
+def make_vm(tmp_path: Path) -> Iterator[MakeVm[KvmAccelerator]]:
+    yield from vm_maker(KvmAccelerator, tmp_path)
 
 
 # -- port I/O -----------------------------------------------------------------

@@ -12,14 +12,23 @@ import mmap
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 import pytest
-from accel_testing import RecordingIo, assemble, needs_assembler
+from accel_testing import (
+    JOIN_TIMEOUT_S,
+    MakeVm,
+    RecordingIo,
+    assemble,
+    kick_and_join,
+    needs_assembler,
+    run_in_thread,
+    vm_maker,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -31,53 +40,11 @@ pytestmark = needs_assembler
 
 RAM_SIZE = abi.MIN_RAM
 PAGE = abi.PAGE_SIZE
-JOIN_TIMEOUT_S = 10.0
 M64 = (1 << 64) - 1
 
-MakeVm = Callable[..., tuple[TcgAccelerator, mmap.mmap, RecordingIo]]
-
-
 @pytest.fixture
-def make_vm(tmp_path: Path) -> Iterator[MakeVm]:
-    made: list[tuple[TcgAccelerator, mmap.mmap]] = []
-
-    def make(
-        source: str | None = None,
-        ram: mmap.mmap | None = None,
-        io: RecordingIo | None = None,
-        ram_size: int = RAM_SIZE,
-    ) -> tuple[TcgAccelerator, mmap.mmap, RecordingIo]:
-        io = io or RecordingIo()
-        if ram is None:
-            ram = mmap.mmap(-1, ram_size)
-            boot.write_boot_environment(ram, ram_size)
-            if source is not None:
-                code = assemble(source, tmp_path)
-                ram[abi.FIRMWARE_ADDR : abi.FIRMWARE_ADDR + len(code)] = code
-        accel = TcgAccelerator(ram, io)
-        made.append((accel, ram))
-        if source is not None:
-            accel.set_cpu_state(boot.initial_cpu_state())
-        return accel, ram, io
-
-    yield make
-    for accel, ram in reversed(made):
-        accel.close()
-        ram.close()
-
-
-def run_in_thread(accel: TcgAccelerator) -> tuple[threading.Thread, list[RunResult]]:
-    result: list[RunResult] = []
-    thread = threading.Thread(target=lambda: result.append(accel.run()), daemon=True)
-    thread.start()
-    return thread, result
-
-
-def kick_and_join(accel: TcgAccelerator, thread: threading.Thread, result: list[RunResult]) -> RunResult:
-    accel.kick()
-    thread.join(JOIN_TIMEOUT_S)
-    assert not thread.is_alive(), "run() did not return after kick()"
-    return result[0]
+def make_vm(tmp_path: Path) -> Iterator[MakeVm[TcgAccelerator]]:
+    yield from vm_maker(TcgAccelerator, tmp_path)
 
 
 def page_array(ram: mmap.mmap) -> npt.NDArray[np.uint8]:
