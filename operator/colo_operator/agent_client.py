@@ -32,6 +32,10 @@ from .snapshot import AgentReport
 _T = TypeVar("_T", AgentStatus, PromoteResult, CheckpointResult, DemoteResult)
 
 
+# Timeout of a poll of an agent whose node is not Ready.
+SUSPECT_TIMEOUT_S = 0.3
+
+
 class AgentError(RuntimeError):
     """A control request failed; `status` is the HTTP status (0: no answer), `reason` the agent's reason."""
 
@@ -60,9 +64,11 @@ class AgentClient:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def _send(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+    async def _send(
+        self, method: str, url: str, *, attempts: int | None = None, **kwargs: Any
+    ) -> httpx.Response:
         async for attempt in AsyncRetrying(
-            stop=stop_after_attempt(self._attempts),
+            stop=stop_after_attempt(attempts or self._attempts),
             wait=wait_random_exponential(multiplier=0.05, max=0.5),
             retry=retry_if_exception_type(httpx.TransportError),
             reraise=True,
@@ -100,9 +106,14 @@ class AgentClient:
                 f"{method} {url}: malformed {kind.__name__}: {exc}", response.status_code
             ) from None
 
-    async def status(self, ip: str, port: int) -> AgentReport:
+    async def status(self, ip: str, port: int, *, suspect: bool = False) -> AgentReport:
+        """Poll one agent. `suspect`: its node is not Ready, so one short try is
+        enough; a dead agent must not hold up the decision for several timeouts."""
+        extra: dict[str, Any] = {"attempts": 1, "timeout": SUSPECT_TIMEOUT_S} if suspect else {}
         try:
-            return AgentReport(status=await self._call(AgentStatus, "GET", f"{base_url(ip, port)}/v1/status"))
+            return AgentReport(
+                status=await self._call(AgentStatus, "GET", f"{base_url(ip, port)}/v1/status", **extra)
+            )
         except AgentError as exc:
             return AgentReport(status=None, error=str(exc))
 

@@ -181,9 +181,18 @@ async def _token(rt: Runtime, vm: VMView) -> str:
     return rt.tokens[key]
 
 
-async def _poll(rt: Runtime, pods: tuple[PodView, ...]) -> dict[str, AgentReport]:
+async def _poll(
+    rt: Runtime, pods: tuple[PodView, ...], nodes: Mapping[str, NodeView]
+) -> dict[str, AgentReport]:
     live = [p for p in pods if p.ip and p.phase == "Running" and not p.deleting]
-    reports = await asyncio.gather(*(rt.agents.status(p.ip or "", rt.control_port) for p in live))
+
+    def suspect(pod: PodView) -> bool:
+        node = nodes.get(pod.node or "")
+        return node is None or node.health is not NodeHealth.READY
+
+    reports = await asyncio.gather(
+        *(rt.agents.status(p.ip or "", rt.control_port, suspect=suspect(p)) for p in live)
+    )
     out = {p.name: UNPOLLED for p in pods}
     out.update({p.name: r for p, r in zip(live, reports, strict=True)})
     return out
@@ -198,7 +207,8 @@ async def read_world(rt: Runtime, namespace: str, name: str) -> tuple[dict[str, 
         rt.kube.list_pods(namespace, name), rt.kube.get_lease(namespace, manifests.Names(name).lease)
     )
     pods = tuple(pod_view(p) for p in raw_pods)
-    nodes, agents = await asyncio.gather(_nodes(rt, pods), _poll(rt, pods))
+    nodes = await _nodes(rt, pods)  # the watch cache, listed only when it lacks a node
+    agents = await _poll(rt, pods, nodes)
     snapshot = Snapshot(
         vm=vm,
         pods=pods,

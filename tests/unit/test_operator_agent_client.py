@@ -1,0 +1,80 @@
+"""The operator's agent client: version handshake, error documents, retries on transport errors only."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+from test_operator_world import agent
+
+from colo_agent.api.models import API_VERSION_HEADER, Role
+from colo_operator.agent_client import AgentClient, AgentError
+
+STATUS = agent(Role.SECONDARY).status
+assert STATUS is not None
+
+
+def client(handler, calls: list[httpx.Request] | None = None) -> AgentClient:
+    def record(request: httpx.Request) -> httpx.Response:
+        if calls is not None:
+            calls.append(request)
+        return handler(request)
+
+    return AgentClient(transport=httpx.MockTransport(record), attempts=2)
+
+
+async def test_status_parsed() -> None:
+    c = client(lambda r: httpx.Response(200, text=STATUS.to_json(), headers={API_VERSION_HEADER: "v1"}))
+    report = await c.status("10.0.0.1", 8080)
+    assert report.status == STATUS and report.error is None
+
+
+async def test_other_api_version_is_refused_before_reading_the_body() -> None:
+    c = client(lambda r: httpx.Response(200, text="{}", headers={API_VERSION_HEADER: "v2"}))
+    report = await c.status("10.0.0.1", 8080)
+    assert report.status is None and "speaks control API 'v2'" in (report.error or "")
+    body = json.dumps({**STATUS.to_dict(), "apiVersion": "v9"})
+    c = client(lambda r: httpx.Response(200, text=body))
+    assert "v9" in ((await c.status("10.0.0.1", 8080)).error or "")
+
+
+async def test_malformed_status_is_an_error_not_a_crash() -> None:
+    c = client(lambda r: httpx.Response(200, text='{"apiVersion": "v1", "role": 7}'))
+    report = await c.status("10.0.0.1", 8080)
+    assert report.status is None and "malformed AgentStatus" in (report.error or "")
+
+
+async def test_refusal_carries_the_agents_message_and_is_not_retried() -> None:
+    calls: list[httpx.Request] = []
+    error = {"apiVersion": "v1", "error": "term 2 is not above the current term 3", "reason": "StaleTerm"}
+    c = client(lambda r: httpx.Response(409, json=error), calls)
+    with pytest.raises(AgentError) as raised:
+        await c.promote("10.0.0.1", 8080, "token", 2)
+    assert raised.value.status == 409 and raised.value.reason == "StaleTerm"
+    assert "not above the current term" in str(raised.value)
+    assert len(calls) == 1
+    assert calls[0].headers["Authorization"] == "Bearer token"
+    assert json.loads(calls[0].content) == {"term": 2}
+
+
+async def test_transport_errors_are_retried_except_for_suspect_agents() -> None:
+    calls: list[httpx.Request] = []
+
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused", request=request)
+
+    c = client(refuse, calls)
+    report = await c.status("10.0.0.1", 8080)
+    assert report.status is None and "ConnectError" in (report.error or "")
+    assert len(calls) == 2
+    calls.clear()
+    await c.status("10.0.0.1", 8080, suspect=True)
+    assert len(calls) == 1
+
+
+async def test_ipv6_addresses_are_bracketed() -> None:
+    calls: list[httpx.Request] = []
+    c = client(lambda r: httpx.Response(200, text=STATUS.to_json()), calls)
+    await c.status("fd00::5", 8080)
+    assert str(calls[0].url) == "http://[fd00::5]:8080/v1/status"
