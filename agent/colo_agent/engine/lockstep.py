@@ -59,12 +59,22 @@ class OutputOffsets:
 
 
 class _Link:
-    """Frames to and from one mirror connection; the writer batches whatever queued up."""
+    """Frames to and from one mirror connection.
+
+    A frame is sent at once from the thread that produced it (the vCPU
+    thread, for mirrored input and the secondary's output) with a
+    non-blocking send: a hop through the event loop would add two thread
+    wake-ups to every request. Only what the socket does not take waits in
+    the outbox for the loop's writer; nothing is sent directly while the
+    outbox is not empty or the writer is sending, so frames never reorder.
+    """
 
     def __init__(self, conn: Connection, on_message: Callable[[MirrorMessage], None], name: str) -> None:
         self.conn = conn
         self._on_message = on_message
+        self._lock = threading.Lock()
         self._outbox: list[bytes | memoryview] = []
+        self._writing = False
         self._wake = asyncio.Event()
         self._loop = asyncio.get_running_loop()
         self.failed: str | None = None
@@ -83,27 +93,43 @@ class _Link:
             log.error("%s", self.failed, exc_info=exc)
 
     def send_threadsafe(self, msg: MirrorMessage) -> None:
-        data = encode(msg)
+        """Send from any thread, in the order of the calls."""
+        data: bytes | memoryview = encode(msg)
+        with self._lock:
+            if not self._outbox and not self._writing and self.failed is None:
+                try:
+                    sent = self.conn.sock.send(data)
+                except (BlockingIOError, InterruptedError):
+                    sent = 0
+                except OSError as exc:
+                    self.failed = f"mirror send failed: {exc}"
+                    return
+                if sent == len(data):
+                    return
+                data = memoryview(data)[sent:]
+            self._outbox.append(data)
         with contextlib.suppress(RuntimeError):  # loop closed: shutting down
-            self._loop.call_soon_threadsafe(self._queue, data)
+            self._loop.call_soon_threadsafe(self._wake.set)
 
-    def send(self, msg: MirrorMessage) -> None:
-        self._queue(encode(msg))
-
-    def _queue(self, data: bytes) -> None:
-        self._outbox.append(data)
-        self._wake.set()
+    send = send_threadsafe
 
     async def _writer(self) -> None:
         try:
             while True:
                 await self._wake.wait()
                 self._wake.clear()
-                batch, self._outbox = self._outbox, []
-                if batch:
+                while True:
+                    with self._lock:
+                        batch, self._outbox = self._outbox, []
+                        self._writing = bool(batch)
+                    if not batch:
+                        break
                     await self.conn.sendmsg(batch)
         except OSError as exc:
             self.failed = f"mirror send failed: {exc}"
+        finally:
+            with self._lock:
+                self._writing = False
 
     async def _reader(self) -> None:
         decoder = MirrorDecoder()
