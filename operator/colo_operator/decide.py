@@ -49,7 +49,7 @@ from .status import (
     false,
     figures,
     merge_conditions,
-    timestamp,
+    timestamp_ms,
     transition_events,
     true,
     unknown,
@@ -689,7 +689,7 @@ def _start_transition(d: _Draft, kind: str, cause: Cause, frm: str, to: str, det
         # The pending step: recorded before anything is asked of an agent.
         "step": "Promote" if kind == "Failover" else "Checkpoint",
         "term": term,
-        "startedAt": timestamp(s.now),
+        "startedAt": timestamp_ms(s.now),
         "message": detail,
     }
     d.status["targetPrimary"] = to
@@ -872,7 +872,7 @@ def _continue_transition(d: _Draft, current: str, t: dict[str, Any]) -> Plan:
     duration_ms = round((s.now - started).total_seconds() * 1000.0, 1)
     record: dict[str, Any] = {
         "kind": kind,
-        "time": timestamp(s.now),
+        "time": timestamp_ms(s.now),
         "durationMs": duration_ms,
         "cause": str(t.get("cause") or ""),
         "from": frm,

@@ -88,6 +88,11 @@ def timestamp(when: dt.datetime) -> str:
     return when.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def timestamp_ms(when: dt.datetime) -> str:
+    """With milliseconds: failover durations are computed from these, and whole seconds would skew them."""
+    return when.astimezone(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 def merge_conditions(
     previous: object, new: Sequence[Condition], now: dt.datetime, generation: int
 ) -> list[dict[str, Any]]:
