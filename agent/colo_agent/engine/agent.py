@@ -49,7 +49,7 @@ from colo_agent.api.models import (
     WrongRole,
 )
 from colo_agent.api.server import arbiter_refusals
-from colo_agent.arbiter.base import Arbiter
+from colo_agent.arbiter.base import Arbiter, ArbiterError
 from colo_agent.engine.compare import Cause, Mark, OutputComparator, Release
 from colo_agent.engine.lockstep import OutputOffsets, PrimaryMirror, SecondaryMirror
 from colo_agent.engine.output import OutputChunk, OutputGate
@@ -74,6 +74,9 @@ log = logging.getLogger(__name__)
 
 # How long a promotion may wait for the old primary's lease to run out.
 PROMOTE_TIMEOUT_LEASES = 3.0
+# A starting primary retries reading the arbiter this long, this often.
+STARTUP_ARBITER_TIMEOUT = 30.0
+STARTUP_ARBITER_RETRY = 0.5
 # How long POST /v1/checkpoint waits for the acknowledgement.
 CHECKPOINT_TIMEOUT = 10.0
 # A new secondary is retried this often after a failed pairing.
@@ -149,6 +152,7 @@ class Agent:
         self.cache: ColoCache | None = None
         self.receiver: CheckpointReceiver | None = None
         self.sec_mirror: SecondaryMirror | None = None
+        self._peer_lost: str | None = None
         self._guest_started = False
         self._releasing = True
 
@@ -202,8 +206,20 @@ class Agent:
     # ------------------------------------------------------------------ primary
 
     async def _first_term(self) -> int:
-        """A fresh primary takes the term after the highest recorded one."""
-        await self.arbiter.observe()
+        """A fresh primary takes the term after the highest recorded one.
+
+        The store may be slow or briefly unreachable (an API server under
+        load): reading it is retried for a while rather than failing the pod."""
+        deadline = time.monotonic() + STARTUP_ARBITER_TIMEOUT
+        while True:
+            try:
+                await self.arbiter.observe()
+                break
+            except ArbiterError as exc:
+                if time.monotonic() >= deadline:
+                    raise
+                log.warning("cannot read the arbiter yet (%s); retrying", exc)
+                await asyncio.sleep(STARTUP_ARBITER_RETRY)
         term = self.arbiter.term + 1
         timeout = PROMOTE_TIMEOUT_LEASES * self.arbiter.lease_duration
         if not await self.arbiter.wait_acquire(term, timeout):
@@ -502,9 +518,9 @@ class Agent:
                 if self._guest_started:
                     # Lockstep: a new first sync rewrites RAM under the guest; hold it still.
                     self.machine.pause()
-                self._new_receiver()
-                receiver = self.receiver
-                assert receiver is not None
+            # The same receiver dials again: its cache (the committed image) is
+            # only reset once a new pairing is authenticated, so a dead primary
+            # that cannot be reached never costs the image a promotion needs.
             try:
                 await receiver.dial(host, port, mirror=self.settings.lockstep)
                 if self.settings.lockstep:
@@ -515,6 +531,7 @@ class Agent:
                 await asyncio.sleep(PAIR_RETRY)
                 continue
             first = False
+            self._peer_lost = None
             reason = await receiver.wait_lost()
             if self.role is not Role.SECONDARY or self.receiver is not receiver:
                 return  # promoted meanwhile
@@ -522,7 +539,9 @@ class Agent:
                 await self.sec_mirror.close()
                 self.sec_mirror = None
             log.warning("pairing with the primary ended: %s", reason)
-            self.metrics.set_peer(up=False, synced=False)
+            self._peer_lost = reason
+            promotable = self.cache is not None and self.cache.committed is not None
+            self.metrics.set_peer(up=False, synced=promotable)
             await asyncio.sleep(PAIR_RETRY)
 
     def _on_commit(self, commit: CommitEpoch) -> None:
@@ -559,19 +578,26 @@ class Agent:
     # ------------------------------------------------------------------ control API
 
     def status(self) -> AgentStatus:
+        now = time.monotonic()
         if self.role is Role.PRIMARY:
             sender = self.sender
             if sender is None:
                 peer = PeerStatus(PeerState.NONE)
-            elif not self.protected:
-                peer = PeerStatus(PeerState.SYNCING)
             else:
-                peer = PeerStatus(PeerState.CONNECTED)
+                state = PeerState.CONNECTED if self.protected else PeerState.SYNCING
+                heard_ms = max(0.0, (now - sender.session.last_heard) * 1e3)
+                peer = PeerStatus(state, last_heartbeat_age_ms=heard_ms)
             synced = self.protected
         else:
-            receiver = self.receiver
-            synced = bool(receiver is not None and receiver.synced.is_set() and self.last_acked_epoch)
-            peer = PeerStatus(PeerState.CONNECTED if synced else PeerState.SYNCING)
+            # Promotable: a committed image exists (a re-sync in progress has none).
+            synced = self.cache is not None and self.cache.committed is not None
+            session = self.receiver.session if self.receiver is not None else None
+            age: float | None = None if session is None else max(0.0, (now - session.last_heard) * 1e3)
+            if self._peer_lost is not None or session is None:
+                state = PeerState.LOST if self._peer_lost is not None else PeerState.NONE
+            else:
+                state = PeerState.CONNECTED if synced else PeerState.SYNCING
+            peer = PeerStatus(state, address=self._peer_address(), last_heartbeat_age_ms=age)
         m = self.machine
         lockstep = None
         if self.settings.lockstep and self.role is Role.PRIMARY:
@@ -591,6 +617,10 @@ class Agent:
             synced=synced,
             lockstep=lockstep,
         )
+
+    def _peer_address(self) -> str | None:
+        peer = self.settings.peer
+        return None if peer is None else f"{peer[0]}:{peer[1]}"
 
     def ready(self) -> bool:
         if self.role is Role.PRIMARY:

@@ -344,6 +344,11 @@ class PrimarySession:
     # -- inputs ---------------------------------------------------------------
 
     @property
+    def last_heard(self) -> float:
+        """When the secondary last said anything (the caller's clock)."""
+        return self._live.last_heard
+
+    @property
     def protected(self) -> bool:
         """An epoch of this pairing has been acknowledged and the peer is alive."""
         return self.acked_epoch > 0 and self.state in (PrimaryState.READY, PrimaryState.CHECKPOINTING)
@@ -708,6 +713,11 @@ class SecondarySession:
         return actions
 
     # -- inputs ----------------------------------------------------------------
+
+    @property
+    def last_heard(self) -> float:
+        """When the primary last said anything (the caller's clock)."""
+        return self._live.last_heard
 
     @property
     def synced(self) -> bool:
