@@ -33,3 +33,11 @@ def test_rate_follows_the_guest_back_down() -> None:
         p.observe(pages=1, seconds=0.1)
     assert p.next_wait() == 0.1
     assert p.fits(2048) and not p.fits(2049)
+
+
+def test_a_guest_that_outruns_the_stream_is_held_until_the_acknowledgement() -> None:
+    p = CheckpointPacer(interval=0.1, cache_pages=2048)
+    assert not p.hold_during_stream(0.5)  # nothing known yet
+    p.observe(pages=1000, seconds=0.1)  # 10k pages/s
+    assert not p.hold_during_stream(0.05)  # 500 pages while streaming: fits
+    assert p.hold_during_stream(0.2)  # 2000 pages while streaming: would overflow the next epoch

@@ -374,12 +374,14 @@ class Agent:
         staging = StagingBuffer(sender.cache_pages)
         pacer = CheckpointPacer(self.settings.interval, sender.cache_pages)
         carry = sender.take_sync_remainder()
-        last_pause = time.monotonic()
+        last_resume = time.monotonic()
+        last_stream = 0.0
         cause = CheckpointCause.INITIAL_SYNC
         while True:
             # ---- the pause: bounded by a memory copy of the dirty set
             t0 = time.monotonic()
             keep_paused = self._demoting
+            hold = not keep_paused and pacer.hold_during_stream(last_stream)
             # Inline, not in a thread: the pause is bounded by a vCPU kick, and a
             # thread hop would add its own latency to the pause.
             m.pause()
@@ -403,14 +405,23 @@ class Agent:
                 sealed = self.gate.seal()
                 # From the first epoch on, output waits for acknowledgements.
                 self.protected = True
-            finally:
+            except BaseException:
                 if not keep_paused:
                     m.resume()
+                raise
+            if not (keep_paused or hold):
+                m.resume()
             t1 = time.monotonic()
-            pacer.observe(len(dirty), t0 - last_pause)
-            last_pause = t0
+            pacer.observe(len(dirty), t0 - last_resume)
             # ---- the stream
-            result = await sender.send_epoch(dirty, staged, device_state)
+            try:
+                result = await sender.send_epoch(dirty, staged, device_state)
+            finally:
+                if hold:
+                    m.resume()
+                    log.debug("guest held during the epoch stream (%.0f pages/s; auto-converge)", pacer.rate)
+            last_resume = time.monotonic() if hold else t1
+            last_stream = time.monotonic() - t1
             if digest is not None:
                 log.info("epoch-digest term=%d epoch=%d ram=%s", result.term, result.epoch, digest)
             self._release(self.gate.release_through(sealed))

@@ -1,4 +1,4 @@
-"""When the primary takes its next checkpoint (pure).
+"""When the primary takes its next checkpoint, and whether the guest must wait for it (pure).
 
 A checkpoint is due when the interval has elapsed. In checkpoint mode an
 epoch must also fit the secondary's cache, which holds one epoch in flight:
@@ -43,3 +43,12 @@ class CheckpointPacer:
 
     def fits(self, pages: int) -> bool:
         return pages <= self.cache_pages
+
+    def hold_during_stream(self, stream_seconds: float) -> bool:
+        """Whether the guest must stay paused until its epoch is acknowledged.
+
+        The next pause cannot come before the acknowledgement, so a guest that
+        dirties more pages while one epoch streams than the cache can take in
+        the next would force a re-sync. Holding it still for the stream
+        (auto-converge) trades its speed for staying protected."""
+        return self.rate * stream_seconds > CACHE_HEADROOM * self.cache_pages

@@ -77,9 +77,12 @@ static void dirty_tick(void) {
     u64 now = plat_now_ns();
     u64 elapsed = now - dirty_last_ns;
     dirty_last_ns = now;
-    if (elapsed > 1000000000ULL) /* after a long pause, do not catch up */
-        elapsed = 1000000000ULL;
-    /* rate <= 2^32 and elapsed <= 1e9 keep this within 64 bits. */
+    /* After a stall (a pause, a starved vCPU) catch up at most 100 ms: a
+     * burst of owed pages would land in one checkpoint and could overflow
+     * the secondary's cache, which a steady rate never does. */
+    if (elapsed > 100000000ULL)
+        elapsed = 100000000ULL;
+    /* rate <= 2^32 and elapsed <= 1e8 keep this within 64 bits. */
     u64 owed = dirty_carry + dirty_rate * elapsed;
     u64 pages = owed / 1000000000ULL;
     dirty_carry = owed % 1000000000ULL;
