@@ -77,13 +77,6 @@ def operator(cluster: Any) -> Iterator[None]:
     helm(cluster, "uninstall", RELEASE, "--namespace", RELEASE_NAMESPACE, "--wait")
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason=(
-        "depends on the agent: on a loaded machine its pairing drops after 0.5 s of silence, and a "
-        "secondary may report synced before it committed an epoch (promote then answers 503)"
-    ),
-)
 def test_node_loss_promotes_the_secondary_and_reprotects(cluster: Any, operator: None) -> None:
     vm = {"apiVersion": "colo.dev/v1alpha1", "kind": "ColoVM", "metadata": {"name": "fo"},
           "spec": {"guest": {"memory": "16Mi"}}}  # fmt: skip
