@@ -1,13 +1,13 @@
-"""A planned switchover loses nothing: while a client writes keys through the Service's ready
-endpoint, `kubectl colo switchover` moves the primary to the secondary after a final acknowledged
-checkpoint (term + 1); every write the client saw acknowledged is readable on the new primary, and
-the VM is Protected again with a fresh secondary."""
+"""A planned switchover loses nothing: while clients write keys through the Service's ready
+endpoint, `kubectl colo switchover` (or `kubectl drain` of the primary's node) moves the primary to
+the secondary after a final acknowledged checkpoint (term + 1); every write a client saw
+acknowledged is readable on the new primary, and the VM is Protected again with a fresh secondary
+(off the drained node)."""
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -113,6 +113,7 @@ class Writer:
     when a connection fails; records what the guest acknowledged and at which address."""
 
     endpoint: Callable[[], tuple[str, int] | None]
+    prefix: str = "key"
     acknowledged: dict[str, str] = field(default_factory=dict)
     acknowledged_at: dict[tuple[str, int], int] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
@@ -120,7 +121,7 @@ class Writer:
     thread: threading.Thread | None = None
 
     def start(self) -> None:
-        self.thread = threading.Thread(target=self._run, name="resp-writer", daemon=True)
+        self.thread = threading.Thread(target=self._run, name=f"writer-{self.prefix}", daemon=True)
         self.thread.start()
 
     def finish(self) -> None:
@@ -147,7 +148,7 @@ class Writer:
             try:
                 while not self.stop.is_set():
                     n += 1
-                    key, value = f"key:{n}", str(n)
+                    key, value = f"{self.prefix}:{n}", str(n)
                     if conn.call("SET", key, value) != b"OK":
                         self.errors.append(f"{key}: unexpected reply")
                         break
@@ -157,6 +158,34 @@ class Writer:
                 self.errors.append(f"{address}: {exc!r}")
             finally:
                 conn.close()
+
+
+class Writers:
+    """Several writers at once, so that writes are in flight on the old primary when it hands over."""
+
+    def __init__(self, endpoint: Callable[[], tuple[str, int] | None], count: int = 4) -> None:
+        self.writers = [Writer(endpoint, prefix=f"c{i}") for i in range(count)]
+
+    def start(self) -> None:
+        for writer in self.writers:
+            writer.start()
+
+    def finish(self) -> None:
+        for writer in self.writers:
+            writer.stop.set()
+        for writer in self.writers:
+            writer.finish()
+
+    @property
+    def acknowledged(self) -> dict[str, str]:
+        return {k: v for writer in self.writers for k, v in list(writer.acknowledged.items())}
+
+    def acknowledged_at(self, address: tuple[str, int]) -> int:
+        return sum(writer.acknowledged_at.get(address, 0) for writer in self.writers)
+
+    @property
+    def errors(self) -> list[str]:
+        return [e for writer in self.writers for e in writer.errors]
 
 
 def missing(address: tuple[str, int], acknowledged: dict[str, str]) -> list[str]:
@@ -198,73 +227,143 @@ def _apply(cluster: Any, obj: dict[str, Any]) -> None:
     )  # fmt: skip
 
 
-def test_switchover_moves_the_primary_without_losing_a_write(
-    cluster: Any, kube_api: Any, operator: None
-) -> None:
-    name = "so"
+def _protected(cluster: Any, kube_api: Any, name: str) -> tuple[dict[str, Any], tuple[str, int]]:
+    """Create ColoVM `name`, wait for Protected and for its Service on the primary."""
     vm = {"apiVersion": "colo.dev/v1alpha1", "kind": "ColoVM", "metadata": {"name": name},
           "spec": {"guest": {"memory": "16Mi"}}}  # fmt: skip
     _apply(cluster, vm)
     before = wait_for(
         lambda: (s := status(cluster, name)).get("phase") == "Protected" and s, 240, "Protected"
     )
-    primary, secondary = before["primary"], before["secondary"]
-    assert primary["node"] != secondary["node"]
+    assert before["primary"]["node"] != before["secondary"]["node"]
+    address = before["primary"]["address"]
     old = wait_for(
-        lambda: (e := ready_endpoints(kube_api, NAMESPACE, name)) and e[0][0] == primary["address"] and e[0],
+        lambda: (e := ready_endpoints(kube_api, NAMESPACE, name)) and e[0][0] == address and e[0],
         60,
         "the Service on the primary",
     )
+    return before, old
 
+
+def _service_endpoint(kube_api: Any, name: str) -> Callable[[], tuple[str, int] | None]:
     def endpoint() -> tuple[str, int] | None:
         try:
             found = ready_endpoints(kube_api, NAMESPACE, name)
         except Exception:  # the API server is busy; the next try will do
             return None
+        # Two ready endpoints would be two pods releasing output; the writer waits that out.
         return found[0] if len(found) == 1 else None
 
-    writer = Writer(endpoint)
-    writer.start()
+    return endpoint
+
+
+def _moved(
+    cluster: Any, name: str, before: dict[str, Any], writers: Writers, new: tuple[str, int], cause: str
+) -> dict[str, Any]:
+    """Check the roles swapped in term + 1 with nothing lost, and wait for Protected again."""
+    primary, secondary = before["primary"], before["secondary"]
+    after = status(cluster, name)
+    assert after["currentPrimary"] == secondary["pod"]
+    assert after["term"] == before["term"] + 1
+    last = after["lastFailover"]
+    assert (last["kind"], last["cause"]) == ("Switchover", cause), last
+    assert last["from"] == primary["pod"] and last["to"] == secondary["pod"], last
+    assert after.get("failovers", 0) == before.get("failovers", 0), "a switchover is not a failover"
+    assert writers.acknowledged, "the client saw no write acknowledged"
+    lost = missing(new, writers.acknowledged)
+    assert not lost, f"{len(lost)} of {len(writers.acknowledged)} acknowledged writes lost: {lost[:10]}"
+    again = wait_for(
+        lambda: (s := status(cluster, name)).get("phase") == "Protected" and s, 240, "Protected again"
+    )
+    assert again["primary"]["pod"] == secondary["pod"]
+    assert again["term"] == after["term"]
+    assert again["secondary"]["node"] != again["primary"]["node"]
+    return after
+
+
+def test_switchover_moves_the_primary_without_losing_a_write(
+    cluster: Any, kube_api: Any, operator: None
+) -> None:
+    name = "so"
+    before, old = _protected(cluster, kube_api, name)
+    endpoint = _service_endpoint(kube_api, name)
+    writers = Writers(endpoint)
+    writers.start()
     try:
-        wait_for(lambda: writer.acknowledged_at.get(old, 0) >= 50, 60, "writes acknowledged by the primary")
+        wait_for(lambda: writers.acknowledged_at(old) >= 100, 60, "writes acknowledged by the primary")
         started = time.monotonic()
         result = subprocess.run(
             [str(KUBECTL_COLO), "--kubeconfig", str(cluster.kubeconfig), "-n", NAMESPACE,
              "switchover", name, "--timeout", "90"],
             capture_output=True, text=True, timeout=120, check=False,
-            env={**os.environ, "KUBECONFIG": str(cluster.kubeconfig)},
         )  # fmt: skip
         switched_s = time.monotonic() - started
         assert result.returncode == 0, result.stdout + result.stderr
         assert "switched over" in result.stdout, result.stdout
+        address = before["secondary"]["address"]
         new = wait_for(
-            lambda: (e := endpoint()) is not None and e[0] == secondary["address"] and e,
+            lambda: (e := endpoint()) is not None and e[0] == address and e,
             60,
             "the Service on the new primary",
         )
-        wait_for(
-            lambda: writer.acknowledged_at.get(new, 0) >= 50, 60, "writes acknowledged by the new primary"
-        )
+        wait_for(lambda: writers.acknowledged_at(new) >= 100, 60, "writes acknowledged by the new primary")
     finally:
-        writer.finish()
+        writers.finish()
 
-    after = status(cluster, name)
-    assert after["currentPrimary"] == secondary["pod"]
-    assert after["term"] == before["term"] + 1
-    assert after["lastFailover"]["kind"] == "Switchover"
-    assert after["lastFailover"]["from"] == primary["pod"] and after["lastFailover"]["to"] == secondary["pod"]
-    lost = missing(new, writer.acknowledged)
-    assert not lost, f"{len(lost)} of {len(writer.acknowledged)} acknowledged writes lost: {lost[:10]}"
-
-    again = wait_for(
-        lambda: (s := status(cluster, name)).get("phase") == "Protected" and s, 240, "Protected again"
-    )
-    assert again["primary"]["pod"] == secondary["pod"]
-    assert again["secondary"]["node"] != again["primary"]["node"]
+    after = _moved(cluster, name, before, writers, new, "Switchover")
     print(
         f"\nswitchover: kubectl colo switchover returned in {switched_s:.1f}s "
         f"(operator: {after['lastFailover']['durationMs']:.0f} ms from decision to promotion); "
-        f"{len(writer.acknowledged)} writes acknowledged ({writer.acknowledged_at.get(old, 0)} on the old "
-        f"primary, {writer.acknowledged_at.get(new, 0)} on the new), none lost; "
-        f"client errors during the move: {writer.errors[:3]}"
+        f"{len(writers.acknowledged)} writes acknowledged ({writers.acknowledged_at(old)} on the old "
+        f"primary, {writers.acknowledged_at(new)} on the new), none lost; "
+        f"{len(writers.errors)} client connections cut by the move, first: {writers.errors[:1]}"
+    )
+    # The drain test below cordons a node: this VM would only add work there.
+    cluster.kubectl("delete", "cvm", name, "-n", NAMESPACE, "--wait=true", "--timeout=120s")
+
+
+def test_drain_of_the_primary_node_switches_over_without_losing_a_write(
+    cluster: Any, kube_api: Any, operator: None
+) -> None:
+    name = "dr"
+    before, old = _protected(cluster, kube_api, name)
+    drained = before["primary"]["node"]
+    endpoint = _service_endpoint(kube_api, name)
+    writers = Writers(endpoint)
+    writers.start()
+    try:
+        try:
+            wait_for(lambda: writers.acknowledged_at(old) >= 100, 60, "writes acknowledged by the primary")
+            started = time.monotonic()
+            # The PodDisruptionBudget turns the eviction of the primary away until the operator
+            # has switched over (it sees the cordon) and retired the old primary itself.
+            result = cluster.kubectl(
+                "drain", drained, "--ignore-daemonsets", "--delete-emptydir-data", "--force",
+                "--timeout=150s", check=False, timeout=180,
+            )  # fmt: skip
+            drained_s = time.monotonic() - started
+            assert result.returncode == 0, result.stdout + result.stderr
+            address = before["secondary"]["address"]
+            new = wait_for(
+                lambda: (e := endpoint()) is not None and e[0] == address and e,
+                60,
+                "the Service on the new primary",
+            )
+            wait_for(
+                lambda: writers.acknowledged_at(new) >= 100, 60, "writes acknowledged by the new primary"
+            )
+        finally:
+            writers.finish()
+        # While the node is still cordoned: the new secondary must have gone elsewhere.
+        after = _moved(cluster, name, before, writers, new, "NodeDrain")
+        again = status(cluster, name)
+        assert drained not in (again["primary"]["node"], again["secondary"]["node"])
+    finally:
+        cluster.kubectl("uncordon", drained, check=False)
+
+    print(
+        f"\ndrain of {drained}: kubectl drain returned in {drained_s:.1f}s "
+        f"(operator: {after['lastFailover']['durationMs']:.0f} ms from decision to promotion); "
+        f"{len(writers.acknowledged)} writes acknowledged ({writers.acknowledged_at(old)} on the old "
+        f"primary, {writers.acknowledged_at(new)} on the new), none lost"
     )
