@@ -34,9 +34,9 @@ DRIVER = textwrap.dedent(
         print(json.dumps(event), flush=True)
 
     class Traced(FileArbiter):
-        async def _swap(self, expected, term, holder):
+        async def _swap(self, expected, term, holder, floor=0):
             start = time.monotonic()
-            written = await super()._swap(expected, term, holder)
+            written = await super()._swap(expected, term, holder, floor)
             say(event="swap", start=start, term=term, holder=holder, ok=written is not None)
             return written
 

@@ -47,9 +47,11 @@ class Traced(KubeLeaseArbiter):
         super().__init__(*args, **kwargs)
         self.writes: list[tuple[float, LeaseRecord]] = []
 
-    async def _swap(self, expected: LeaseRecord | None, term: int, holder: str | None) -> LeaseRecord | None:
+    async def _swap(
+        self, expected: LeaseRecord | None, term: int, holder: str | None, floor: int = 0
+    ) -> LeaseRecord | None:
         start = time.monotonic()
-        written = await super()._swap(expected, term, holder)
+        written = await super()._swap(expected, term, holder, floor)
         if written is not None:
             self.writes.append((start, written))
         return written

@@ -54,7 +54,9 @@ class MemoryArbiter(Arbiter):
             raise ArbiterError("store unreachable")
         return self.store.record
 
-    async def _swap(self, expected: LeaseRecord | None, term: int, holder: str | None) -> LeaseRecord | None:
+    async def _swap(
+        self, expected: LeaseRecord | None, term: int, holder: str | None, floor: int = 0
+    ) -> LeaseRecord | None:
         if self.store.down:
             raise ArbiterError("store unreachable")
         while self.store.before_swap:
@@ -65,7 +67,7 @@ class MemoryArbiter(Arbiter):
         if (current and current.version) != (expected and expected.version):
             return None
         self.store.writes += 1
-        self.store.record = LeaseRecord(term, holder, str(self.store.writes), self.lease_duration)
+        self.store.record = LeaseRecord(term, holder, str(self.store.writes), self.lease_duration, floor)
         return self.store.record
 
     async def close(self) -> None:

@@ -12,6 +12,7 @@ from colo_agent.arbiter import from_spec
 from colo_agent.arbiter.base import ArbiterError, LeaseRecord
 from colo_agent.arbiter.lease import (
     DURATION_ANNOTATION,
+    FLOOR_ANNOTATION,
     KubeLeaseArbiter,
     lease_body,
     micro_time,
@@ -82,7 +83,7 @@ def test_taking_keeps_everything_else_and_bumps_the_term() -> None:
     assert body["metadata"]["resourceVersion"] == "812"  # the compare-and-swap precondition
     assert body["metadata"]["labels"] == current["metadata"]["labels"]
     assert body["metadata"]["ownerReferences"] == current["metadata"]["ownerReferences"]
-    assert body["metadata"]["annotations"] == {DURATION_ANNOTATION: "1500"}
+    assert body["metadata"]["annotations"] == {DURATION_ANNOTATION: "1500", FLOOR_ANNOTATION: "0"}
     assert body["spec"] == {
         "holderIdentity": "db-b",
         "leaseTransitions": 4,
@@ -122,7 +123,7 @@ def test_creating_when_there_is_no_lease() -> None:
     assert body["metadata"] == {
         "name": "db",
         "namespace": "prod",
-        "annotations": {DURATION_ANNOTATION: "1000"},
+        "annotations": {DURATION_ANNOTATION: "1000", FLOOR_ANNOTATION: "0"},
     }
     assert body["spec"]["leaseTransitions"] == 1 and body["spec"]["holderIdentity"] == "db-a"
 

@@ -36,6 +36,7 @@ async def test_record_on_disk(tmp_path: Path, clock: FakeClock) -> None:
         "holder": "pod-a",
         "writes": 1,
         "leaseDurationMs": 1500.0,
+        "epochFloor": 0,
     }
     assert await a.renew()
     assert await a.renew()

@@ -33,6 +33,7 @@ from colo_agent.api.models import (
     API_VERSION,
     API_VERSION_HEADER,
     AgentStatus,
+    ArbiterConflict,
     CheckpointResult,
     ControlError,
     DemoteResult,
@@ -45,7 +46,7 @@ from colo_agent.api.models import (
     StaleTerm,
     Unavailable,
 )
-from colo_agent.arbiter.base import ArbiterError, TermTooLow
+from colo_agent.arbiter.base import ArbiterError, StaleImage, TermTooLow
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,8 @@ def arbiter_refusals() -> Iterator[None]:
         yield
     except TermTooLow as exc:
         raise StaleTerm(str(exc)) from exc
+    except StaleImage as exc:
+        raise ArbiterConflict(str(exc)) from exc
     except ArbiterError as exc:
         raise Unavailable(f"the arbiter cannot be used: {exc}") from exc
 

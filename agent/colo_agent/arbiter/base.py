@@ -70,6 +70,20 @@ class TermTooLow(ArbiterError):
         )
 
 
+class StaleImage(ArbiterError):
+    """A promotion from an image older than the record's epoch floor: the primary released
+    output the image does not explain (it ran on without this secondary), so resuming from
+    it would lose what clients saw."""
+
+    def __init__(self, image: tuple[int, int], record: LeaseRecord) -> None:
+        self.image = image
+        self.record = record
+        super().__init__(
+            f"this secondary's image (term {image[0]}, epoch {image[1]}) is stale: the primary of "
+            f"term {record.term} released output from epoch {record.floor} on without it"
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class LeaseRecord:
     """What the store holds. `version` is opaque and changes at every write."""
@@ -81,6 +95,10 @@ class LeaseRecord:
     # longer of this and its own: a holder configured with a longer lease still
     # believes itself valid for that long.
     duration: float | None = None
+    # Epoch floor: a holder that goes on without its secondary raises it above
+    # the last epoch the secondary acknowledged, before releasing anything more.
+    # A taker whose image is older may not take over. Reset with every new term.
+    floor: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,7 +211,9 @@ class Arbiter(abc.ABC):
         """The current record, or None if there is none yet. Raises ArbiterError."""
 
     @abc.abstractmethod
-    async def _swap(self, expected: LeaseRecord | None, term: int, holder: str | None) -> LeaseRecord | None:
+    async def _swap(
+        self, expected: LeaseRecord | None, term: int, holder: str | None, floor: int = 0
+    ) -> LeaseRecord | None:
         """Write (term, holder) if the stored record is still `expected` (same version; None:
         there is no record). Return the new record, or None if the version had moved on.
         Raises ArbiterError when the store cannot be reached: the outcome is then unknown."""
@@ -259,7 +279,7 @@ class Arbiter(abc.ABC):
             return math.inf
         return self._observation.expires_at
 
-    async def acquire(self, term: int) -> bool:
+    async def acquire(self, term: int, image: tuple[int, int] | None = None) -> bool:
         """One attempt to take the arbiter with `term`. False: held by someone still
         possibly valid, or another taker won the race; try again later (see
         `acquirable_at`). Raises TermTooLow if `term` can never be taken."""
@@ -273,6 +293,10 @@ class Arbiter(abc.ABC):
             # Our own earlier attempt landed although its reply was lost (a timeout).
             # Nobody else can have written this term, so a fresh write adopts it.
             return await self._adopt(record)
+        if image is not None and record is not None and (
+            record.term > image[0] or (record.term == image[0] and record.floor > image[1])
+        ):
+            raise StaleImage(image, record)
         verdict = decide_acquire(record, self._observation, term, self._clock())
         if verdict is AcquireVerdict.TERM_TOO_LOW:
             raise TermTooLow(term, record.term if record else 0, record.holder if record else None)
@@ -291,7 +315,7 @@ class Arbiter(abc.ABC):
 
     async def _adopt(self, record: LeaseRecord) -> bool:
         started = self._clock()
-        written = await self._swap(record, record.term, self.identity)
+        written = await self._swap(record, record.term, self.identity, record.floor)
         if written is None:
             return False
         self._held = written
@@ -300,7 +324,9 @@ class Arbiter(abc.ABC):
         log.info("arbiter: term %d was already recorded as ours; adopted it", record.term)
         return True
 
-    async def wait_acquire(self, term: int, timeout: float, *, poll: float | None = None) -> bool:
+    async def wait_acquire(
+        self, term: int, timeout: float, *, poll: float | None = None, image: tuple[int, int] | None = None
+    ) -> bool:
         """Take the arbiter with `term`, waiting up to `timeout` seconds for the previous
         holder's lease to run out. Sleeps until the observed expiry rather than polling
         blindly, but rereads at least every `poll` seconds (a release frees it at once).
@@ -313,7 +339,7 @@ class Arbiter(abc.ABC):
         while True:
             failure: ArbiterError | None = None
             try:
-                if await self.acquire(term):
+                if await self.acquire(term, image):
                     return True
             except TermTooLow:
                 raise
@@ -335,7 +361,7 @@ class Arbiter(abc.ABC):
             return False
         started = self._clock()
         try:
-            written = await self._swap(held, held.term, self.identity)
+            written = await self._swap(held, held.term, self.identity, held.floor)
             if written is None:
                 # Something else wrote. Only a record still ours (someone edited
                 # another field, or our own earlier write landed after a timeout)
@@ -349,7 +375,7 @@ class Arbiter(abc.ABC):
                         self._lose(f"the record now says term {current.term} held by {current.holder}")
                     return False
                 started = self._clock()
-                written = await self._swap(current, held.term, self.identity)
+                written = await self._swap(current, held.term, self.identity, max(held.floor, current.floor))
                 if written is None:
                     return False
         except ArbiterError as exc:
@@ -362,6 +388,29 @@ class Arbiter(abc.ABC):
         self._valid_until = max(self._valid_until, extended)
         return True
 
+    async def raise_floor(self, floor: int) -> bool:
+        """Holder: record that output from epoch `floor` on leaves without the current
+        secondary, so its image can no longer be promoted. True once written (it also
+        renews); False if the store cannot be written now or the term was lost."""
+        held = self._held
+        if held is None:
+            return False
+        if held.floor >= floor:
+            return True
+        started = self._clock()
+        try:
+            written = await self._swap(held, held.term, self.identity, floor)
+        except ArbiterError as exc:
+            log.warning("arbiter: raising the epoch floor to %d failed: %s", floor, exc)
+            return False
+        if written is None or self._held is not held:
+            return False  # another write came first; the caller retries after a renewal
+        self._held = written
+        self._valid_until = max(self._valid_until,
+                                lease_valid_until(started, self.lease_duration, self.safety_margin))
+        log.info("arbiter: epoch floor of term %d raised to %d", held.term, floor)
+        return True
+
     async def release(self) -> None:
         """Stop being valid at once, then hand the record back (holder empty, term kept) so a
         taker need not wait out the lease. Best effort: if the write fails, the lease runs out."""
@@ -370,7 +419,7 @@ class Arbiter(abc.ABC):
         if held is None:
             return
         try:
-            written = await self._swap(held, held.term, None)
+            written = await self._swap(held, held.term, None, held.floor)
         except ArbiterError as exc:
             log.warning("arbiter: release of term %d not recorded (%s); it will run out", held.term, exc)
             return

@@ -47,6 +47,8 @@ from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_ex
 from colo_agent.arbiter.base import Arbiter, ArbiterError, Clock, LeaseRecord
 
 DURATION_ANNOTATION = "colo.dev/lease-duration-ms"
+# The epoch floor (see `LeaseRecord.floor`): not a Lease field, so an annotation.
+FLOOR_ANNOTATION = "colo.dev/epoch-floor"
 API_VERSION = "coordination.k8s.io/v1"
 
 
@@ -81,7 +83,11 @@ def record_from_lease(obj: Mapping[str, Any]) -> LeaseRecord:
     holder = spec.get("holderIdentity") or None
     if holder is not None and not isinstance(holder, str):
         raise ArbiterError(f"the Lease's spec.holderIdentity is not a string: {holder!r}")
-    return LeaseRecord(term=term, holder=holder, version=version, duration=_advertised_duration(obj))
+    floor_text = (metadata.get("annotations") or {}).get(FLOOR_ANNOTATION, "0")
+    if not isinstance(floor_text, str) or not floor_text.isdigit():
+        raise ArbiterError(f"the Lease's {FLOOR_ANNOTATION} annotation is not an epoch: {floor_text!r}")
+    return LeaseRecord(term=term, holder=holder, version=version, duration=_advertised_duration(obj),
+                       floor=int(floor_text))
 
 
 def _advertised_duration(obj: Mapping[str, Any]) -> float | None:
@@ -110,6 +116,7 @@ def lease_body(
     holder: str | None,
     duration: float,
     now_wall: float,
+    floor: int = 0,
 ) -> dict[str, Any]:
     """The Lease to PUT (or POST when `current` is None): `current` with the record changed,
     everything else (labels, owner references, other annotations) kept."""
@@ -121,6 +128,7 @@ def lease_body(
     metadata["namespace"] = namespace
     annotations = metadata.get("annotations") or {}
     annotations[DURATION_ANNOTATION] = f"{duration * 1000:g}"
+    annotations[FLOOR_ANNOTATION] = str(floor)
     metadata["annotations"] = annotations
     spec = body.get("spec") or {}
     previous_term = spec.get("leaseTransitions") or 0
@@ -179,7 +187,9 @@ class KubeLeaseArbiter(Arbiter):
         self._objects = {record.version: obj}
         return record
 
-    async def _swap(self, expected: LeaseRecord | None, term: int, holder: str | None) -> LeaseRecord | None:
+    async def _swap(
+        self, expected: LeaseRecord | None, term: int, holder: str | None, floor: int = 0
+    ) -> LeaseRecord | None:
         current = None
         if expected is not None:
             current = self._objects.get(expected.version)
@@ -195,6 +205,7 @@ class KubeLeaseArbiter(Arbiter):
             holder=holder,
             duration=self.lease_duration,
             now_wall=time.time(),
+            floor=floor,
         )
         async with self._io:
             obj = await asyncio.to_thread(self._write, body, create=expected is None)

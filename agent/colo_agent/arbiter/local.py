@@ -53,8 +53,10 @@ class FileArbiter(Arbiter):
     async def _read(self) -> LeaseRecord | None:
         return await asyncio.to_thread(self._read_sync)
 
-    async def _swap(self, expected: LeaseRecord | None, term: int, holder: str | None) -> LeaseRecord | None:
-        return await asyncio.to_thread(self._swap_sync, expected, term, holder)
+    async def _swap(
+        self, expected: LeaseRecord | None, term: int, holder: str | None, floor: int = 0
+    ) -> LeaseRecord | None:
+        return await asyncio.to_thread(self._swap_sync, expected, term, holder, floor)
 
     async def close(self) -> None:
         pass
@@ -70,7 +72,9 @@ class FileArbiter(Arbiter):
             raise ArbiterError(f"cannot read the arbiter record {self.path}: {exc.strerror}") from exc
         return parse_record(data, self.path)
 
-    def _swap_sync(self, expected: LeaseRecord | None, term: int, holder: str | None) -> LeaseRecord | None:
+    def _swap_sync(
+        self, expected: LeaseRecord | None, term: int, holder: str | None, floor: int = 0
+    ) -> LeaseRecord | None:
         with self._locked():
             current = self._read_sync()
             current_version = None if current is None else current.version
@@ -79,7 +83,7 @@ class FileArbiter(Arbiter):
                 return None
             writes = 0 if current is None else int(current.version)
             record = LeaseRecord(
-                term=term, holder=holder, version=str(writes + 1), duration=self.lease_duration
+                term=term, holder=holder, version=str(writes + 1), duration=self.lease_duration, floor=floor
             )
             self._write_sync(record)
             return record
@@ -117,6 +121,7 @@ class FileArbiter(Arbiter):
                 "holder": record.holder,
                 "writes": int(record.version),
                 "leaseDurationMs": round((record.duration or self.lease_duration) * 1000, 3),
+                "epochFloor": record.floor,
             }
         ).encode()
         try:
@@ -161,4 +166,9 @@ def parse_record(data: bytes, where: object = "arbiter record") -> LeaseRecord:
         or not 0 < duration_ms < math.inf
     ):
         raise bad(f"leaseDurationMs must be a positive number, got {duration_ms!r}")
-    return LeaseRecord(term=term, holder=holder, version=str(writes), duration=duration_ms / 1000)
+    floor = doc.get("epochFloor", 0)
+    if not isinstance(floor, int) or isinstance(floor, bool) or floor < 0:
+        raise bad(f"epochFloor must be an integer >= 0, got {floor!r}")
+    return LeaseRecord(
+        term=term, holder=holder, version=str(writes), duration=duration_ms / 1000, floor=floor
+    )

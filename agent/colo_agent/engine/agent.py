@@ -77,6 +77,8 @@ PROMOTE_TIMEOUT_LEASES = 3.0
 # A starting primary retries reading the arbiter this long, this often.
 STARTUP_ARBITER_TIMEOUT = 30.0
 STARTUP_ARBITER_RETRY = 0.5
+# While the epoch floor waits to be written, the renewal task retries this often.
+FLOOR_RETRY = 0.05
 # How long POST /v1/checkpoint waits for the acknowledgement.
 CHECKPOINT_TIMEOUT = 10.0
 # A new secondary is retried this often after a failed pairing.
@@ -146,6 +148,11 @@ class Agent:
         self.offsets = OutputOffsets()
         self.mirror: PrimaryMirror | None = None
         self._lockstep_active = False
+        # Epoch floor (see `_unprotect`): wanted value for the renewal task, and
+        # whether output may leave while no secondary is paired.
+        self._floor_wanted = 0
+        self._floor_ok = True
+        self._floor_raised = asyncio.Event()
         self._checkpoint_done = asyncio.Condition()
         self._tasks: set[asyncio.Task[None]] = set()
         # Secondary
@@ -268,7 +275,7 @@ class Agent:
         while True:
             await self._release_event.wait()
             self._release_event.clear()
-            if not self.protected:
+            if not self.protected and self._floor_ok:
                 self._release(self.gate.release_all())
 
     def _lockstep_output(self, conn_id: int, data: bytes, closed: bool) -> None:
@@ -276,7 +283,10 @@ class Agent:
         if mirror is not None:
             mirror.primary_output(conn_id, data, closed)
         else:
-            self._deliver_releases([Release(conn_id, data, closed, False)])
+            # No secondary: through the gate, which the release loop empties
+            # once the epoch floor allows (`_unprotect`).
+            self.gate.hold(conn_id, data, closed)
+            self._release_event.set()
 
     def _deliver_releases(self, releases: list[Release]) -> None:
         if not releases:
@@ -310,8 +320,16 @@ class Agent:
         self.metrics.set_output_held(self.gate.held_bytes)
 
     async def _renew_lease(self) -> None:
+        """The one task that writes the arbiter while primary: renewals, and the epoch
+        floor when the secondary is lost (`_unprotect` asks for it)."""
         while True:
-            ok = await self.arbiter.renew()
+            wanted = self._floor_wanted
+            if wanted and await self.arbiter.raise_floor(wanted):
+                self._floor_wanted = 0
+                self._floor_raised.set()
+                ok = True
+            else:
+                ok = await self.arbiter.renew()
             self.metrics.set_lease_valid(self.arbiter.is_valid())
             if not self.arbiter.holding and not self._demoting:
                 log.error("lost the arbiter: another agent took over; stopping the guest")
@@ -321,7 +339,10 @@ class Agent:
                 return
             if not ok:
                 log.warning("lease renewal failed; output stops if it stays so")
-            await asyncio.sleep(self.arbiter.renew_interval)
+            if self._floor_wanted:
+                await asyncio.sleep(min(FLOOR_RETRY, self.arbiter.renew_interval))
+            else:
+                await asyncio.sleep(self.arbiter.renew_interval)
 
     async def _accept_secondaries(self, term: int) -> None:
         """Listen on the replication port; protect the guest with whichever secondary dials in.
@@ -467,13 +488,34 @@ class Agent:
         log.info("stepped down after epoch %d; the secondary may take over", self.last_acked_epoch)
 
     async def _unprotect(self, reason: str) -> None:
-        """The secondary is gone: what was held may go (the lease still decides)."""
+        """The secondary is gone; the guest goes on unprotected.
+
+        The secondary may be alive, only cut off, and still hold its image: if
+        this primary then lost the lease too, a promotion would resume from
+        that image and lose whatever was released meanwhile. So before any
+        output leaves without the secondary, the epoch floor is written into
+        the arbiter: an image older than it can no longer be promoted. Until
+        the floor is written (a primary cut off from the store too), output is
+        held, and dropped if the lease runs out first.
+        """
         log.warning("running unprotected: %s", reason)
+        was_protected = self.protected
         self.protected = False
         self.sender = None
         self.metrics.set_peer(up=False, synced=False)
+        mirror, self.mirror = self.mirror, None
+        held = mirror.comparator.release_all() if mirror is not None else []
+        if was_protected:
+            self._floor_ok = False
+            self._floor_raised.clear()
+            self._floor_wanted = self.last_acked_epoch + 1
+            await self._floor_raised.wait()
+            self._floor_ok = True
+        # Oldest first: what the comparator held, then the gate.
+        self._deliver_releases(held)
         self._release(self.gate.release_all())
-        await self._drop_mirror()
+        if mirror is not None:
+            await mirror.close()
 
     async def _drop_mirror(self) -> None:
         mirror, self.mirror = self.mirror, None
@@ -649,8 +691,9 @@ class Agent:
         if receiver is None or self.cache is None or self.cache.committed is None:
             raise NotReady("no epoch committed yet: this secondary has nothing to resume from")
         timeout = PROMOTE_TIMEOUT_LEASES * self.arbiter.lease_duration
+        image = self.cache.committed.epoch  # (term, epoch) this secondary would resume from
         with arbiter_refusals():
-            taken = await self.arbiter.wait_acquire(term, timeout)
+            taken = await self.arbiter.wait_acquire(term, timeout, image=image)
         if not taken:
             raise ArbiterConflict(f"the arbiter is still held by {self.arbiter.holder}; "
                                   f"its lease did not run out within {timeout:.1f} s")
