@@ -7,38 +7,13 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import Any, TypeVar
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
+from operator_e2e import CHART, RELEASE, RELEASE_NAMESPACE, helm, wait_for
 
-ROOT = Path(__file__).resolve().parents[2]
-CHART = ROOT / "charts" / "colo-operator"
-RELEASE, RELEASE_NAMESPACE = "colo", "colo-system"
 NAMESPACE = "colo-failover-e2e"
-T = TypeVar("T")
-
-
-def wait_for(predicate: Callable[[], T | None], timeout: float, what: str, interval: float = 0.25) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
-
-
-def helm(cluster: Any, *args: str) -> subprocess.CompletedProcess[str]:
-    from cluster import build
-
-    binary = build.bin_dir() / "helm"
-    return subprocess.run(
-        [str(binary) if binary.exists() else "helm", f"--kubeconfig={cluster.kubeconfig}", *args],
-        capture_output=True, text=True, timeout=400, check=False,
-    )  # fmt: skip
 
 
 def status(cluster: Any, name: str) -> dict[str, Any]:
