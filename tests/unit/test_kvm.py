@@ -19,10 +19,14 @@ import numpy as np
 import pytest
 from accel_testing import (
     JOIN_TIMEOUT_S,
+    LCG_A,
+    M64,
+    MIGRATION_GUEST,
     MakeVm,
     RecordingIo,
     assemble,
     kick_and_join,
+    lcg_after,
     needs_assembler,
     run_in_thread,
     vm_maker,
@@ -337,45 +341,6 @@ def test_bad_cpu_state_is_refused(make_vm, change: dict[str, object], message: s
     assert accel.get_cpu_state() == before
 
 
-# An endless loop that keeps a checkable invariant in several registers and the
-# stack: r9 counts iterations, rax is an LCG stepped r9 times from 0, rbx is
-# 1 + 2 + ... + r9. When the flag at 0x1f8000 is set, it stores them and halts.
-LCG_A = 0x5851F42D4C957F2D
-LCG_C = 0x14057B7EF767814F
-MIGRATION_GUEST = f"""
-    mov ${LCG_A:#x}, %r8
-    mov ${LCG_C:#x}, %r10
-    xor %eax, %eax
-    xor %ebx, %ebx
-    xor %r9d, %r9d
-1:  imul %r8, %rax
-    add %r10, %rax
-    inc %r9
-    push %r9
-    add %r9, %rbx
-    pop %r11
-    cmpq $0, 0x1f8000
-    je 1b
-    mov %rax, 0x1f0000
-    mov %rbx, 0x1f0008
-    mov %r9, 0x1f0010
-    mov %r11, 0x1f0018
-    hlt
-"""
-
-M64 = (1 << 64) - 1
-
-
-def lcg_after(steps: int) -> int:
-    """x -> a*x + c applied `steps` times to 0, by squaring the affine map."""
-    mul, add = 1, 0  # the accumulated map x -> mul*x + add
-    a, c = LCG_A, LCG_C
-    while steps:
-        if steps & 1:
-            mul, add = (a * mul) & M64, (a * add + c) & M64
-        a, c = (a * a) & M64, (a * c + c) & M64
-        steps >>= 1
-    return add
 
 
 def test_state_taken_mid_run_continues_on_a_fresh_accelerator(make_vm) -> None:
