@@ -21,6 +21,16 @@ def _nic() -> tuple[DeviceModel, memoryview]:
     return DeviceModel(ram, on_panic=lambda code: None), ram
 
 
+def _mirrored_pair() -> tuple[DeviceModel, memoryview, DeviceModel, memoryview, list[tuple[int, bytes]]]:
+    """A primary NIC whose RX batches are recorded, and a secondary NIC that takes only mirrored input."""
+    primary, pram = _nic()
+    secondary, sram = _nic()
+    batches: list[tuple[int, bytes]] = []
+    primary.set_rx_tap(lambda pos, raw: batches.append((pos, raw)))
+    secondary.enable_rx_mirror()
+    return primary, pram, secondary, sram, batches
+
+
 def _ring(ram: memoryview) -> bytes:
     return bytes(ram[DATA : DATA + abi.RING_CAPACITY])
 
@@ -37,11 +47,7 @@ def _consume_all(ram: memoryview) -> None:
 @given(st.lists(st.binary(min_size=1, max_size=9000), min_size=1, max_size=30), st.data())
 @settings(max_examples=40, deadline=None)
 def test_secondary_ring_equals_primary_ring(inputs: list[bytes], data: st.DataObject) -> None:
-    primary, pram = _nic()
-    secondary, sram = _nic()
-    batches: list[tuple[int, bytes]] = []
-    primary.set_rx_tap(lambda pos, raw: batches.append((pos, raw)))
-    secondary.enable_rx_mirror()
+    primary, pram, secondary, sram, batches = _mirrored_pair()
     conn = primary.open_connection()
     for chunk in inputs:
         primary.send_input(conn, chunk)
@@ -63,11 +69,7 @@ def test_secondary_ring_equals_primary_ring(inputs: list[bytes], data: st.DataOb
 
 
 def test_batches_already_in_a_restored_ring_are_skipped() -> None:
-    primary, pram = _nic()
-    secondary, sram = _nic()
-    batches: list[tuple[int, bytes]] = []
-    primary.set_rx_tap(lambda pos, raw: batches.append((pos, raw)))
-    secondary.enable_rx_mirror()
+    primary, pram, secondary, sram, batches = _mirrored_pair()
     conn = primary.open_connection()
     primary.send_input(conn, b"*1\r\n$4\r\nPING\r\n")
     primary.flush_rx()
@@ -84,11 +86,7 @@ def test_batches_already_in_a_restored_ring_are_skipped() -> None:
 
 
 def test_a_full_ring_waits_for_the_guest() -> None:
-    primary, pram = _nic()
-    secondary, sram = _nic()
-    batches: list[tuple[int, bytes]] = []
-    primary.set_rx_tap(lambda pos, raw: batches.append((pos, raw)))
-    secondary.enable_rx_mirror()
+    primary, pram, secondary, sram, batches = _mirrored_pair()
     conn = primary.open_connection()
     for _ in range(3):
         primary.send_input(conn, b"x" * (abi.RING_CAPACITY // 2 - 64))
@@ -109,11 +107,7 @@ def test_a_full_ring_waits_for_the_guest() -> None:
 def test_a_batch_applied_after_the_checkpoint_is_applied_again_after_the_commit() -> None:
     """The secondary's guest may take input the primary published after its pause; the commit
     resets the ring to that pause, and the input must reach the guest a second time."""
-    primary, pram = _nic()
-    secondary, sram = _nic()
-    batches: list[tuple[int, bytes]] = []
-    primary.set_rx_tap(lambda pos, raw: batches.append((pos, raw)))
-    secondary.enable_rx_mirror()
+    primary, pram, secondary, sram, batches = _mirrored_pair()
     conn = primary.open_connection()
     primary.flush_rx()
     checkpoint_ram = bytes(pram)
@@ -133,11 +127,7 @@ def test_a_batch_applied_after_the_checkpoint_is_applied_again_after_the_commit(
 
 
 def test_connections_opened_through_the_mirror_are_known_even_across_the_ring_end() -> None:
-    primary, pram = _nic()
-    secondary, sram = _nic()
-    batches: list[tuple[int, bytes]] = []
-    primary.set_rx_tap(lambda pos, raw: batches.append((pos, raw)))
-    secondary.enable_rx_mirror()
+    primary, pram, secondary, sram, batches = _mirrored_pair()
     first = primary.open_connection()
     primary.send_input(first, b"x" * (abi.RING_CAPACITY - 200))
     primary.flush_rx()
