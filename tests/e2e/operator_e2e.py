@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -102,3 +104,67 @@ def missing(address: tuple[str, int], acknowledged: dict[str, str]) -> list[str]
 
 
 # --------------------------------------------------------------------------- the test
+
+
+@dataclass
+class Writer:
+    """Writes `<prefix>:n` = n in order through `endpoint()` (the address to use now, or None),
+    reconnecting when a connection fails or a reply does not come within `reply_timeout` (a
+    primary that stopped releasing output holds replies back). Records every acknowledgement,
+    when (monotonic) it arrived and which address gave it."""
+
+    prefix: str
+    endpoint: Callable[[], tuple[str, int] | None]
+    reply_timeout: float = 5.0
+    acknowledged: dict[str, str] = field(default_factory=dict)
+    ack_times: list[float] = field(default_factory=list)  # in order
+    ack_at: dict[str, float] = field(default_factory=dict)
+    acks_by_address: dict[tuple[str, int], int] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+    thread: threading.Thread | None = None
+
+    def start(self) -> Writer:
+        self.thread = threading.Thread(target=self._run, name=f"resp-writer-{self.prefix}", daemon=True)
+        self.thread.start()
+        return self
+
+    def finish(self) -> None:
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join(60)
+            assert not self.thread.is_alive(), f"writer {self.prefix} did not stop"
+
+    def acks_after(self, moment: float) -> int:
+        return sum(1 for t in list(self.ack_times) if t > moment)
+
+    def _run(self) -> None:
+        n = 0
+        while not self.stop.is_set():
+            address = self.endpoint()
+            if address is None:
+                time.sleep(0.1)
+                continue
+            try:
+                conn = RespConnection(address, timeout=self.reply_timeout)
+            except OSError as exc:
+                self.errors.append(f"connect {address}: {exc!r}")
+                time.sleep(0.1)
+                continue
+            try:
+                while not self.stop.is_set():
+                    n += 1
+                    key, value = f"{self.prefix}:{n}", str(n)
+                    if conn.call("SET", key, value) != b"OK":
+                        self.errors.append(f"{key}: unexpected reply")
+                        break
+                    now = time.monotonic()
+                    self.acknowledged[key] = value
+                    self.ack_times.append(now)
+                    self.ack_at[key] = now
+                    self.acks_by_address[address] = self.acks_by_address.get(address, 0) + 1
+            except (OSError, ConnectionError) as exc:
+                self.errors.append(f"{address}: {exc!r}")
+                time.sleep(0.1)
+            finally:
+                conn.close()

@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from operator_e2e import CHART, RELEASE, RELEASE_NAMESPACE, RespConnection, helm, missing, wait_for
+from operator_e2e import CHART, RELEASE, RELEASE_NAMESPACE, Writer, helm, missing, wait_for
 
 NAMESPACE = "colo-partition-e2e"
 CLIENT_PORT = 6379
@@ -53,68 +51,6 @@ def colovm(name: str, lease_s: int) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- a RESP writer
-
-
-@dataclass
-class Writer:
-    """Writes `<prefix>:n` = n in order through `endpoint()`, reconnecting when a connection fails
-    or a reply does not come within `reply_timeout`; records each acknowledgement and when
-    (monotonic) it arrived."""
-
-    prefix: str
-    endpoint: Callable[[], tuple[str, int] | None]
-    reply_timeout: float = 1.0
-    acknowledged: dict[str, str] = field(default_factory=dict)
-    # When (monotonic) each acknowledgement arrived, in order.
-    ack_times: list[float] = field(default_factory=list)
-    ack_at: dict[str, float] = field(default_factory=dict)
-    errors: list[str] = field(default_factory=list)
-    stop: threading.Event = field(default_factory=threading.Event)
-    thread: threading.Thread | None = None
-
-    def start(self) -> Writer:
-        self.thread = threading.Thread(target=self._run, name=f"resp-writer-{self.prefix}", daemon=True)
-        self.thread.start()
-        return self
-
-    def finish(self) -> None:
-        self.stop.set()
-        if self.thread is not None:
-            self.thread.join(30)
-            assert not self.thread.is_alive(), f"writer {self.prefix} did not stop"
-
-    def acks_after(self, moment: float) -> int:
-        return sum(1 for t in list(self.ack_times) if t > moment)
-
-    def _run(self) -> None:
-        n = 0
-        while not self.stop.is_set():
-            address = self.endpoint()
-            if address is None:
-                time.sleep(0.1)
-                continue
-            try:
-                conn = RespConnection(address, timeout=self.reply_timeout)
-            except OSError as exc:
-                self.errors.append(f"connect {address}: {exc!r}")
-                time.sleep(0.1)
-                continue
-            try:
-                while not self.stop.is_set():
-                    n += 1
-                    key, value = f"{self.prefix}:{n}", str(n)
-                    if conn.call("SET", key, value) != b"OK":
-                        self.errors.append(f"{key}: unexpected reply")
-                        break
-                    self.acknowledged[key] = value
-                    now = time.monotonic()
-                    self.ack_times.append(now)
-                    self.ack_at[key] = now
-            except (OSError, ConnectionError) as exc:
-                self.errors.append(f"{address}: {exc!r}")
-                time.sleep(0.1)
-            finally:
-                conn.close()
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +95,7 @@ def test_partitioned_primary_stops_before_the_secondary_takes_over(cluster: Any,
 
     # The client stays on the old primary's address whatever happens (it is not cut off from
     # clients); a second one writes to the new primary once it serves.
-    on_old = Writer("old", lambda: old).start()
+    on_old = Writer("old", lambda: old, reply_timeout=1.0).start()
     on_new: Writer | None = None
     healed = False
     try:
@@ -180,7 +116,7 @@ def test_partitioned_primary_stops_before_the_secondary_takes_over(cluster: Any,
         )
         promoted_s = time.monotonic() - cut_at
         assert after["term"] == before["term"] + 1
-        on_new = Writer("new", lambda: new).start()
+        on_new = Writer("new", lambda: new, reply_timeout=1.0).start()
         wait_for(lambda: len(on_new.acknowledged) >= 50, 60, "writes acknowledged by the new primary")
 
         last_old = max(on_old.ack_times)
@@ -244,7 +180,7 @@ def test_operator_restart_mid_failover_converges(cluster: Any, kube_api: Any, op
             return None
         return found[0] if len(found) == 1 else None
 
-    writer = Writer("key", endpoint).start()
+    writer = Writer("key", endpoint, reply_timeout=1.0).start()
     try:
         wait_for(lambda: len(writer.acknowledged) >= 50, 60, "writes acknowledged by the primary")
         cluster.kill_node(primary["node"])

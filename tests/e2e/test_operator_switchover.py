@@ -9,16 +9,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 from cluster.testing import ready_endpoints
-from operator_e2e import CHART, RELEASE, RELEASE_NAMESPACE, RespConnection, helm, missing, wait_for
+from operator_e2e import CHART, RELEASE, RELEASE_NAMESPACE, Writer, helm, missing, wait_for
 
 NAMESPACE = "colo-switchover-e2e"
 KUBECTL_COLO = Path(sys.executable).parent / "kubectl-colo"
@@ -32,64 +30,11 @@ def status(cluster: Any, name: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------- a RESP writer
 
 
-@dataclass
-class Writer:
-    """Writes `key:n` = n in order through whatever the Service's ready endpoint is, reconnecting
-    when a connection fails; records what the guest acknowledged and at which address."""
-
-    endpoint: Callable[[], tuple[str, int] | None]
-    prefix: str = "key"
-    acknowledged: dict[str, str] = field(default_factory=dict)
-    acknowledged_at: dict[tuple[str, int], int] = field(default_factory=dict)
-    errors: list[str] = field(default_factory=list)
-    stop: threading.Event = field(default_factory=threading.Event)
-    thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        self.thread = threading.Thread(target=self._run, name=f"writer-{self.prefix}", daemon=True)
-        self.thread.start()
-
-    def finish(self) -> None:
-        self.stop.set()
-        assert self.thread is not None
-        self.thread.join(60)
-        assert not self.thread.is_alive(), "the writer did not stop"
-
-    def _run(self) -> None:
-        n = 0
-        while not self.stop.is_set():
-            address = self.endpoint()
-            if address is None:
-                time.sleep(0.1)
-                continue
-            try:
-                # A primary that has stopped releasing output holds replies back: give up on it
-                # after a while and ask the Service again.
-                conn = RespConnection(address, timeout=5.0)
-            except OSError as exc:
-                self.errors.append(f"connect {address}: {exc!r}")
-                time.sleep(0.1)
-                continue
-            try:
-                while not self.stop.is_set():
-                    n += 1
-                    key, value = f"{self.prefix}:{n}", str(n)
-                    if conn.call("SET", key, value) != b"OK":
-                        self.errors.append(f"{key}: unexpected reply")
-                        break
-                    self.acknowledged[key] = value
-                    self.acknowledged_at[address] = self.acknowledged_at.get(address, 0) + 1
-            except (OSError, ConnectionError) as exc:
-                self.errors.append(f"{address}: {exc!r}")
-            finally:
-                conn.close()
-
-
 class Writers:
     """Several writers at once, so that writes are in flight on the old primary when it hands over."""
 
     def __init__(self, endpoint: Callable[[], tuple[str, int] | None], count: int = 4) -> None:
-        self.writers = [Writer(endpoint, prefix=f"c{i}") for i in range(count)]
+        self.writers = [Writer(f"c{i}", endpoint) for i in range(count)]
 
     def start(self) -> None:
         for writer in self.writers:
@@ -106,7 +51,7 @@ class Writers:
         return {k: v for writer in self.writers for k, v in list(writer.acknowledged.items())}
 
     def acknowledged_at(self, address: tuple[str, int]) -> int:
-        return sum(writer.acknowledged_at.get(address, 0) for writer in self.writers)
+        return sum(writer.acks_by_address.get(address, 0) for writer in self.writers)
 
     @property
     def errors(self) -> list[str]:
