@@ -18,6 +18,7 @@ two primaries. Only then are the pods relabelled, which moves the Service.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,6 +77,15 @@ _SILENT_CAUSES = frozenset(
         Cause.NODE_GONE.value,
     }
 )
+
+
+def replication(
+    make: Callable[[ConditionType, Reason, str], Condition], reason: Reason, message: str
+) -> list[Condition]:
+    """`Protected` and `Synced` with the same verdict: they part only while a synced secondary
+    exists whose protection is in doubt, which callers spell out."""
+    return [make(ConditionType.PROTECTED, reason, message), make(ConditionType.SYNCED, reason, message)]
+
 
 # --------------------------------------------------------------------------- actions
 
@@ -490,8 +500,7 @@ def _manage_secondary(
             Phase.DEGRADED,
             [
                 ready,
-                false(ConditionType.PROTECTED, Reason.SECONDARY_LOST, s_health.detail),
-                false(ConditionType.SYNCED, Reason.SECONDARY_LOST, s_health.detail),
+                *replication(false, Reason.SECONDARY_LOST, s_health.detail),
             ],
             s_health.detail,
             f"replace lost secondary {secondary.name}",
@@ -507,8 +516,7 @@ def _manage_secondary(
             Phase.DEGRADED,
             [
                 ready,
-                false(ConditionType.PROTECTED, Reason.NO_SECONDARY, why),
-                false(ConditionType.SYNCED, Reason.NO_SECONDARY, why),
+                *replication(false, Reason.NO_SECONDARY, why),
             ],
             why,
             f"move secondary {secondary.name} off cordoned {s_node.name}",
@@ -534,8 +542,7 @@ def _manage_secondary(
                 Phase.DEGRADED,
                 [
                     ready,
-                    false(ConditionType.PROTECTED, Reason.NO_SECONDARY, msg),
-                    false(ConditionType.SYNCED, Reason.NO_SECONDARY, msg),
+                    *replication(false, Reason.NO_SECONDARY, msg),
                 ],
                 msg,
                 msg,
@@ -567,8 +574,7 @@ def _manage_secondary(
             Phase.SYNCING,
             [
                 ready,
-                false(ConditionType.PROTECTED, Reason.SECONDARY_STARTING, msg),
-                false(ConditionType.SYNCED, Reason.SECONDARY_STARTING, msg),
+                *replication(false, Reason.SECONDARY_STARTING, msg),
             ],
             msg,
             f"create secondary {name}",
@@ -581,8 +587,7 @@ def _manage_secondary(
             phase,
             [
                 ready,
-                false(ConditionType.PROTECTED, reason, s_health.detail),
-                false(ConditionType.SYNCED, reason, s_health.detail),
+                *replication(false, reason, s_health.detail),
             ],
             s_health.detail,
             f"wait: {s_health.detail}",
@@ -594,8 +599,7 @@ def _manage_secondary(
             phase,
             [
                 ready,
-                unknown(ConditionType.PROTECTED, Reason.SECONDARY_UNCERTAIN, s_health.detail),
-                unknown(ConditionType.SYNCED, Reason.SECONDARY_UNCERTAIN, s_health.detail),
+                *replication(unknown, Reason.SECONDARY_UNCERTAIN, s_health.detail),
             ],
             s_health.detail,
             f"wait: {s_health.detail}",
@@ -606,8 +610,7 @@ def _manage_secondary(
             Phase.PROTECTED,
             [
                 ready,
-                true(ConditionType.PROTECTED, Reason.SECONDARY_SYNCED, msg),
-                true(ConditionType.SYNCED, Reason.SECONDARY_SYNCED, msg),
+                *replication(true, Reason.SECONDARY_SYNCED, msg),
             ],
             "",
             "protected",
@@ -619,8 +622,7 @@ def _manage_secondary(
             Phase.DEGRADED,
             [
                 ready,
-                false(ConditionType.PROTECTED, Reason.PEER_LOST, msg),
-                false(ConditionType.SYNCED, Reason.PEER_LOST, msg),
+                *replication(false, Reason.PEER_LOST, msg),
             ],
             msg,
             f"wait: {msg}",
@@ -630,8 +632,7 @@ def _manage_secondary(
         Phase.SYNCING,
         [
             ready,
-            false(ConditionType.PROTECTED, Reason.FIRST_SYNC, msg),
-            false(ConditionType.SYNCED, Reason.FIRST_SYNC, msg),
+            *replication(false, Reason.FIRST_SYNC, msg),
         ],
         msg,
         "syncing",
@@ -709,7 +710,7 @@ def _start_transition(d: _Draft, kind: str, cause: Cause, frm: str, to: str, det
     )
     return d.finish(
         Phase.FAILING_OVER,
-        [ready, false(ConditionType.PROTECTED, reason, detail), false(ConditionType.SYNCED, reason, detail)],
+        [ready, *replication(false, reason, detail)],
         detail,
         f"start {kind.lower()} {frm} -> {to} (term {term}): {detail}",
     )
@@ -725,8 +726,7 @@ def _transition_conditions(kind: str, step: str, detail: str) -> list[Condition]
         ready = false(ConditionType.READY, Reason.PROMOTING, detail)
     return [
         ready,
-        false(ConditionType.PROTECTED, reason, detail),
-        false(ConditionType.SYNCED, reason, detail),
+        *replication(false, reason, detail),
     ]
 
 
@@ -896,8 +896,7 @@ def _continue_transition(d: _Draft, current: str, t: dict[str, Any]) -> Plan:
         Phase.DEGRADED,
         [
             ready,
-            false(ConditionType.PROTECTED, Reason.NO_SECONDARY, msg),
-            false(ConditionType.SYNCED, Reason.NO_SECONDARY, msg),
+            *replication(false, Reason.NO_SECONDARY, msg),
         ],
         msg,
         f"{kind.lower()} done: {to} primary in term {term} ({duration_ms} ms)",
