@@ -27,6 +27,7 @@ import errno
 import logging
 import secrets
 import socket
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
@@ -76,6 +77,7 @@ from colo_agent.replication.session import (
     Yank,
     data_channel,
 )
+from colo_agent.tls import PeerTls, wait_ready
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +96,12 @@ class PeerLostError(ConnectionError):
 
 
 class Connection:
-    """A non-blocking TCP socket with framed sends and in-place receives."""
+    """A non-blocking TCP socket with framed sends and in-place receives.
+
+    Over TLS (an `ssl.SSLSocket`, see `colo_agent.tls`) sends encrypt from
+    the caller's buffers and receives decrypt into the destination: the
+    same zero-copy paths, with the cipher in between.
+    """
 
     def __init__(self, sock: socket.socket, name: str) -> None:
         sock.setblocking(False)
@@ -109,6 +116,7 @@ class Connection:
         self._scratch = bytearray(_SCRATCH)
         self._loop = asyncio.get_running_loop()
         self._closed = False
+        self._tls = isinstance(sock, ssl.SSLSocket)
 
     async def send(self, msg: Message) -> None:
         await self.sendmsg([self.encoder.encode(msg)])
@@ -122,9 +130,13 @@ class Connection:
         views = [memoryview(b).cast("B") for b in buffers]
         while views:
             try:
-                n = self.sock.sendmsg(views)
-            except (BlockingIOError, InterruptedError):
+                # SSLSocket has no sendmsg: one TLS write per buffer, no join.
+                n = self.sock.send(views[0]) if self._tls else self.sock.sendmsg(views)
+            except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError):
                 await self._writable()
+                continue
+            except ssl.SSLWantReadError:
+                await wait_ready(self.sock, write=False)
                 continue
             self.bytes_sent += n
             while n:
@@ -153,9 +165,28 @@ class Connection:
             self._loop.remove_writer(fd)
 
     async def _recv_into(self, buf: memoryview) -> int:
+        if self._tls:
+            return await self._tls_recv_into(buf)
         n = await self._loop.sock_recv_into(self.sock, buf)
         self.bytes_received += n
         return n
+
+    async def _tls_recv_into(self, buf: memoryview) -> int:
+        # Try first: decrypted bytes may wait inside the TLS object while the
+        # socket itself has nothing to read.
+        while True:
+            try:
+                n = self.sock.recv_into(buf)
+            except ssl.SSLWantReadError:
+                await wait_ready(self.sock, write=False)
+                continue
+            except ssl.SSLWantWriteError:
+                await self._writable()
+                continue
+            except ssl.SSLZeroReturnError:
+                return 0
+            self.bytes_received += n
+            return n
 
     async def next_event(
         self, on_pages: Callable[[PagesHeader], memoryview | None] | None = None
@@ -192,7 +223,9 @@ class Connection:
     def yank(self) -> None:
         """Shut the socket down so that any task blocked on it wakes up."""
         with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
+            # The plain socket's shutdown: SSLSocket.shutdown would also drop
+            # its TLS state, and a late read would then see ciphertext.
+            socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
 
     def close(self) -> None:
         if not self._closed:
@@ -382,7 +415,7 @@ class CheckpointSender:
         async def opener(channel: Channel) -> socket.socket:
             return await _open(host, port, connect_timeout)
 
-        return await cls._pair(opener, f"{host}:{port}", retry_refused=False, **options)
+        return await cls._pair(opener, f"{host}:{port}", retry_refused=False, tls_server=False, **options)
 
     @classmethod
     async def accept(
@@ -411,7 +444,7 @@ class CheckpointSender:
                 sock, _ = await asyncio.wait_for(loop.sock_accept(listener), join_timeout)
             return sock
 
-        return await cls._pair(opener, lambda: peer, retry_refused=True, **options)
+        return await cls._pair(opener, lambda: peer, retry_refused=True, tls_server=True, **options)
 
     @classmethod
     async def _pair(
@@ -420,6 +453,7 @@ class CheckpointSender:
         peer_name: str | Callable[[], str],
         *,
         retry_refused: bool,
+        tls_server: bool,
         secret: bytes,
         vm: str,
         term: int,
@@ -431,12 +465,15 @@ class CheckpointSender:
         batch_pages: int = 256,
         first_epoch: int = 1,
         mirror: bool = False,
+        tls: PeerTls | None = None,
         clock: Clock = time.monotonic,
     ) -> CheckpointSender:
         """Open (with `opener`) and authenticate every connection of a new pairing.
 
         `mirror` (lockstep) adds a last connection for mirrored input and the
         secondary's output (`CheckpointSender.mirror`); the sessions never see it.
+        `tls` wraps every connection in mutual TLS before the HELLO; the
+        certificate files are read afresh for each pairing.
         """
         session_id = secrets.randbits(64)
         plan = [CONTROL, HEARTBEAT, *(data_channel(i) for i in range(channels))]
@@ -449,19 +486,28 @@ class CheckpointSender:
                 while True:
                     sock = await opener(ch)
                     name = peer_name if isinstance(peer_name, str) else peer_name()
-                    conn = Connection(sock, f"{ch}->{name}")
                     hs = ClientHandshake(
                         secret=secret, vm=vm, kind=ch.kind, index=ch.index, channels=channels,
                         session=session_id, term=term, page_count=page_count,
                     )  # fmt: skip
+                    conn = Connection(sock, f"{ch}->{name}") if tls is None else None
                     try:
+                        if conn is None:
+                            assert tls is not None
+                            sock, _ = await asyncio.wait_for(
+                                tls.secure(sock, server_side=tls_server), HANDSHAKE_TIMEOUT
+                            )
+                            conn = Connection(sock, f"{ch}->{name}")
                         accepted = await asyncio.wait_for(_client_handshake(conn, hs), HANDSHAKE_TIMEOUT)
                     except (AuthRefused, RemoteProtocolError, OSError, TimeoutError) as exc:
-                        conn.close()
+                        if conn is not None:
+                            conn.close()
+                        else:
+                            sock.close()
                         if not retry_refused:
                             raise
-                        log.warning("%s: handshake failed, the channel goes to the next dialer: %s",
-                                    conn.name, exc)  # fmt: skip
+                        log.warning("%s->%s: handshake failed, the channel goes to the next dialer: %s",
+                                    ch, name, exc)  # fmt: skip
                         continue
                     conns[ch] = conn
                     break
@@ -694,9 +740,11 @@ class CheckpointReceiver:
         heartbeat_timeout: float = 0.5,
         on_commit: Callable[[CommitEpoch], None] | None = None,
         on_peer_lost: Callable[[str], None] | None = None,
+        tls: PeerTls | None = None,
         clock: Clock = time.monotonic,
     ) -> None:
         self.cache = cache
+        self.tls = tls
         self.mirror: Connection | None = None
         self._secret = secret
         self.vm = vm
@@ -812,21 +860,30 @@ class CheckpointReceiver:
                 return Refused(RefuseReason.BUSY, "this secondary is joining another pairing")
             return None
 
-        hello = await self._handshake(await _open(host, port, connect_timeout), where, ours)
+        hello = await self._handshake(await _open(host, port, connect_timeout), where, ours, tls_server=False)
         session = hello.session
         for _ in range(hello.channels + 1 + int(mirror)):
-            await self._handshake(await _open(host, port, connect_timeout), where, ours)
+            await self._handshake(await _open(host, port, connect_timeout), where, ours, tls_server=False)
 
     async def _admit(self, sock: socket.socket, addr: object) -> None:
         try:
-            await self._handshake(sock, _address(addr))
+            await self._handshake(sock, _address(addr), tls_server=True)
         except AuthRefused as exc:
             log.warning("refused connection from %s: %s", addr, exc)
         except (OSError, RemoteProtocolError, TimeoutError) as exc:
             log.warning("connection from %s dropped during the handshake: %s", addr, exc)
 
-    async def _handshake(self, sock: socket.socket, where: str, policy: Policy | None = None) -> Hello:
+    async def _handshake(
+        self, sock: socket.socket, where: str, policy: Policy | None = None, *, tls_server: bool
+    ) -> Hello:
         """Authenticate one connection (we answer the primary's HELLO) and attach it."""
+        if self.tls is not None:
+            try:
+                secure = self.tls.secure(sock, server_side=tls_server)
+                sock, _ = await asyncio.wait_for(secure, HANDSHAKE_TIMEOUT)
+            except BaseException:
+                sock.close()
+                raise
         conn = Connection(sock, where)
         hs = ServerHandshake(
             secret=self._secret, vm=self.vm, term=self.term, page_count=self.cache.page_count,
