@@ -99,7 +99,7 @@ def agent_args(vm: VMView, role: str, peer: str | None) -> list[str]:
         "--heartbeat-interval-ms", str(spec.failover.heartbeat_interval_ms),
         "--heartbeat-timeout-ms", str(spec.failover.heartbeat_timeout_ms),
         "--arbiter", f"lease:{vm.namespace}/{Names(vm.name).lease}",
-        "--lease-duration-ms", str(spec.failover.lease_duration_seconds * 1000),
+        "--lease-duration-ms", str(spec.failover.lease_duration_ms),
         "--port", str(c.CLIENT_PORT),
         "--control-port", str(c.CONTROL_PORT),
     ]  # fmt: skip
@@ -226,7 +226,11 @@ def lease(vm: VMView) -> dict[str, Any]:
         "apiVersion": "coordination.k8s.io/v1",
         "kind": "Lease",
         "metadata": _meta(vm, Names(vm.name).lease, "lease"),
-        "spec": {"leaseDurationSeconds": vm.spec.failover.lease_duration_seconds, "leaseTransitions": 0},
+        # The Lease API counts whole seconds; the agents renew by the spec's milliseconds.
+        "spec": {
+            "leaseDurationSeconds": -(-vm.spec.failover.lease_duration_ms // 1000),
+            "leaseTransitions": 0,
+        },
     }
 
 

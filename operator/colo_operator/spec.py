@@ -81,7 +81,7 @@ class ReplicationSpec:
 class FailoverSpec:
     heartbeat_interval_ms: int = 100
     heartbeat_timeout_ms: int = 500
-    lease_duration_seconds: int = 1
+    lease_duration_ms: int = 1000
     auto_reprotect: bool = True
 
 
@@ -161,6 +161,9 @@ class ColoVMSpec:
         timeout = failover.integer("heartbeatTimeoutMs", 500, 20, 600000)
         if timeout <= interval:
             raise SpecError("failover.heartbeatTimeoutMs", "must be greater than heartbeatIntervalMs")
+        lease = failover.integer("leaseDurationMs", 1000, 100, 300000)
+        if lease <= interval:
+            raise SpecError("failover.leaseDurationMs", "must be greater than heartbeatIntervalMs")
 
         placement = r.child("placement")
         selector = placement.mapping("nodeSelector")
@@ -192,7 +195,7 @@ class ColoVMSpec:
             failover=FailoverSpec(
                 heartbeat_interval_ms=interval,
                 heartbeat_timeout_ms=timeout,
-                lease_duration_seconds=failover.integer("leaseDurationSeconds", 1, 1, 300),
+                lease_duration_ms=lease,
                 auto_reprotect=failover.boolean("autoReprotect", True),
             ),
             placement=PlacementSpec(

@@ -46,7 +46,7 @@ def colovm(name: str, lease_s: int) -> dict[str, Any]:
         "apiVersion": "colo.dev/v1alpha1",
         "kind": "ColoVM",
         "metadata": {"name": name},
-        "spec": {"guest": {"memory": "16Mi"}, "failover": {"leaseDurationSeconds": lease_s}},
+        "spec": {"guest": {"memory": "16Mi"}, "failover": {"leaseDurationMs": lease_s * 1000}},
     }
 
 

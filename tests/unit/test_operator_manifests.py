@@ -150,3 +150,12 @@ def test_secret_and_pdb() -> None:
         "colo.dev/vm": "vm",
         "app.kubernetes.io/component": "agent",
     }
+
+
+def test_lease_object_rounds_the_spec_milliseconds_up_to_whole_seconds() -> None:
+    from colo_operator.manifests import lease
+
+    assert lease(vm(spec={"failover": {"leaseDurationMs": 1500}}))["spec"]["leaseDurationSeconds"] == 2
+    assert lease(vm(spec={"failover": {"leaseDurationMs": 300}}))["spec"]["leaseDurationSeconds"] == 1
+    args = agent_pod(vm(spec={"failover": {"leaseDurationMs": 1500}}), OperatorConfig(), SECONDARY)
+    assert flag(args["spec"]["containers"][0]["args"], "--lease-duration-ms") == "1500"

@@ -57,6 +57,11 @@ def test_bad_quantities(text: str) -> None:
             {"failover": {"heartbeatIntervalMs": 500, "heartbeatTimeoutMs": 500}},
             "failover.heartbeatTimeoutMs",
         ),
+        (
+            # Every agent would exit 2: --lease-duration-ms must be greater than --heartbeat-interval-ms.
+            {"failover": {"heartbeatIntervalMs": 2000, "heartbeatTimeoutMs": 5000}},
+            "failover.leaseDurationMs",
+        ),
         ({"placement": {"nodeSelector": {"a": 1}}}, "placement.nodeSelector"),
         ({"placement": {"tolerations": [{"operator": "Maybe"}]}}, "placement.tolerations[0].operator"),
         ({"guest": "big"}, "guest"),
