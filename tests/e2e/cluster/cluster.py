@@ -16,6 +16,11 @@ cluster has a namespace and in the root namespace, so no packet can leave
 the machine. Partitions are blackhole routes inside the affected
 namespaces (``10.o.<node>.0/24`` for a node, ``10.o.0.2/32`` for the API
 server); a killed node's processes are killed and its links set down.
+
+A host firewall that drops forwarded traffic (Docker's FORWARD policy with
+br_netfilter on) would drop frames between the bridge's ports too; one
+ACCEPT rule for this bridge only, removed at teardown, lets them through
+(``firewall.py``).
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import build, netns
+from . import build, firewall, netns
 from .controlplane import SERVICE_CIDR, ControlPlane, ControlPlaneError
 from .noderunner import SA_MOUNT, NodeSpec
 from .rest import ApiError, Kube, without_proxies
@@ -134,6 +139,7 @@ def _reap_abandoned() -> None:
         for name in netns.list_names(str(record.get("prefix", "\0"))):
             netns.delete(name)
         netns.ip("link", "del", str(record.get("bridge")), check=False)
+        firewall.close_bridge(str(record.get("bridge")))
         if record.get("metric"):
             netns.unblackhole(None, [SERVICE_CIDR], metric=int(record["metric"]))
         netns.ip("netns", "delete", str(record.get("root_ns")), check=False)
@@ -275,6 +281,9 @@ class LocalCluster:
             netns.ip("addr", "add", f"{self.gateway}/16", "dev", self.bridge)
             netns.ip("addr", "add", f"{self.apiserver_ip}/16", "dev", self.bridge)
             netns.ip("link", "set", self.bridge, "up")
+            # Docker (or ufw) may drop forwarded frames, bridged ones included
+            # once br_netfilter is on; let this bridge's own ports through.
+            firewall.open_bridge(self.bridge)
         netns.ip("netns", "attach", self.root_ns, str(os.getpid()))
         # A metric of our own lets several clusters hold the same blackhole
         # route and each remove only its own.
@@ -403,6 +412,7 @@ class LocalCluster:
             netns.delete(name)
         if self.octet:
             netns.ip("link", "del", self.bridge, check=False)
+            firewall.close_bridge(self.bridge)
             netns.unblackhole(None, [SERVICE_CIDR], metric=self._route_metric)
         netns.ip("netns", "delete", self.root_ns, check=False)
         self._record().unlink(missing_ok=True)
