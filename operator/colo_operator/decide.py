@@ -18,8 +18,10 @@ two primaries. Only then are the pods relabelled, which moves the Service.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import datetime as dt
+import enum
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from colo_agent.api.models import PeerState, Role
@@ -79,12 +81,133 @@ _SILENT_CAUSES = frozenset(
 )
 
 
+class TransitionKind(enum.StrEnum):
+    """Why the primary moves: it was lost (failover), or it is moved on purpose (switchover)."""
+
+    FAILOVER = "Failover"
+    SWITCHOVER = "Switchover"
+
+    @classmethod
+    def parse(cls, value: object) -> TransitionKind:
+        # Anything unknown is treated as the unplanned case: it never waits for the old primary.
+        return cls.SWITCHOVER if value == cls.SWITCHOVER.value else cls.FAILOVER
+
+
+class Step(enum.StrEnum):
+    """The pending step of a transition, recorded in status before it is carried out."""
+
+    CHECKPOINT = "Checkpoint"  # switchover only: final acknowledged checkpoint, then demote
+    PROMOTE = "Promote"  # the target takes the Lease with the recorded term and promotes
+    RELABEL = "Relabel"  # the target is primary: move the Service, retire the old primary
+
+    @classmethod
+    def parse(cls, value: object) -> Step:
+        # Unknown: Promote, which first checks whether the target already promoted itself.
+        return cls(str(value)) if value in cls.__members__.values() else cls.PROMOTE
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """`status.transition`: a failover or switchover in progress, resumable from status alone.
+
+    Its fields are strings in status, so an operator restarted mid-transition
+    (of this or an earlier version) reads it back as it was written.
+    """
+
+    kind: TransitionKind
+    cause: str
+    frm: str
+    to: str
+    step: Step
+    term: int
+    started_at: str | None
+    message: str = ""
+    from_node: str | None = None
+
+    @classmethod
+    def from_status(cls, raw: Mapping[str, Any], current: str, next_term: int) -> Transition:
+        term = raw.get("term")
+        return cls(
+            kind=TransitionKind.parse(raw.get("kind")),
+            cause=str(raw.get("cause") or ""),
+            frm=str(raw.get("from") or current),
+            to=str(raw["to"]),
+            step=Step.parse(raw.get("step") or Step.PROMOTE.value),
+            term=term if isinstance(term, int) and not isinstance(term, bool) else next_term,
+            started_at=raw.get("startedAt") if isinstance(raw.get("startedAt"), str) else None,
+            message=str(raw.get("message") or ""),
+            from_node=raw.get("fromNode") or None,
+        )
+
+    def to_status(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "kind": self.kind.value,
+            "cause": self.cause,
+            "from": self.frm,
+            "to": self.to,
+            "step": self.step.value,
+            "term": self.term,
+            "message": self.message,
+        }
+        if self.started_at is not None:
+            out["startedAt"] = self.started_at
+        if self.from_node:
+            out["fromNode"] = self.from_node
+        return out
+
+    @property
+    def planned(self) -> bool:
+        return self.kind is TransitionKind.SWITCHOVER
+
+    @property
+    def name(self) -> str:
+        return self.kind.value.lower()
+
+
 def replication(
     make: Callable[[ConditionType, Reason, str], Condition], reason: Reason, message: str
 ) -> list[Condition]:
     """`Protected` and `Synced` with the same verdict: they part only while a synced secondary
     exists whose protection is in doubt, which callers spell out."""
     return [make(ConditionType.PROTECTED, reason, message), make(ConditionType.SYNCED, reason, message)]
+
+
+# The condition sets a plan ends with, each written once.
+
+NO_PRIMARY_YET = "a secondary follows once the primary runs"
+
+
+def no_primary(ready_reason: Reason, detail: str) -> list[Condition]:
+    """No primary serves yet, so nothing is protected either."""
+    return [
+        false(ConditionType.READY, ready_reason, detail),
+        false(ConditionType.PROTECTED, Reason.NO_SECONDARY, NO_PRIMARY_YET),
+        false(ConditionType.SYNCED, Reason.NO_SECONDARY, "no secondary yet"),
+    ]
+
+
+def state_lost(detail: str) -> list[Condition]:
+    """The primary is gone and nothing holds its state."""
+    return [
+        false(ConditionType.READY, Reason.PRIMARY_LOST, detail),
+        *replication(false, Reason.UNRECOVERABLE, detail),
+    ]
+
+
+def serving(
+    ready: Condition, make: Callable[[ConditionType, Reason, str], Condition], reason: Reason, message: str
+) -> list[Condition]:
+    """A primary serves; `Protected` and `Synced` share one verdict."""
+    return [ready, *replication(make, reason, message)]
+
+
+def serving_alone(ready: Condition, reason: Reason, message: str) -> list[Condition]:
+    """A primary serves and no secondary is coming: `Protected` says why, `Synced` that there is none."""
+    return [
+        ready,
+        false(ConditionType.PROTECTED, reason, message),
+        false(ConditionType.SYNCED, Reason.NO_SECONDARY, message),
+    ]
 
 
 # --------------------------------------------------------------------------- actions
@@ -236,17 +359,7 @@ def decide(s: Snapshot) -> Plan:
     if st.get("observedGeneration") != s.vm.generation or s.lease is None:
         d.act(EnsureObjects())
     if st.get("phase") == Phase.FAILED.value:
-        # Sticky: the guest's state is gone, and bringing up an empty VM under
-        # the same name would hide that from whoever relies on it.
-        previous = [
-            Condition(ConditionType(cd["type"]), cd["status"], Reason(cd["reason"]), cd.get("message", ""))
-            for cd in st.get("conditions") or ()
-            if cd.get("type") in ConditionType.__members__.values()
-            and cd.get("reason") in Reason.__members__.values()
-        ]
-        return d.finish(
-            Phase.FAILED, previous, str(st.get("message") or ""), "failed; delete and recreate the ColoVM"
-        )
+        return _failed(d)
 
     current = st.get("currentPrimary") or None
     if current is None:
@@ -261,6 +374,21 @@ def decide(s: Snapshot) -> Plan:
     if isinstance(transition, dict) and transition.get("to"):
         return _continue_transition(d, current, transition)
     return _steady(d, current)
+
+
+def _failed(d: _Draft) -> Plan:
+    # Sticky: the guest's state is gone, and bringing up an empty VM under
+    # the same name would hide that from whoever relies on it.
+    st = d.s.vm.status
+    previous = [
+        Condition(ConditionType(cd["type"]), cd["status"], Reason(cd["reason"]), cd.get("message", ""))
+        for cd in st.get("conditions") or ()
+        if cd.get("type") in ConditionType.__members__.values()
+        and cd.get("reason") in Reason.__members__.values()
+    ]
+    return d.finish(
+        Phase.FAILED, previous, str(st.get("message") or ""), "failed; delete and recreate the ColoVM"
+    )
 
 
 def _newest(pods: Any) -> PodView | None:
@@ -293,11 +421,7 @@ def _create_primary(d: _Draft) -> Plan:
     if isinstance(place, NoSpareNode):
         return d.finish(
             Phase.PENDING,
-            [
-                false(ConditionType.READY, Reason.NO_SPARE_NODE, place.message),
-                false(ConditionType.PROTECTED, Reason.NO_SECONDARY, "no primary yet"),
-                false(ConditionType.SYNCED, Reason.NO_SECONDARY, "no primary yet"),
-            ],
+            no_primary(Reason.NO_SPARE_NODE, place.message),
             place.message,
             "no node for the primary",
         )
@@ -311,11 +435,7 @@ def _create_primary(d: _Draft) -> Plan:
     d.event("Normal", "CreatingPrimary", f"creating primary agent pod {name}")
     return d.finish(
         Phase.PENDING,
-        [
-            false(ConditionType.READY, Reason.PRIMARY_STARTING, f"primary {name} is being created"),
-            false(ConditionType.PROTECTED, Reason.NO_SECONDARY, "a secondary follows once the primary runs"),
-            false(ConditionType.SYNCED, Reason.NO_SECONDARY, "no secondary yet"),
-        ],
+        no_primary(Reason.PRIMARY_STARTING, f"primary {name} is being created"),
         f"creating primary {name}",
         f"create primary {name}",
     )
@@ -330,36 +450,47 @@ def _secondary_synced(p_report: AgentReport, s_report: AgentReport) -> bool:
     return p is not None and p.synced and p.peer.state is PeerState.CONNECTED
 
 
-def _steady(d: _Draft, current: str) -> Plan:
-    s = d.s
-    st = s.vm.status
-    spec = s.vm.spec
+# --------------------------------------------------------------------------- steady state
+
+
+@dataclass(frozen=True, slots=True)
+class _Pair:
+    """The primary and secondary as observed in this pass, with their health and sync verdicts."""
+
+    primary: PodView | None
+    secondary: PodView | None
+    p_report: AgentReport
+    s_report: AgentReport
+    p_health: ReplicaHealth
+    s_health: ReplicaHealth | None
+    # What status remembers: this very secondary pod once held a committed image.
+    was_synced: bool
+    # The secondary's report (or the primary's view of it) says synced now.
+    live_synced: bool
+    # Promotable: synced now, or remembered as synced while it merely cannot be asked.
+    synced: bool
+
+    @property
+    def healthy_synced(self) -> bool:
+        return self.secondary is not None and isinstance(self.s_health, Healthy) and self.synced
+
+
+def _observe(s: Snapshot, current: str) -> _Pair:
     primary = s.pod(current)
     secondary = _secondary(s, current)
-    _strays(d, {current} | ({secondary.name} if secondary else set()))
     p_report, s_report = s.agent(primary), s.agent(secondary)
-    timeout = spec.failover.heartbeat_timeout_ms
+    timeout = s.vm.spec.failover.heartbeat_timeout_ms
     p_health = assess_replica(
-        primary,
-        s.node_of(primary),
-        p_report,
-        s_report,
-        expected_role=Role.PRIMARY,
-        heartbeat_timeout_ms=timeout,
-        what="primary",
-    )
+        primary, s.node_of(primary), p_report, s_report,
+        expected_role=Role.PRIMARY, heartbeat_timeout_ms=timeout, what="primary",
+    )  # fmt: skip
     s_health: ReplicaHealth | None = None
     if secondary is not None:
         s_health = assess_replica(
-            secondary,
-            s.node_of(secondary),
-            s_report,
-            p_report,
-            expected_role=Role.SECONDARY,
-            heartbeat_timeout_ms=timeout,
-            what="secondary",
-        )
-    remembered = st.get("secondary") or {}
+            secondary, s.node_of(secondary), s_report, p_report,
+            expected_role=Role.SECONDARY, heartbeat_timeout_ms=timeout, what="secondary",
+        )  # fmt: skip
+    remembered = s.vm.status.get("secondary") or {}
     # status.secondary.synced is sticky for a given pod: once it holds a
     # committed image it stays promotable, even after its own report turns
     # false because it lost the primary (exactly when it is needed).
@@ -368,275 +499,202 @@ def _steady(d: _Draft, current: str) -> Plan:
     synced = live_synced or (
         was_synced and isinstance(s_health, Healthy | Uncertain) and s_report.status is None
     )
-    d.status["term"] = max(_term(s), p_report.status.term if p_report.status else 0)
-    d.status["primary"] = _replica_status(primary, p_report, synced=False)
-    d.status["secondary"] = _replica_status(secondary, s_report, live_synced or was_synced)
-    d.status.update(figures(st, p_report.status, s.now))
+    return _Pair(primary, secondary, p_report, s_report, p_health, s_health, was_synced, live_synced, synced)
 
-    verdict = failover_verdict(p_health, secondary, s_health, s_report, was_synced)
+
+def _steady(d: _Draft, current: str) -> Plan:
+    s = d.s
+    r = _observe(s, current)
+    _strays(d, {current} | ({r.secondary.name} if r.secondary else set()))
+    d.status["term"] = max(_term(s), r.p_report.status.term if r.p_report.status else 0)
+    d.status["primary"] = _replica_status(r.primary, r.p_report, synced=False)
+    d.status["secondary"] = _replica_status(r.secondary, r.s_report, r.live_synced or r.was_synced)
+    d.status.update(figures(s.vm.status, r.p_report.status, s.now))
+
+    verdict = failover_verdict(r.p_health, r.secondary, r.s_health, r.s_report, r.was_synced)
     if isinstance(verdict, Promote):
-        return _start_transition(d, "Failover", verdict.cause, current, verdict.target, verdict.detail)
+        kind = TransitionKind.FAILOVER
+        return _start_transition(d, kind, verdict.cause, current, verdict.target, verdict.detail)
     if isinstance(verdict, Unrecoverable):
-        restarts = int(st.get("primaryRestarts") or 0)
-        never_served = st.get("phase") in (None, Phase.PENDING.value)
-        if (
-            never_served
-            and restarts < MAX_PRIMARY_RESTARTS
-            and isinstance(p_health, Lost)
-            and primary is not None
-        ):
-            # No client ever reached this primary, so nothing is lost by starting over.
-            detail = f"{p_health.detail}; it never served, so a new primary replaces it"
-            d.act(DeletePod(primary.name, force=_node_lost(s, primary), why=detail))
-            for key in ("currentPrimary", "targetPrimary"):
-                d.status.pop(key, None)
-            d.status["primaryRestarts"] = restarts + 1
-            d.status["primary"] = {}
-            d.event("Warning", "PrimaryRestarted", detail)
-            d.again = True
-            return d.finish(
-                Phase.PENDING,
-                [
-                    false(ConditionType.READY, Reason.PRIMARY_STARTING, detail),
-                    false(
-                        ConditionType.PROTECTED,
-                        Reason.NO_SECONDARY,
-                        "a secondary follows once the primary runs",
-                    ),
-                    false(ConditionType.SYNCED, Reason.NO_SECONDARY, "no secondary yet"),
-                ],
-                detail,
-                f"restart primary: {detail}",
-            )
-        d.event("Warning", Reason.UNRECOVERABLE.value, verdict.detail)
-        return d.finish(
-            Phase.FAILED,
-            [
-                false(ConditionType.READY, Reason.PRIMARY_LOST, verdict.detail),
-                false(ConditionType.PROTECTED, Reason.UNRECOVERABLE, verdict.detail),
-                false(ConditionType.SYNCED, Reason.UNRECOVERABLE, verdict.detail),
-            ],
-            verdict.detail,
-            f"unrecoverable: {verdict.detail}",
-        )
+        return _unrecoverable(d, r, verdict.detail)
     if isinstance(verdict, Wait):
-        return _uncertain_primary(d, verdict.detail, synced)
-
+        return _uncertain_primary(d, verdict.detail, r.synced)
     assert isinstance(verdict, NoFailover)
-    if isinstance(p_health, Starting) or primary is None:
-        detail = p_health.detail if isinstance(p_health, Starting) else "the primary pod is missing"
-        return d.finish(
-            Phase.PENDING,
-            [
-                false(ConditionType.READY, Reason.PRIMARY_STARTING, detail),
-                false(
-                    ConditionType.PROTECTED, Reason.NO_SECONDARY, "a secondary follows once the primary runs"
-                ),
-                false(ConditionType.SYNCED, Reason.NO_SECONDARY, "no secondary yet"),
-            ],
-            detail,
-            f"wait: {detail}",
-        )
+    if isinstance(r.p_health, Starting) or r.primary is None:
+        detail = r.p_health.detail if isinstance(r.p_health, Starting) else "the primary pod is missing"
+        return d.finish(Phase.PENDING, no_primary(Reason.PRIMARY_STARTING, detail), detail, f"wait: {detail}")
+    planned = _planned_switchover(d, current, r)
+    if planned is not None:
+        return planned
+    primary = r.primary
+    ready = true(ConditionType.READY, Reason.PRIMARY_SERVING, f"primary {current} serves on {primary.node}")
+    return _manage_secondary(d, primary, r, ready)
 
-    # The primary serves. Planned switchover, asked for or forced by a drain?
-    healthy_synced = secondary is not None and isinstance(s_health, Healthy) and synced
+
+def _unrecoverable(d: _Draft, r: _Pair, detail: str) -> Plan:
+    st = d.s.vm.status
+    restarts = int(st.get("primaryRestarts") or 0)
+    never_served = st.get("phase") in (None, Phase.PENDING.value)
+    if never_served and restarts < MAX_PRIMARY_RESTARTS and isinstance(r.p_health, Lost) and r.primary:
+        return _restart_primary(
+            d, r.primary, f"{r.p_health.detail}; it never served, so a new primary replaces it"
+        )
+    d.event("Warning", Reason.UNRECOVERABLE.value, detail)
+    return d.finish(Phase.FAILED, state_lost(detail), detail, f"unrecoverable: {detail}")
+
+
+def _restart_primary(d: _Draft, primary: PodView, detail: str) -> Plan:
+    """No client ever reached this primary, so nothing is lost by starting over."""
+    d.act(DeletePod(primary.name, force=_node_lost(d.s, primary), why=detail))
+    for key in ("currentPrimary", "targetPrimary"):
+        d.status.pop(key, None)
+    d.status["primaryRestarts"] = int(d.s.vm.status.get("primaryRestarts") or 0) + 1
+    d.status["primary"] = {}
+    d.event("Warning", "PrimaryRestarted", detail)
+    d.again = True
+    return d.finish(
+        Phase.PENDING, no_primary(Reason.PRIMARY_STARTING, detail), detail, f"restart primary: {detail}"
+    )
+
+
+def _planned_switchover(d: _Draft, current: str, r: _Pair) -> Plan | None:
+    """The primary serves: a switchover asked for, or forced by a drain of the primary's node?"""
+    s = d.s
     requested = s.vm.annotations.get(c.ANNOTATION_SWITCHOVER)
-    if requested and requested != st.get("switchoverHandled"):
+    if requested and requested != s.vm.status.get("switchoverHandled"):
         d.status["switchoverHandled"] = requested
-        if healthy_synced and secondary is not None:
+        if r.healthy_synced and r.secondary is not None:
+            detail = f"switchover requested at {requested}"
             return _start_transition(
-                d,
-                "Switchover",
-                Cause.SWITCHOVER,
-                current,
-                secondary.name,
-                f"switchover requested at {requested}",
+                d, TransitionKind.SWITCHOVER, Cause.SWITCHOVER, current, r.secondary.name, detail
             )
         d.event(
             "Warning",
             "SwitchoverRefused",
             "no synced secondary to switch over to; retry once the VM is Protected",
         )
-    p_node = s.node_of(primary)
-    s_node = s.node_of(secondary)
-    if (
-        healthy_synced
-        and secondary is not None
-        and p_node is not None
-        and p_node.unschedulable
-        and s_node is not None
-        and not s_node.unschedulable
-    ):
+    p_node, s_node = s.node_of(r.primary), s.node_of(r.secondary)
+    drained = p_node is not None and p_node.unschedulable and s_node is not None and not s_node.unschedulable
+    if r.healthy_synced and r.secondary is not None and drained:
+        assert p_node is not None
+        detail = f"node {p_node.name} of the primary is cordoned"
         return _start_transition(
-            d,
-            "Switchover",
-            Cause.NODE_DRAIN,
-            current,
-            secondary.name,
-            f"node {p_node.name} of the primary is cordoned",
+            d, TransitionKind.SWITCHOVER, Cause.NODE_DRAIN, current, r.secondary.name, detail
         )
-
-    ready = true(ConditionType.READY, Reason.PRIMARY_SERVING, f"primary {current} serves on {primary.node}")
-    return _manage_secondary(d, primary, secondary, s_health, s_report, synced, ready)
+    return None
 
 
-def _manage_secondary(
-    d: _Draft,
-    primary: PodView,
-    secondary: PodView | None,
-    s_health: ReplicaHealth | None,
-    s_report: AgentReport,
-    synced: bool,
-    ready: Condition,
+def _uncertain_primary(d: _Draft, detail: str, synced: bool) -> Plan:
+    previous = str(d.s.vm.status.get("phase"))
+    phase = Phase(previous) if previous in Phase.__members__.values() else Phase.PENDING
+    return d.finish(
+        phase,
+        [
+            unknown(ConditionType.READY, Reason.PRIMARY_UNCERTAIN, detail),
+            unknown(ConditionType.PROTECTED, Reason.PRIMARY_UNCERTAIN, detail),
+            (true if synced else false)(
+                ConditionType.SYNCED, Reason.SECONDARY_SYNCED if synced else Reason.NO_SECONDARY, ""
+            ),
+        ],
+        detail,
+        f"wait: {detail}",
+    )
+
+
+# --------------------------------------------------------------------------- the secondary
+
+
+def _manage_secondary(d: _Draft, primary: PodView, r: _Pair, ready: Condition) -> Plan:
+    secondary = r.secondary
+    if secondary is None:
+        return _create_secondary(d, primary, ready)
+    if isinstance(r.s_health, Lost):
+        why = r.s_health.detail
+        d.event("Warning", Reason.SECONDARY_LOST.value, why)
+        return _drop_secondary(
+            d, secondary, ready, Reason.SECONDARY_LOST, why, f"replace lost secondary {secondary.name}"
+        )
+    s_node = d.s.node_of(secondary)
+    if s_node is not None and s_node.unschedulable:
+        why = f"node {s_node.name} of the secondary is cordoned; moving the secondary"
+        d.event("Normal", "MovingSecondary", why)
+        summary = f"move secondary {secondary.name} off cordoned {s_node.name}"
+        return _drop_secondary(d, secondary, ready, Reason.NO_SECONDARY, why, summary)
+    return _secondary_progress(d, secondary, r, ready)
+
+
+def _drop_secondary(
+    d: _Draft, secondary: PodView, ready: Condition, reason: Reason, why: str, summary: str
 ) -> Plan:
+    """Delete the secondary; the next pass creates its replacement."""
+    d.act(DeletePod(secondary.name, force=_node_lost(d.s, secondary), why=why))
+    d.status["secondary"] = {}
+    d.again = True
+    return d.finish(Phase.DEGRADED, serving(ready, false, reason, why), why, summary)
+
+
+def _create_secondary(d: _Draft, primary: PodView, ready: Condition) -> Plan:
     s = d.s
     spec = s.vm.spec
-    if secondary is not None and isinstance(s_health, Lost):
-        d.act(DeletePod(secondary.name, force=_node_lost(s, secondary), why=s_health.detail))
-        d.event("Warning", Reason.SECONDARY_LOST.value, s_health.detail)
-        d.status["secondary"] = {}
-        d.again = True
+    first = int(s.vm.status.get("podSerial") or 0) <= 1
+    if not (spec.failover.auto_reprotect or first):
+        msg = "no secondary and failover.autoReprotect is false"
         return d.finish(
             Phase.DEGRADED,
-            [
-                ready,
-                *replication(false, Reason.SECONDARY_LOST, s_health.detail),
-            ],
-            s_health.detail,
-            f"replace lost secondary {secondary.name}",
-        )
-    s_node = s.node_of(secondary)
-    if secondary is not None and s_node is not None and s_node.unschedulable:
-        why = f"node {s_node.name} of the secondary is cordoned; moving the secondary"
-        d.act(DeletePod(secondary.name, force=False, why=why))
-        d.event("Normal", "MovingSecondary", why)
-        d.status["secondary"] = {}
-        d.again = True
-        return d.finish(
-            Phase.DEGRADED,
-            [
-                ready,
-                *replication(false, Reason.NO_SECONDARY, why),
-            ],
-            why,
-            f"move secondary {secondary.name} off cordoned {s_node.name}",
-        )
-
-    if secondary is None:
-        first = int(s.vm.status.get("podSerial") or 0) <= 1
-        if not (spec.failover.auto_reprotect or first):
-            msg = "no secondary and failover.autoReprotect is false"
-            return d.finish(
-                Phase.DEGRADED,
-                [
-                    ready,
-                    false(ConditionType.PROTECTED, Reason.REPROTECT_DISABLED, msg),
-                    false(ConditionType.SYNCED, Reason.NO_SECONDARY, msg),
-                ],
-                msg,
-                "degraded: re-protection disabled",
-            )
-        if primary.ip is None:
-            msg = "waiting for the primary's address"
-            return d.finish(
-                Phase.DEGRADED,
-                [
-                    ready,
-                    *replication(false, Reason.NO_SECONDARY, msg),
-                ],
-                msg,
-                msg,
-            )
-        occupied = [primary.node or ""]
-        if _avoid_lost_node(s):
-            occupied.append(str((s.vm.status.get("lastFailover") or {}).get("fromNode")))
-        place = place_replica(spec.placement, s.nodes, occupied)
-        if isinstance(place, NoSpareNode):
-            return d.finish(
-                Phase.DEGRADED,
-                [
-                    ready,
-                    false(ConditionType.PROTECTED, Reason.NO_SPARE_NODE, place.message),
-                    false(ConditionType.SYNCED, Reason.NO_SECONDARY, place.message),
-                ],
-                place.message,
-                "degraded: no spare node",
-            )
-        serial = _next_serial(s)
-        name = _pod_name(s, serial)
-        peer = _address(primary.ip, c.REPLICATION_PORT)
-        d.act(CreatePod(name=name, serial=serial, role=c.ROLE_SECONDARY, peer=peer, place=place))
-        d.status["podSerial"] = serial + 1
-        d.status["secondary"] = {"pod": name, "synced": False, "state": "Pending"}
-        d.event("Normal", "CreatingSecondary", f"creating secondary agent pod {name}, peer {peer}")
-        msg = f"secondary {name} is being created"
-        return d.finish(
-            Phase.SYNCING,
-            [
-                ready,
-                *replication(false, Reason.SECONDARY_STARTING, msg),
-            ],
+            serving_alone(ready, Reason.REPROTECT_DISABLED, msg),
             msg,
-            f"create secondary {name}",
+            "degraded: re-protection disabled",
         )
+    if primary.ip is None:
+        msg = "waiting for the primary's address"
+        return d.finish(Phase.DEGRADED, serving(ready, false, Reason.NO_SECONDARY, msg), msg, msg)
+    occupied = [primary.node or ""]
+    if _avoid_lost_node(s):
+        occupied.append(str((s.vm.status.get("lastFailover") or {}).get("fromNode")))
+    place = place_replica(spec.placement, s.nodes, occupied)
+    if isinstance(place, NoSpareNode):
+        return d.finish(
+            Phase.DEGRADED,
+            serving_alone(ready, Reason.NO_SPARE_NODE, place.message),
+            place.message,
+            "degraded: no spare node",
+        )
+    serial = _next_serial(s)
+    name = _pod_name(s, serial)
+    peer = _address(primary.ip, c.REPLICATION_PORT)
+    d.act(CreatePod(name=name, serial=serial, role=c.ROLE_SECONDARY, peer=peer, place=place))
+    d.status["podSerial"] = serial + 1
+    d.status["secondary"] = {"pod": name, "synced": False, "state": "Pending"}
+    d.event("Normal", "CreatingSecondary", f"creating secondary agent pod {name}, peer {peer}")
+    msg = f"secondary {name} is being created"
+    return d.finish(
+        Phase.SYNCING, serving(ready, false, Reason.SECONDARY_STARTING, msg), msg, f"create secondary {name}"
+    )
 
-    if isinstance(s_health, Starting):
+
+def _secondary_progress(d: _Draft, secondary: PodView, r: _Pair, ready: Condition) -> Plan:
+    """A secondary exists and is not lost: starting, uncertain, syncing or synced."""
+    health = r.s_health
+    if isinstance(health, Starting):
         reason = Reason.NO_SPARE_NODE if secondary.unschedulable else Reason.SECONDARY_STARTING
         phase = Phase.DEGRADED if secondary.unschedulable else Phase.SYNCING
         return d.finish(
-            phase,
-            [
-                ready,
-                *replication(false, reason, s_health.detail),
-            ],
-            s_health.detail,
-            f"wait: {s_health.detail}",
+            phase, serving(ready, false, reason, health.detail), health.detail, f"wait: {health.detail}"
         )
-    if isinstance(s_health, Uncertain):
-        previous = s.vm.status.get("phase")
+    if isinstance(health, Uncertain):
+        previous = d.s.vm.status.get("phase")
         phase = Phase(previous) if previous in (Phase.PROTECTED, Phase.SYNCING) else Phase.DEGRADED
-        return d.finish(
-            phase,
-            [
-                ready,
-                *replication(unknown, Reason.SECONDARY_UNCERTAIN, s_health.detail),
-            ],
-            s_health.detail,
-            f"wait: {s_health.detail}",
-        )
-    if synced:
+        conditions = serving(ready, unknown, Reason.SECONDARY_UNCERTAIN, health.detail)
+        return d.finish(phase, conditions, health.detail, f"wait: {health.detail}")
+    if r.synced:
         msg = f"secondary {secondary.name} on {secondary.node} holds epoch {d.status.get('epoch', 0)}"
-        return d.finish(
-            Phase.PROTECTED,
-            [
-                ready,
-                *replication(true, Reason.SECONDARY_SYNCED, msg),
-            ],
-            "",
-            "protected",
-        )
-    status = s_report.status
+        return d.finish(Phase.PROTECTED, serving(ready, true, Reason.SECONDARY_SYNCED, msg), "", "protected")
+    status = r.s_report.status
     if status is not None and status.peer.state is PeerState.LOST:
         msg = f"secondary {secondary.name} lost its connection to the primary"
-        return d.finish(
-            Phase.DEGRADED,
-            [
-                ready,
-                *replication(false, Reason.PEER_LOST, msg),
-            ],
-            msg,
-            f"wait: {msg}",
-        )
+        return d.finish(Phase.DEGRADED, serving(ready, false, Reason.PEER_LOST, msg), msg, f"wait: {msg}")
     msg = f"secondary {secondary.name} is receiving the first copy of guest RAM"
-    return d.finish(
-        Phase.SYNCING,
-        [
-            ready,
-            *replication(false, Reason.FIRST_SYNC, msg),
-        ],
-        msg,
-        "syncing",
-    )
+    return d.finish(Phase.SYNCING, serving(ready, false, Reason.FIRST_SYNC, msg), msg, "syncing")
 
 
 def _avoid_lost_node(s: Snapshot) -> bool:
@@ -658,263 +716,223 @@ def _avoid_lost_node(s: Snapshot) -> bool:
     return recent and last.get("cause") in _SILENT_CAUSES
 
 
-def _uncertain_primary(d: _Draft, detail: str, synced: bool) -> Plan:
-    previous = str(d.s.vm.status.get("phase"))
-    phase = Phase(previous) if previous in Phase.__members__.values() else Phase.PENDING
-    return d.finish(
-        phase,
-        [
-            unknown(ConditionType.READY, Reason.PRIMARY_UNCERTAIN, detail),
-            unknown(ConditionType.PROTECTED, Reason.PRIMARY_UNCERTAIN, detail),
-            (true if synced else false)(
-                ConditionType.SYNCED, Reason.SECONDARY_SYNCED if synced else Reason.NO_SECONDARY, ""
-            ),
-        ],
-        detail,
-        f"wait: {detail}",
-    )
-
-
 # --------------------------------------------------------------------------- failover and switchover
 
 
-def _start_transition(d: _Draft, kind: str, cause: Cause, frm: str, to: str, detail: str) -> Plan:
+def _start_transition(d: _Draft, kind: TransitionKind, cause: Cause, frm: str, to: str, detail: str) -> Plan:
     s = d.s
-    term = _term(s) + 1
     from_pod = s.pod(frm)
-    d.status["transition"] = {
-        "kind": kind,
-        "cause": cause.value,
-        "from": frm,
-        "to": to,
+    t = Transition(
+        kind=kind,
+        cause=cause.value,
+        frm=frm,
+        to=to,
         # The pending step: recorded before anything is asked of an agent.
-        "step": "Promote" if kind == "Failover" else "Checkpoint",
-        "term": term,
-        "startedAt": timestamp_ms(s.now),
-        "message": detail,
-    }
+        step=Step.CHECKPOINT if kind is TransitionKind.SWITCHOVER else Step.PROMOTE,
+        term=_term(s) + 1,
+        started_at=timestamp_ms(s.now),
+        message=detail,
+        from_node=from_pod.node if from_pod is not None else None,
+    )
+    d.status["transition"] = t.to_status()
     d.status["targetPrimary"] = to
-    if from_pod is not None and from_pod.node:
-        d.status["transition"]["fromNode"] = from_pod.node
     d.event(
-        "Warning" if kind == "Failover" else "Normal",
-        f"{kind}Started",
+        "Normal" if t.planned else "Warning",
+        f"{kind.value}Started",
         f"{to} will take over from {frm}: {detail}",
     )
     d.again = True
-    reason = Reason.FAILING_OVER if kind == "Failover" else Reason.SWITCHING_OVER
-    ready = (
-        false(ConditionType.READY, Reason.PRIMARY_LOST, detail)
-        if kind == "Failover"
-        else true(ConditionType.READY, Reason.PRIMARY_SERVING, f"{frm} serves until {to} takes over")
-    )
+    if t.planned:
+        ready = true(ConditionType.READY, Reason.PRIMARY_SERVING, f"{frm} serves until {to} takes over")
+    else:
+        ready = false(ConditionType.READY, Reason.PRIMARY_LOST, detail)
     return d.finish(
         Phase.FAILING_OVER,
-        [ready, *replication(false, reason, detail)],
+        serving(ready, false, _transition_reason(kind), detail),
         detail,
-        f"start {kind.lower()} {frm} -> {to} (term {term}): {detail}",
+        f"start {t.name} {frm} -> {to} (term {t.term}): {detail}",
     )
 
 
-def _transition_conditions(kind: str, step: str, detail: str) -> list[Condition]:
-    reason = Reason.FAILING_OVER if kind == "Failover" else Reason.SWITCHING_OVER
-    if kind == "Failover":
-        ready = false(ConditionType.READY, Reason.PROMOTING, detail)
-    elif step == "Checkpoint":
+def _transition_reason(kind: TransitionKind) -> Reason:
+    return Reason.SWITCHING_OVER if kind is TransitionKind.SWITCHOVER else Reason.FAILING_OVER
+
+
+def _in_progress(d: _Draft, t: Transition, detail: str, summary: str, then: Step | None = None) -> Plan:
+    """End the pass in FailingOver with conditions for step `t.step`; status records step `then`
+    (the next pending one) when the current step's actions are in this plan."""
+    d.status["transition"] = replace(t, step=then or t.step, message=detail).to_status()
+    if t.planned and t.step is Step.CHECKPOINT:
         ready = true(ConditionType.READY, Reason.PRIMARY_SERVING, detail)
     else:
         ready = false(ConditionType.READY, Reason.PROMOTING, detail)
-    return [
-        ready,
-        *replication(false, reason, detail),
-    ]
+    return d.finish(
+        Phase.FAILING_OVER, serving(ready, false, _transition_reason(t.kind), detail), detail, summary
+    )
 
 
-def _continue_transition(d: _Draft, current: str, t: dict[str, Any]) -> Plan:
-    s = d.s
-    spec = s.vm.spec
-    kind = "Switchover" if t.get("kind") == "Switchover" else "Failover"
-    step = str(t.get("step") or "Promote")
-    frm = str(t.get("from") or current)
-    to = str(t["to"])
-    recorded = t.get("term")
-    term: int = recorded if isinstance(recorded, int) else _term(s) + 1
-    from_pod, to_pod = s.pod(frm), s.pod(to)
+@dataclass(frozen=True, slots=True)
+class _Handover:
+    """The two ends of a transition as observed in this pass."""
+
+    from_pod: PodView | None
+    to_pod: PodView | None
+    from_report: AgentReport
+    to_report: AgentReport
+    from_health: ReplicaHealth
+    to_health: ReplicaHealth
+
+
+def _observe_handover(s: Snapshot, t: Transition) -> _Handover:
+    from_pod, to_pod = s.pod(t.frm), s.pod(t.to)
     from_report, to_report = s.agent(from_pod), s.agent(to_pod)
-    timeout = spec.failover.heartbeat_timeout_ms
-    _strays(d, {frm, to})
-    transition = dict(t)
-    d.status["transition"] = transition
-    d.status["targetPrimary"] = to
-
+    timeout = s.vm.spec.failover.heartbeat_timeout_ms
     to_health = assess_replica(
-        to_pod,
-        s.node_of(to_pod),
-        to_report,
-        from_report,
-        expected_role=Role.SECONDARY if step != "Relabel" else Role.PRIMARY,
-        heartbeat_timeout_ms=timeout,
-        what="promotion target",
-    )
+        to_pod, s.node_of(to_pod), to_report, from_report,
+        expected_role=Role.PRIMARY if t.step is Step.RELABEL else Role.SECONDARY,
+        heartbeat_timeout_ms=timeout, what="promotion target",
+    )  # fmt: skip
     from_health = assess_replica(
-        from_pod,
-        s.node_of(from_pod),
-        from_report,
-        to_report,
-        expected_role=Role.PRIMARY,
-        heartbeat_timeout_ms=timeout,
-        what="primary",
-    )
-    before_demote = kind == "Switchover" and step == "Checkpoint"
-    if isinstance(to_health, Lost):
-        if before_demote:
-            return _abort(d, kind, current, f"{to_health.detail}; {frm} keeps serving")
-        detail = f"{to_health.detail} during the {kind.lower()}"
-        d.event("Warning", Reason.UNRECOVERABLE.value, detail)
-        d.status.pop("transition", None)
-        return d.finish(
-            Phase.FAILED,
-            [
-                false(ConditionType.READY, Reason.PRIMARY_LOST, detail),
-                false(ConditionType.PROTECTED, Reason.UNRECOVERABLE, detail),
-                false(ConditionType.SYNCED, Reason.UNRECOVERABLE, detail),
-            ],
-            detail,
-            f"unrecoverable: {detail}",
-        )
+        from_pod, s.node_of(from_pod), from_report, to_report,
+        expected_role=Role.PRIMARY, heartbeat_timeout_ms=timeout, what="primary",
+    )  # fmt: skip
+    return _Handover(from_pod, to_pod, from_report, to_report, from_health, to_health)
 
-    if step == "Checkpoint":
-        if isinstance(from_health, Lost):
-            # The primary died before the switchover demoted it: this is now a failover.
-            transition.update(
-                kind="Failover", cause=from_health.cause.value, step="Promote", message=from_health.detail
-            )
-            d.again = True
-            return d.finish(
-                Phase.FAILING_OVER,
-                _transition_conditions("Failover", "Promote", from_health.detail),
-                from_health.detail,
-                f"switchover became a failover: {from_health.detail}",
-            )
-        started = parse_time(t.get("startedAt")) or s.now
-        if (s.now - started).total_seconds() > SWITCHOVER_TIMEOUT_S:
-            return _abort(
-                d, kind, current, f"the final checkpoint did not complete within {SWITCHOVER_TIMEOUT_S:g}s"
-            )
-        d.act(CheckpointAgent(frm))
-        d.act(DemoteAgent(frm))
-        transition["step"] = "Promote"
+
+StepFn = Callable[[_Draft, Transition, _Handover, str], Plan]
+
+
+def _continue_transition(d: _Draft, current: str, raw: Mapping[str, Any]) -> Plan:
+    s = d.s
+    t = Transition.from_status(raw, current, _term(s) + 1)
+    h = _observe_handover(s, t)
+    _strays(d, {t.frm, t.to})
+    d.status["transition"] = t.to_status()
+    d.status["targetPrimary"] = t.to
+    if isinstance(h.to_health, Lost):
+        return _target_lost(d, t, current, h.to_health.detail)
+    return _STEPS[t.step](d, t, h, current)
+
+
+def _target_lost(d: _Draft, t: Transition, current: str, why: str) -> Plan:
+    if t.planned and t.step is Step.CHECKPOINT:
+        return _abort(d, t.kind, current, f"{why}; {t.frm} keeps serving")
+    detail = f"{why} during the {t.name}"
+    d.event("Warning", Reason.UNRECOVERABLE.value, detail)
+    d.status.pop("transition", None)
+    return d.finish(Phase.FAILED, state_lost(detail), detail, f"unrecoverable: {detail}")
+
+
+def _checkpoint_step(d: _Draft, t: Transition, h: _Handover, current: str) -> Plan:
+    """Switchover: final acknowledged checkpoint on the primary, which then stops releasing output."""
+    s = d.s
+    if isinstance(h.from_health, Lost):
+        # The primary died before the switchover demoted it: this is now a failover.
+        lost = h.from_health
+        t = replace(t, kind=TransitionKind.FAILOVER, cause=lost.cause.value, step=Step.PROMOTE)
         d.again = True
-        detail = f"final checkpoint on {frm}, then {frm} stops releasing output"
-        return d.finish(
-            Phase.FAILING_OVER,
-            _transition_conditions(kind, "Checkpoint", detail),
-            detail,
-            f"switchover {frm} -> {to}: checkpoint and demote",
-        )
+        return _in_progress(d, t, lost.detail, f"switchover became a failover: {lost.detail}")
+    started = parse_time(t.started_at) or s.now
+    if (s.now - started).total_seconds() > SWITCHOVER_TIMEOUT_S:
+        why = f"the final checkpoint did not complete within {SWITCHOVER_TIMEOUT_S:g}s"
+        return _abort(d, t.kind, current, why)
+    d.act(CheckpointAgent(t.frm))
+    d.act(DemoteAgent(t.frm))
+    d.again = True
+    detail = f"final checkpoint on {t.frm}, then {t.frm} stops releasing output"
+    return _in_progress(
+        d, t, detail, f"switchover {t.frm} -> {t.to}: checkpoint and demote", then=Step.PROMOTE
+    )
 
-    if step == "Promote":
-        target = to_report.status
-        if target is not None and target.role is Role.PRIMARY and target.term >= term:
-            step = "Relabel"
-        else:
-            lease = s.lease
-            if (
-                kind == "Failover"
-                and isinstance(from_health, Healthy)
-                and lease is not None
-                and lease.holder == frm
-            ):
-                return _abort(d, kind, current, f"{frm} answers again and still holds the Lease")
-            if lease is not None and lease.term >= term and lease.holder != to:
-                # Someone else moved the Lease since the transition started: ask for a term above it.
-                term = lease.term + 1
-            if target is None:
-                detail = f"waiting for the promotion target {to}: {to_report.error}"
-                transition["message"] = detail
-                return d.finish(
-                    Phase.FAILING_OVER,
-                    _transition_conditions(kind, step, detail),
-                    detail,
-                    f"{kind.lower()}: {detail}",
-                )
-            d.act(PromoteAgent(to, term))
-            transition.update(step="Relabel", term=term)
-            d.again = True
-            detail = f"{to} takes the Lease with term {term} and promotes"
-            transition["message"] = detail
-            return d.finish(
-                Phase.FAILING_OVER,
-                _transition_conditions(kind, "Promote", detail),
-                detail,
-                f"{kind.lower()} {frm} -> {to}: promote with term {term}",
-            )
 
-    # Relabel: the target is primary in `term`. Move the Service and retire the old primary.
-    target = to_report.status
+def _promote_step(d: _Draft, t: Transition, h: _Handover, current: str) -> Plan:
+    """Ask the target to take the Lease with the recorded term and promote itself."""
+    target = h.to_report.status
+    if target is not None and target.role is Role.PRIMARY and target.term >= t.term:
+        # It promoted, but the operator did not record it (a restart in between).
+        return _relabel_step(d, replace(t, step=Step.RELABEL), h, current)
+    lease = d.s.lease
+    answers_again = isinstance(h.from_health, Healthy) and lease is not None and lease.holder == t.frm
+    if not t.planned and answers_again:
+        return _abort(d, t.kind, current, f"{t.frm} answers again and still holds the Lease")
+    if lease is not None and lease.term >= t.term and lease.holder != t.to:
+        # Someone else moved the Lease since the transition started: ask for a term above it.
+        t = replace(t, term=lease.term + 1)
+    if target is None:
+        detail = f"waiting for the promotion target {t.to}: {h.to_report.error}"
+        return _in_progress(d, t, detail, f"{t.name}: {detail}")
+    d.act(PromoteAgent(t.to, t.term))
+    d.again = True
+    detail = f"{t.to} takes the Lease with term {t.term} and promotes"
+    summary = f"{t.name} {t.frm} -> {t.to}: promote with term {t.term}"
+    return _in_progress(d, t, detail, summary, then=Step.RELABEL)
+
+
+def _relabel_step(d: _Draft, t: Transition, h: _Handover, current: str) -> Plan:
+    """The target is primary in the term: move the Service to it and retire the old primary."""
+    s = d.s
+    target = h.to_report.status
     if target is None or target.role is not Role.PRIMARY:
         # The promote call failed after the step was recorded: go back and ask again.
-        transition["step"] = "Promote"
-        detail = f"{to} does not report itself primary yet"
-        transition["message"] = detail
-        return d.finish(
-            Phase.FAILING_OVER,
-            _transition_conditions(kind, "Promote", detail),
-            detail,
-            f"{kind.lower()}: {detail}",
-        )
-    term = max(term, target.term)
-    if from_pod is not None:
-        d.act(LabelPod(frm, ROLE_FENCED))
-        d.act(DeletePod(frm, force=kind == "Failover", why=f"replaced by {to} in term {term}"))
-    d.act(LabelPod(to, c.ROLE_PRIMARY))
-    started = parse_time(t.get("startedAt")) or s.now
-    duration_ms = round((s.now - started).total_seconds() * 1000.0, 1)
-    record: dict[str, Any] = {
-        "kind": kind,
-        "time": timestamp_ms(s.now),
-        "durationMs": duration_ms,
-        "cause": str(t.get("cause") or ""),
-        "from": frm,
-        "to": to,
-    }
-    if t.get("fromNode"):
-        record["fromNode"] = t["fromNode"]
+        detail = f"{t.to} does not report itself primary yet"
+        return _in_progress(d, replace(t, step=Step.PROMOTE), detail, f"{t.name}: {detail}")
+    term = max(t.term, target.term)
+    if h.from_pod is not None:
+        d.act(LabelPod(t.frm, ROLE_FENCED))
+        d.act(DeletePod(t.frm, force=not t.planned, why=f"replaced by {t.to} in term {term}"))
+    d.act(LabelPod(t.to, c.ROLE_PRIMARY))
+    record = _handover_record(t, s.now)
     d.status.pop("transition", None)
-    d.status.update(currentPrimary=to, targetPrimary=to, term=term, lastFailover=record)
-    if kind == "Failover":
+    d.status.update(currentPrimary=t.to, targetPrimary=t.to, term=term, lastFailover=record)
+    if not t.planned:
         d.status["failovers"] = int(d.status.get("failovers") or 0) + 1
-    d.status["primary"] = _replica_status(to_pod, to_report, synced=False)
+    d.status["primary"] = _replica_status(h.to_pod, h.to_report, synced=False)
     d.status["secondary"] = {}
     d.again = True
-    d.event(
-        "Normal", "Promoted", f"{to} is primary in term {term} after {record['cause']} ({duration_ms} ms)"
-    )
-    ready = true(ConditionType.READY, Reason.PRIMARY_SERVING, f"primary {to} serves")
+    ms = record["durationMs"]
+    d.event("Normal", "Promoted", f"{t.to} is primary in term {term} after {record['cause']} ({ms} ms)")
+    ready = true(ConditionType.READY, Reason.PRIMARY_SERVING, f"primary {t.to} serves")
     msg = "re-protecting: a new secondary follows"
     return d.finish(
         Phase.DEGRADED,
-        [
-            ready,
-            *replication(false, Reason.NO_SECONDARY, msg),
-        ],
+        serving(ready, false, Reason.NO_SECONDARY, msg),
         msg,
-        f"{kind.lower()} done: {to} primary in term {term} ({duration_ms} ms)",
+        f"{t.name} done: {t.to} primary in term {term} ({ms} ms)",
     )
 
 
-def _abort(d: _Draft, kind: str, current: str, detail: str) -> Plan:
+def _handover_record(t: Transition, now: dt.datetime) -> dict[str, Any]:
+    """`status.lastFailover`: what moved, why and how long it took."""
+    started = parse_time(t.started_at) or now
+    record: dict[str, Any] = {
+        "kind": t.kind.value,
+        "time": timestamp_ms(now),
+        "durationMs": round((now - started).total_seconds() * 1000.0, 1),
+        "cause": t.cause,
+        "from": t.frm,
+        "to": t.to,
+    }
+    if t.from_node:
+        record["fromNode"] = t.from_node
+    return record
+
+
+_STEPS: dict[Step, StepFn] = {
+    Step.CHECKPOINT: _checkpoint_step,
+    Step.PROMOTE: _promote_step,
+    Step.RELABEL: _relabel_step,
+}
+
+
+def _abort(d: _Draft, kind: TransitionKind, current: str, detail: str) -> Plan:
     d.status.pop("transition", None)
     d.status["targetPrimary"] = current
-    d.event("Warning", f"{kind}Aborted", detail)
+    d.event("Warning", f"{kind.value}Aborted", detail)
     d.again = True
+    ready = true(ConditionType.READY, Reason.PRIMARY_SERVING, f"primary {current} serves")
     return d.finish(
         Phase.DEGRADED,
-        [
-            true(ConditionType.READY, Reason.PRIMARY_SERVING, f"primary {current} serves"),
-            unknown(ConditionType.PROTECTED, Reason.SECONDARY_UNCERTAIN, detail),
-            unknown(ConditionType.SYNCED, Reason.SECONDARY_UNCERTAIN, detail),
-        ],
+        serving(ready, unknown, Reason.SECONDARY_UNCERTAIN, detail),
         detail,
-        f"{kind.lower()} aborted: {detail}",
+        f"{kind.value.lower()} aborted: {detail}",
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 from dataclasses import replace
 
 from test_operator_world import (
@@ -27,6 +28,9 @@ from colo_operator.decide import (
     LabelPod,
     Plan,
     PromoteAgent,
+    Step,
+    Transition,
+    TransitionKind,
     decide,
 )
 from colo_operator.snapshot import LeaseView, NodeHealth
@@ -283,6 +287,24 @@ def test_restart_mid_failover_resumes_without_promoting_twice() -> None:
     assert not any(isinstance(a, PromoteAgent) for a in plan.actions)
     assert LabelPod("vm-1", c.ROLE_PRIMARY) in plan.actions
     assert plan.status["currentPrimary"] == "vm-1"
+
+
+def test_transition_in_status_is_plain_strings_that_read_back_the_same() -> None:
+    raw = decide(lost_primary_world()).status["transition"]
+    # What an operator restarted mid-failover (of this or an earlier version) reads back.
+    assert json.loads(json.dumps(raw)) == raw
+    assert (raw["kind"], raw["step"]) == ("Failover", "Promote")
+    t = Transition.from_status(raw, "vm-0", 99)
+    assert (t.kind, t.step, t.term) == (TransitionKind.FAILOVER, Step.PROMOTE, 2)
+    assert t.to_status() == raw
+
+
+def test_transition_with_an_unknown_step_resumes_at_promote() -> None:
+    start = decide(lost_primary_world())
+    odd = {**start.status, "transition": {**start.status["transition"], "step": "Renamed", "kind": "Other"}}
+    plan = decide(lost_primary_world(status=odd))
+    assert plan.actions == (PromoteAgent("vm-1", 2),)
+    assert (plan.status["transition"]["kind"], plan.status["transition"]["step"]) == ("Failover", "Relabel")
 
 
 def test_relabel_step_without_a_promoted_agent_goes_back_to_promote() -> None:
