@@ -32,10 +32,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # The agent-process harness of the integration tests: one way to start, watch and kill agents.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "integration"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from _common import percentile, write_results
-from agents import (
+from support.agents import (
     LEASE_DURATION_MS,
     AgentGroup,
     AgentProcess,

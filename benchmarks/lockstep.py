@@ -55,10 +55,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # The agent-process harness of the integration tests: one way to start, watch and kill agents.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "integration"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from _common import free_port, redis_benchmark, require_tool, wait_for_port, write_results
-from agents import AgentGroup, AgentProcess, HarnessError, wait_protected
+from support.agents import AgentGroup, AgentProcess, HarnessError, wait_protected
 
 from colo_agent.microvm.config import kvm_unavailable_reason
 

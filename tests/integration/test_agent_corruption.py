@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from agents import AgentGroup, WriteLog, missing_writes, wait_protected, write_keys
+from support.agents import AgentGroup, WriteLog, missing_writes, wait_protected, write_keys
 
 from colo_agent.api.models import AgentStatus
 from colo_agent.replication import protocol as p

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from agents import (
+from support.agents import (
     ACCELS,
     AgentGroup,
     AgentProcess,

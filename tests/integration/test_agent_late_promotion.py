@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from agents import AgentGroup, WriteLog, missing_writes, write_keys
+from support.agents import AgentGroup, WriteLog, missing_writes, write_keys
 
 from colo_agent.api.models import PeerState
 

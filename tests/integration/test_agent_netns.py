@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from agents import (
+from support.agents import (
     AgentGroup,
     Netns,
     WriteLog,

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from agents import ACCELS, AgentGroup, WriteLog, missing_writes, wait_protected, write_keys
+from support.agents import ACCELS, AgentGroup, WriteLog, missing_writes, wait_protected, write_keys
 
 
 @pytest.fixture

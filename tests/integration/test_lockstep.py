@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from agents import ACCELS, AgentGroup, AgentProcess, WriteLog, missing_writes, write_keys
+from support.agents import ACCELS, AgentGroup, AgentProcess, WriteLog, missing_writes, write_keys
 
 LOCKSTEP = ("--mode", "lockstep", "--interval-ms", "2000")
 _RELEASED = re.compile(r'^colo_lockstep_released_bytes_total\{how="(match|ack)"\} (\S+)$', re.M)

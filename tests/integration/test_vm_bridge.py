@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import pytest
-from ring_guest import RingGuest
+from support.ring_guest import RingGuest
 
 from colo_agent.guest import OutputCallback
 from colo_agent.microvm import abi

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from test_vm_helpers import ACCELS
+from support.vm import ACCELS
 
 
 def _free_port() -> int:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_vm_helpers import ACCELS, KVM_REASON, VmServer, changed_pages, serve
+from support.vm import ACCELS, KVM_REASON, VmServer, changed_pages, serve
 
 from colo_agent.microvm.machine import Machine, MachineError
 from colo_agent.microvm.state import DeviceStateError

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 import redis
-from test_vm_helpers import ACCELS, VmServer, serve
+from support.vm import ACCELS, VmServer, serve
 
 
 @pytest.fixture(scope="module", params=ACCELS)

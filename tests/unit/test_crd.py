@@ -7,8 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from test_operator_decide import lost_primary_world
-from test_operator_world import UNREACHABLE, agent, world
+from support.operator_world import UNREACHABLE, agent, lost_primary_world, world
 
 from colo_agent.api.models import Role
 from colo_operator import constants as c

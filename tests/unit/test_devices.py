@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from ring_guest import CAP, HDR, RingGuest
+from support.ring_guest import CAP, HDR, RingGuest
 
 from colo_agent.microvm import abi
 from colo_agent.microvm.devices import INPUT_HIGH_WATER, INPUT_LOW_WATER, DeviceModel, NicHostState

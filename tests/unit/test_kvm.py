@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from accel_testing import (
+from support.accel import (
     JOIN_TIMEOUT_S,
     LCG_A,
     M64,

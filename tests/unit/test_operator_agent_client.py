@@ -6,7 +6,7 @@ import json
 
 import httpx
 import pytest
-from test_operator_world import agent
+from support.operator_world import agent
 
 from colo_agent.api.models import API_VERSION_HEADER, Role
 from colo_operator.agent_client import AgentClient, AgentError

@@ -6,10 +6,11 @@ import datetime as dt
 import json
 from dataclasses import replace
 
-from test_operator_world import (
+from support.operator_world import (
     NOW,
     UNREACHABLE,
     agent,
+    lost_primary_world,
     node,
     nodes,
     pod,
@@ -168,14 +169,6 @@ def test_unschedulable_secondary_pod_is_reported_as_no_spare_node() -> None:
 
 
 # --------------------------------------------------------------------------- failover
-
-
-def lost_primary_world(**kw):
-    return world(
-        node_views=nodes(node("n1", NodeHealth.UNKNOWN), node("n2"), node("n3")),
-        agents={"vm-0": UNREACHABLE, "vm-1": agent(Role.SECONDARY, peer=PeerState.LOST)},
-        **kw,
-    )
 
 
 def test_node_unknown_but_heartbeats_flowing_waits() -> None:

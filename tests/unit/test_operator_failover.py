@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from test_operator_world import UNREACHABLE, agent, node, pod
+from support.operator_world import UNREACHABLE, agent, node, pod
 
 from colo_agent.api.models import PeerState, Role
 from colo_operator.failover import (

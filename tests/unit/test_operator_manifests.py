@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 
-from test_operator_world import vm
+from support.operator_world import vm
 
 from colo_operator import constants as c
 from colo_operator.config import KvmMode, OperatorConfig

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from test_operator_world import node, nodes
+from support.operator_world import node, nodes
 
 from colo_operator.placement import NoSpareNode, Place, place_replica, why_not_eligible
 from colo_operator.snapshot import NodeHealth, Taint

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from test_operator_world import NOW, agent
+from support.operator_world import NOW, agent
 
 from colo_agent.api.models import Role
 from colo_operator.status import (

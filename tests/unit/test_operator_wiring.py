@@ -13,7 +13,7 @@ import kmock
 import kubernetes
 import pytest
 from prometheus_client import CollectorRegistry
-from test_operator_world import vm as vm_view
+from support.operator_world import vm as vm_view
 
 from colo_agent.api.models import (
     AgentStatus,

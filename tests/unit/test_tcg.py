@@ -19,7 +19,11 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 import pytest
-from accel_testing import (
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from support.accel import (
+    DIRTY_GUEST,
+    DIRTY_RAM,
     JOIN_TIMEOUT_S,
     LCG_A,
     M64,
@@ -27,14 +31,14 @@ from accel_testing import (
     MakeVm,
     RecordingIo,
     assemble,
+    check_migration_guest_finished,
     kick_and_join,
     lcg_after,
     needs_assembler,
     run_in_thread,
     vm_maker,
+    write_table,
 )
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from colo_agent.microvm import abi, boot
 from colo_agent.microvm.accel import DescriptorTable, RunResult, Segment
@@ -193,61 +197,17 @@ def test_handler_exception_propagates(make_vm: MakeVm) -> None:
 
 # -- dirty log ----------------------------------------------------------------
 
-# The table at 0x180000 holds a count and then that many addresses. Each round
-# first reads every address (so the soft TLB holds read-only entries for the
-# pages), then stores a distinct value at each: round r writes (r << 32) | i
-# at address i. A second table (0x1c0000) lists unaligned addresses that
-# straddle a page boundary. Then it halts, and the next run does a new round.
-DIRTY_GUEST = """
-    xor %r12, %r12
-round:
-    inc %r12
-    mov $0x180000, %rsi
-    mov (%rsi), %rcx
-    xor %rbx, %rbx
-1:  mov 8(%rsi,%rbx,8), %rdi
-    mov (%rdi), %rax
-    inc %rbx
-    cmp %rcx, %rbx
-    jne 1b
-    xor %rbx, %rbx
-2:  mov 8(%rsi,%rbx,8), %rdi
-    mov %r12, %rax
-    shl $32, %rax
-    or %rbx, %rax
-    mov %rax, (%rdi)
-    inc %rbx
-    cmp %rcx, %rbx
-    jne 2b
-    mov $0x1c0000, %rsi
-    mov (%rsi), %rcx
-    xor %rbx, %rbx
-3:  mov 8(%rsi,%rbx,8), %rdi
-    mov %r12, (%rdi)
-    inc %rbx
-    cmp %rcx, %rbx
-    jne 3b
-    hlt
-    jmp round
-"""
-DIRTY_RAM = 16 << 20
-
-
-def _write_table(ram: mmap.mmap, where: int, addrs: npt.NDArray[np.int64]) -> None:
-    struct.pack_into(f"<Q{addrs.size}Q", ram, where, addrs.size, *addrs.tolist())
-
-
 def test_first_write_to_every_page_lands_and_is_logged(make_vm: MakeVm) -> None:
     accel, ram, _io = make_vm(DIRTY_GUEST, ram_size=DIRTY_RAM)
     rng = np.random.default_rng(7)
     # Pages from 2 MiB up: above the code and the tables.
     pages = rng.choice(np.arange(0x200, DIRTY_RAM // PAGE - 1), size=3000, replace=False)
     addrs = pages * PAGE + rng.integers(0, PAGE // 8, size=pages.size) * 8
-    _write_table(ram, 0x180000, addrs)
+    write_table(ram, 0x180000, addrs)
     # Two qwords straddling page boundaries: 4 bytes land on each side.
     spare = np.setdiff1d(np.arange(0x200, DIRTY_RAM // PAGE - 1), pages)[:4:2]
     straddling = (spare + 1) * PAGE - 4
-    _write_table(ram, 0x1C0000, straddling)
+    write_table(ram, 0x1C0000, straddling)
     # Host writes (boot structures, tables) are the monitor's, never logged here.
     assert accel.collect_dirty().size == 0
 
@@ -690,14 +650,6 @@ def test_unsupported_efer_bit_is_refused_and_rolled_back(make_vm: MakeVm) -> Non
     assert accel.get_cpu_state() == before
 
 
-
-
-def check_migration_guest_finished(ram: mmap.mmap, counts: list[int]) -> None:
-    rax, rbx, r9, r11 = struct.unpack_from("<4Q", ram, 0x1F0000)
-    assert counts == sorted(counts) and r9 >= counts[-1] > 0
-    assert rax == lcg_after(r9)
-    assert rbx == (r9 * (r9 + 1) // 2) & M64
-    assert r11 == r9
 
 
 def test_state_taken_mid_run_continues_on_a_fresh_accelerator(make_vm: MakeVm) -> None:

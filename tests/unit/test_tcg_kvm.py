@@ -1,6 +1,6 @@
 """tcg and kvm side by side: CPU state and RAM move between them, and they log the same pages.
 
-Runs only where /dev/kvm opens; the guests and helpers are those of test_tcg.
+Runs only where /dev/kvm opens; the guests and helpers are those of `support.accel`.
 """
 
 from __future__ import annotations
@@ -13,18 +13,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import test_tcg
-from test_tcg import (
+from support.accel import (
     DIRTY_GUEST,
     DIRTY_RAM,
     JOIN_TIMEOUT_S,
     MIGRATION_GUEST,
-    PAGE,
-    RAM_SIZE,
     RecordingIo,
-    _write_table,
     assemble,
     check_migration_guest_finished,
+    needs_assembler,
+    write_table,
 )
 
 from colo_agent.microvm import abi, boot
@@ -35,9 +33,11 @@ from colo_agent.microvm.tcg import TcgAccelerator
 pytestmark = [
     pytest.mark.kvm,
     pytest.mark.skipif(not kvm_available(), reason="/dev/kvm cannot be opened (absent or no permission)"),
-    test_tcg.pytestmark,  # the guests are assembled with gcc
+    needs_assembler,
 ]
 
+RAM_SIZE = abi.MIN_RAM
+PAGE = abi.PAGE_SIZE
 
 ACCELERATORS: dict[str, AcceleratorFactory] = {"tcg": TcgAccelerator, "kvm": KvmAccelerator}
 
@@ -106,8 +106,8 @@ def test_both_accelerators_log_the_same_pages(tmp_path: Path) -> None:
     images = {}
     for name, factory in ACCELERATORS.items():
         ram = _ram_with(DIRTY_GUEST, tmp_path, DIRTY_RAM)
-        _write_table(ram, 0x180000, addrs)
-        _write_table(ram, 0x1C0000, np.array([0x400FFC], dtype=np.int64))
+        write_table(ram, 0x180000, addrs)
+        write_table(ram, 0x1C0000, np.array([0x400FFC], dtype=np.int64))
         vcpu = factory(ram, RecordingIo())
         try:
             vcpu.set_cpu_state(boot.initial_cpu_state())

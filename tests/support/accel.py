@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mmap
 import shutil
+import struct
 import subprocess
 import threading
 from collections.abc import Callable, Iterator
@@ -11,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+import numpy as np
+import numpy.typing as npt
 import pytest
 
 from colo_agent.microvm import abi, boot
@@ -152,3 +155,55 @@ def lcg_after(steps: int) -> int:
         a, c = (a * a) & M64, (a * c + c) & M64
         steps >>= 1
     return add
+
+
+def check_migration_guest_finished(ram: mmap.mmap, counts: list[int]) -> None:
+    rax, rbx, r9, r11 = struct.unpack_from("<4Q", ram, 0x1F0000)
+    assert counts == sorted(counts) and r9 >= counts[-1] > 0
+    assert rax == lcg_after(r9)
+    assert rbx == (r9 * (r9 + 1) // 2) & M64
+    assert r11 == r9
+
+
+# The table at 0x180000 holds a count and then that many addresses. Each round
+# first reads every address (so the soft TLB holds read-only entries for the
+# pages), then stores a distinct value at each: round r writes (r << 32) | i
+# at address i. A second table (0x1c0000) lists unaligned addresses that
+# straddle a page boundary. Then it halts, and the next run does a new round.
+DIRTY_GUEST = """
+    xor %r12, %r12
+round:
+    inc %r12
+    mov $0x180000, %rsi
+    mov (%rsi), %rcx
+    xor %rbx, %rbx
+1:  mov 8(%rsi,%rbx,8), %rdi
+    mov (%rdi), %rax
+    inc %rbx
+    cmp %rcx, %rbx
+    jne 1b
+    xor %rbx, %rbx
+2:  mov 8(%rsi,%rbx,8), %rdi
+    mov %r12, %rax
+    shl $32, %rax
+    or %rbx, %rax
+    mov %rax, (%rdi)
+    inc %rbx
+    cmp %rcx, %rbx
+    jne 2b
+    mov $0x1c0000, %rsi
+    mov (%rsi), %rcx
+    xor %rbx, %rbx
+3:  mov 8(%rsi,%rbx,8), %rdi
+    mov %r12, (%rdi)
+    inc %rbx
+    cmp %rcx, %rbx
+    jne 3b
+    hlt
+    jmp round
+"""
+DIRTY_RAM = 16 << 20
+
+
+def write_table(ram: mmap.mmap, where: int, addrs: npt.NDArray[np.int64]) -> None:
+    struct.pack_into(f"<Q{addrs.size}Q", ram, where, addrs.size, *addrs.tolist())
