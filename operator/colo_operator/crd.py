@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from . import constants as c
+from .spec import RUN_STRATEGIES
 
 # --------------------------------------------------------------------------- schema helpers (pure)
 
@@ -100,7 +101,8 @@ def _resource_list(description: str) -> Schema:
 # --------------------------------------------------------------------------- spec
 
 GUEST = obj(
-    "What runs inside. Immutable: the RAM image and device state of a running VM cannot change shape.",
+    "What runs inside. Immutable while the VM runs: the RAM image and device state of a running VM "
+    "cannot change shape. It may change while runStrategy stays Halted.",
     {
         "backend": string(
             "Guest backend. microvm is the agent's own virtual machine monitor running the "
@@ -141,11 +143,6 @@ GUEST = obj(
         ),
     },
     default={},
-    **{
-        "x-kubernetes-validations": [
-            rule("self == oldSelf", "guest is immutable; create a new ColoVM to change it"),
-        ]
-    },
 )
 
 REPLICATION = obj(
@@ -311,8 +308,31 @@ SPEC = obj(
             enum=["Always", "IfNotPresent", "Never"],
         ),
         "resources": RESOURCES,
+        "runStrategy": string(
+            "Always: the VM runs. Halted: the VM is stopped: its agent pods are deleted, while the "
+            "ColoVM, its Service, Secret and Lease stay (the Lease's term keeps counting, so no agent "
+            "of an earlier run can serve again). The guest's RAM and device state live only in the "
+            "agent pods and the microvm backend keeps no persistent image, so setting Always again "
+            "starts a fresh guest: whatever it held before is gone. A Failed VM is restarted the "
+            "same way (Halted, then Always).",
+            enum=list(RUN_STRATEGIES),
+            default="Always",
+        ),
     },
     default={},
+    **{
+        "x-kubernetes-validations": [
+            # A fresh guest starts from the spec, so the guest may change while the VM stays stopped.
+            rule(
+                "!has(oldSelf.guest) || !has(self.guest) || self.guest == oldSelf.guest || "
+                "(has(oldSelf.runStrategy) && oldSelf.runStrategy == 'Halted' && "
+                "has(self.runStrategy) && self.runStrategy == 'Halted')",
+                "guest is immutable while the VM runs; set runStrategy to Halted first (it then "
+                "starts afresh), or create a new ColoVM",
+                ".guest",
+            ),
+        ]
+    },
 )
 
 # --------------------------------------------------------------------------- status
@@ -354,8 +374,9 @@ STATUS = obj(
         "phase": string(
             "Pending: no pods yet; Syncing: the secondary receives its first image; Protected: a "
             "synced secondary can take over; Degraded: serving without a synced secondary; "
-            "FailingOver: a promotion is under way; Failed: cannot serve, see message.",
-            enum=["Pending", "Syncing", "Protected", "Degraded", "FailingOver", "Failed"],
+            "FailingOver: a promotion is under way; Failed: cannot serve, see message; Stopped: "
+            "runStrategy is Halted and the agent pods are gone or going.",
+            enum=["Pending", "Syncing", "Protected", "Degraded", "FailingOver", "Failed", "Stopped"],
         ),
         "message": string("Why the VM is in its phase."),
         "conditions": {
@@ -436,6 +457,9 @@ STATUS = obj(
         "primaryRestarts": int64("Primaries replaced because they failed before ever serving."),
         "podSerial": int64("Ordinal of the next agent pod; pod names never repeat within a ColoVM."),
         "switchoverHandled": string("Value of the colo.dev/switchover annotation last acted upon."),
+        "stoppedFrom": string(
+            "Phase the VM was in when it was stopped; Failed means the guest's state had been lost."
+        ),
     },
 )
 

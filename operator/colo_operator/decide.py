@@ -358,6 +358,10 @@ def decide(s: Snapshot) -> Plan:
     st = s.vm.status
     if st.get("observedGeneration") != s.vm.generation or s.lease is None:
         d.act(EnsureObjects())
+    if s.vm.spec.run_strategy == "Halted":
+        return _stop(d)
+    if st.get("phase") == Phase.STOPPED.value:
+        return _start(d)
     if st.get("phase") == Phase.FAILED.value:
         return _failed(d)
 
@@ -389,6 +393,61 @@ def _failed(d: _Draft) -> Plan:
     return d.finish(
         Phase.FAILED, previous, str(st.get("message") or ""), "failed; delete and recreate the ColoVM"
     )
+
+
+# --------------------------------------------------------------------------- stop and start
+
+# What a stopped VM no longer has: who serves, how far replication got, a transition in flight.
+_RUN_STATE = (
+    "currentPrimary", "targetPrimary", "transition",
+    "epoch", "lastCheckpoint", "checkpoints", "primaryRestarts",
+)  # fmt: skip
+
+
+def _stop(d: _Draft) -> Plan:
+    """runStrategy Halted: delete the agent pods (and with them the guest); keep the rest."""
+    s = d.s
+    phase = s.vm.status.get("phase")
+    if phase != Phase.STOPPED.value:
+        d.status["stoppedFrom"] = str(phase or Phase.PENDING.value)
+        d.event("Normal", "Stopping", "runStrategy is Halted: deleting the agent pods and the guest's state")
+    why = "the VM is stopped (runStrategy Halted)"
+    for pod in s.pods:
+        if not pod.deleting:
+            d.act(DeletePod(pod.name, force=_node_lost(s, pod), why=why))
+    for key in _RUN_STATE:
+        d.status.pop(key, None)
+    d.status["primary"] = d.status["secondary"] = {}
+    msg = f"stopping: {len(s.pods)} agent pod(s) terminating" if s.pods else "stopped (runStrategy Halted)"
+    return d.finish(Phase.STOPPED, _stopped(msg), msg, msg)
+
+
+def _stopped(message: str) -> list[Condition]:
+    return [
+        false(ConditionType.READY, Reason.STOPPED, message),
+        *replication(false, Reason.STOPPED, message),
+    ]
+
+
+def _start(d: _Draft) -> Plan:
+    """runStrategy Always after Halted: a fresh guest, once the pods of the earlier run are gone."""
+    s = d.s
+    if s.pods:
+        # Their anti-affinity and primary label would still count; the new run starts without them.
+        msg = f"starting once {len(s.pods)} agent pod(s) of the stopped VM are gone"
+        _strays(d, set())
+        return d.finish(Phase.STOPPED, _stopped(msg), msg, f"wait: {msg}")
+    if d.status.pop("stoppedFrom", None) == Phase.FAILED.value:
+        d.event(
+            "Warning",
+            "StateLost",
+            "restarted after it Failed: the guest's state was lost, a fresh guest boots",
+        )
+    else:
+        d.event(
+            "Normal", "Starting", "runStrategy is Always: a fresh guest boots (a stopped VM keeps no state)"
+        )
+    return _create_primary(d)
 
 
 def _newest(pods: Any) -> PodView | None:

@@ -17,6 +17,7 @@ from typing import Any
 PAGE_SIZE = 4096
 MIN_MEMORY = 4 << 20
 MAX_MEMORY = 1 << 30
+RUN_STRATEGIES = ("Always", "Halted")
 
 
 class SpecError(ValueError):
@@ -138,6 +139,8 @@ class ColoVMSpec:
     image_pull_policy: str | None = None
     # Passed through to the container as given (already validated by the API server).
     resources: Mapping[str, Any] = field(default_factory=dict)
+    # Always: the VM runs. Halted: stopped, its agent pods deleted (see the CRD's description).
+    run_strategy: str = "Always"
 
     @classmethod
     def from_dict(cls, spec: object) -> ColoVMSpec:
@@ -210,6 +213,7 @@ class ColoVMSpec:
             image=r.optional_string("image"),
             image_pull_policy=r.optional_choice("imagePullPolicy", ("Always", "IfNotPresent", "Never")),
             resources=resources,
+            run_strategy=r.choice("runStrategy", RUN_STRATEGIES, "Always"),
         )
 
 

@@ -25,6 +25,7 @@ class Phase(enum.StrEnum):
     DEGRADED = "Degraded"  # primary serving, no usable secondary
     FAILING_OVER = "FailingOver"  # a failover or switchover is in progress
     FAILED = "Failed"  # the VM's state is lost
+    STOPPED = "Stopped"  # runStrategy Halted: no agent pods, no guest state
 
 
 class ConditionType(enum.StrEnum):
@@ -55,6 +56,7 @@ class Reason(enum.StrEnum):
     SWITCHING_OVER = "SwitchingOver"
     UNRECOVERABLE = "Unrecoverable"
     INVALID_SPEC = "InvalidSpec"
+    STOPPED = "Stopped"
 
 
 @dataclass(frozen=True, slots=True)

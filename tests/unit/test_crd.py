@@ -106,7 +106,12 @@ def test_cel_rules_present() -> None:
         r["rule"] for r in SPEC["properties"]["guest"]["properties"]["memory"]["x-kubernetes-validations"]
     )
     assert "quantity('4Mi')" in memory_rules and "quantity('1Gi')" in memory_rules
-    assert SPEC["properties"]["guest"]["x-kubernetes-validations"][0]["rule"] == "self == oldSelf"
+    # Guest immutability lives on spec: it may change while runStrategy stays Halted.
+    (guest,) = SPEC["x-kubernetes-validations"]
+    assert guest["fieldPath"] == ".guest" and "self.guest == oldSelf.guest" in guest["rule"]
+    assert (
+        "oldSelf.runStrategy == 'Halted'" in guest["rule"] and "self.runStrategy == 'Halted'" in guest["rule"]
+    )
 
 
 def test_bounds_and_enums() -> None:
@@ -121,7 +126,9 @@ def test_bounds_and_enums() -> None:
         "Degraded",
         "FailingOver",
         "Failed",
+        "Stopped",
     ]
+    assert SPEC["properties"]["runStrategy"]["enum"] == ["Always", "Halted"]
 
 
 def test_printer_columns() -> None:

@@ -526,3 +526,64 @@ def test_promotable_secondary_stays_promotable_through_a_wait() -> None:
     )
     t = decide(s).status["transition"]
     assert (t["kind"], t["to"], t["cause"]) == ("Failover", "vm-1", "NodeUnknown")
+
+
+# --------------------------------------------------------------------------- stop and start
+
+HALTED = {"runStrategy": "Halted"}
+
+
+def test_halting_deletes_both_pods_and_forgets_the_run() -> None:
+    plan = decide(world(spec=HALTED))
+    assert [a.name for a in plan.actions if isinstance(a, DeletePod)] == ["vm-0", "vm-1"]
+    assert not any(isinstance(a, CreatePod | PromoteAgent) for a in plan.actions)
+    st = plan.status
+    assert st["phase"] == "Stopped" and st["stoppedFrom"] == "Protected"
+    assert "currentPrimary" not in st and "epoch" not in st and st["primary"] == st["secondary"] == {}
+    assert cond(plan, "Ready")["reason"] == "Stopped" and cond(plan, "Protected")["status"] == "False"
+    assert any(e.reason == "Stopping" for e in plan.events)
+
+
+def test_halting_mid_failover_drops_the_transition() -> None:
+    start = decide(lost_primary_world())
+    plan = decide(lost_primary_world(status=start.status, spec=HALTED))
+    assert "transition" not in plan.status and plan.status["phase"] == "Stopped"
+    assert not any(isinstance(a, PromoteAgent) for a in plan.actions)
+
+
+def test_a_stopped_vm_stays_stopped_without_acting_again() -> None:
+    stopped = decide(world(spec=HALTED)).status
+    terminating = tuple(
+        pod(n, r, nd, deleting=True) for n, r, nd in (("vm-0", "primary", "n1"), ("vm-1", "secondary", "n2"))
+    )
+    plan = decide(world(status=stopped, pods=terminating, agents={}, spec=HALTED))
+    assert plan.actions == () and plan.status["stoppedFrom"] == "Protected"
+    assert "terminating" in plan.status["message"]
+    gone = decide(world(status=plan.status, pods=(), agents={}, spec=HALTED))
+    assert gone.actions == () and gone.status["phase"] == "Stopped" and not gone.events
+
+
+def test_starting_waits_for_old_pods_then_boots_a_fresh_primary() -> None:
+    stopped = decide(world(spec=HALTED)).status
+    terminating = (pod("vm-0", "primary", "n1", deleting=True),)
+    waiting = decide(world(status=stopped, pods=terminating, agents={}))
+    assert waiting.actions == () and waiting.status["phase"] == "Stopped"
+    plan = decide(world(status=waiting.status, pods=(), agents={}))
+    (create,) = [a for a in plan.actions if isinstance(a, CreatePod)]
+    # Names never repeat: the fresh primary continues the serial.
+    assert (create.role, create.name) == ("primary", "vm-2")
+    assert plan.status["phase"] == "Pending" and "stoppedFrom" not in plan.status
+    assert [e.type for e in plan.events if e.reason == "Starting"] == ["Normal"]
+    assert not any(e.reason == "StateLost" for e in plan.events)
+
+
+def test_a_failed_vm_restarts_through_halted_with_an_event_that_its_state_was_lost() -> None:
+    failed = protected_status(phase="Failed", message="primary lost, no secondary")
+    sticky = decide(world(status=failed, pods=(), agents={}))
+    assert sticky.status["phase"] == "Failed" and sticky.actions == ()
+    stopped = decide(world(status=failed, pods=(), agents={}, spec=HALTED))
+    assert stopped.status["stoppedFrom"] == "Failed"
+    plan = decide(world(status=stopped.status, pods=(), agents={}))
+    assert [type(a) for a in plan.actions if isinstance(a, CreatePod)] == [CreatePod]
+    (lost,) = [e for e in plan.events if e.reason == "StateLost"]
+    assert lost.type == "Warning" and "state was lost" in lost.message

@@ -85,3 +85,10 @@ def test_operator_config_from_env() -> None:
         OperatorConfig.from_env({"COLO_KVM_MODE": "magic"})
     with pytest.raises(ConfigError, match="COLO_POLL_INTERVAL_S"):
         OperatorConfig.from_env({"COLO_POLL_INTERVAL_S": "soon"})
+
+
+def test_run_strategy_defaults_to_always_and_names_the_field_when_wrong() -> None:
+    assert ColoVMSpec.from_dict({}).run_strategy == "Always"
+    assert ColoVMSpec.from_dict({"runStrategy": "Halted"}).run_strategy == "Halted"
+    with pytest.raises(SpecError, match=r"spec\.runStrategy: 'Paused' is not one of Always, Halted"):
+        ColoVMSpec.from_dict({"runStrategy": "Paused"})
