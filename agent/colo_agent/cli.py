@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
 from collections.abc import Sequence
+
+from colo_agent import __version__
+from colo_agent.api import logs
+from colo_agent.api.models import API_VERSION
 
 # (module, summary) of every subcommand, in the order `--help` lists them.
 SUBCOMMANDS: tuple[str, ...] = (
@@ -30,11 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument(
-        "--log-level",
-        default="INFO",
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="log verbosity (default: %(default)s; env COLO_LOG_LEVEL)",
+        "--version", action="version", version=f"%(prog)s {__version__} (control API {API_VERSION})"
     )
+    logs.add_arguments(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in SUBCOMMANDS:
         try:
@@ -50,11 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logs.configure(args.log_level, args.log_format)
     code: int = args.func(args)
     return code
 

@@ -15,6 +15,7 @@ import socket
 import sys
 
 from colo_agent.api.models import ReplicationMode, Role
+from colo_agent.arbiter import parse_spec as parse_arbiter
 from colo_agent.config import FailoverTimings, env_arg, parse_address, read_secret
 from colo_agent.microvm.cli import _accel, _arg_type, _port
 from colo_agent.microvm.config import parse_memory, validate_dirty_rate
@@ -120,6 +121,7 @@ def run_command(args: argparse.Namespace) -> int:
     try:
         secret = read_secret(args.secret_file)
         FailoverTimings(args.heartbeat_interval_ms, args.heartbeat_timeout_ms, args.lease_duration_ms)
+        parse_arbiter(args.arbiter)
         if args.role == "secondary" and args.peer is None:
             raise ValueError("a secondary needs --peer HOST:PORT, its primary's replication address")
     except (ValueError, OSError) as exc:

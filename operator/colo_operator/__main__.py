@@ -7,9 +7,48 @@ import logging
 import os
 import random
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 
+from colo_agent.api import logs
+
+from . import __version__
 from .config import ConfigError, OperatorConfig
+
+# Where a pod finds its service account token (in-cluster configuration).
+SERVICE_ACCOUNT_TOKEN = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
+
+
+def _priority(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an integer; from --priority or COLO_PRIORITY"
+        ) from None
+
+
+def missing_credentials(
+    kubeconfig: str | None, env: Mapping[str, str], token: Path = SERVICE_ACCOUNT_TOKEN
+) -> str | None:
+    """Why no Kubernetes credentials can be found, or None when some can.
+
+    kopf would otherwise retry its login forever without saying why.
+    """
+    if kubeconfig:
+        missing = [p for p in kubeconfig.split(os.pathsep) if p and not Path(p).is_file()]
+        if missing:
+            return f"kubeconfig {', '.join(missing)} does not exist (from --kubeconfig or KUBECONFIG)"
+        return None
+    if env.get("KUBERNETES_SERVICE_HOST") and token.is_file():
+        return None
+    home = Path(env.get("HOME") or Path.home())
+    if (home / ".kube" / "config").is_file():
+        return None
+    return (
+        "no Kubernetes credentials: not running in a pod (no KUBERNETES_SERVICE_HOST and service "
+        f"account token) and no kubeconfig (--kubeconfig, KUBECONFIG or {home / '.kube' / 'config'})"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,10 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=env.get("COLO_PEERING", "colo-operator"),
         help="name of the (Cluster)KopfPeering object replicas coordinate through (env COLO_PEERING)",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument(
         "--priority",
-        type=int,
-        default=int(env["COLO_PRIORITY"]) if env.get("COLO_PRIORITY") else None,
+        type=_priority,
+        # A string default goes through `type` too: a bad COLO_PRIORITY is a usage error.
+        default=env.get("COLO_PRIORITY") or None,
         help=(
             "peering priority; replicas must differ, the highest one is active "
             "(env COLO_PRIORITY; default: random)"
@@ -56,22 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="liveness endpoint URL served by kopf (env COLO_LIVENESS; empty: none)",
     )
     parser.add_argument("--kubeconfig", default=env.get("KUBECONFIG") or None, help="default: in-cluster")
-    parser.add_argument(
-        "--log-level",
-        default=env.get("COLO_LOG_LEVEL", "INFO"),
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="log verbosity (env COLO_LOG_LEVEL; default: %(default)s)",
-    )
+    logs.add_arguments(parser, env)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logs.configure(args.log_level, args.log_format)
     # kopf's liveness server logs every probe otherwise.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     # kopf reports every watch-event handler's success at INFO (several per second per node).
@@ -80,6 +112,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = OperatorConfig.from_env(os.environ)
     except ConfigError as exc:
         logging.getLogger("colo_operator").error("bad configuration: %s", exc)
+        return 2
+    problem = missing_credentials(args.kubeconfig, os.environ)
+    if problem is not None:
+        logging.getLogger("colo_operator").error("cannot start: %s", problem)
         return 2
 
     # Imported here: the handlers register themselves with kopf on import.
