@@ -77,16 +77,19 @@ class Kube:
         self.timeout_s = timeout_s
 
     @classmethod
-    def connect(cls, kubeconfig: str | None = None, pool_size: int = 32) -> Kube:
-        """In-cluster configuration inside a pod (unless a kubeconfig is given), else the kubeconfig."""
+    def connect(cls, kubeconfig: str | None = None, pool_size: int = 32, context: str | None = None) -> Kube:
+        """In-cluster configuration inside a pod (unless a kubeconfig or context is given), else the
+        kubeconfig, at `context` or its current one."""
         configuration = kubernetes.client.Configuration()
-        if kubeconfig is None:
+        if kubeconfig is None and context is None:
             try:
                 kubernetes.config.load_incluster_config(client_configuration=configuration)
             except kubernetes.config.ConfigException:
                 kubernetes.config.load_kube_config(client_configuration=configuration)
         else:
-            kubernetes.config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
+            kubernetes.config.load_kube_config(
+                config_file=kubeconfig, context=context, client_configuration=configuration
+            )
         # Many ColoVMs are reconciled concurrently from worker threads; a small pool would serialise them.
         configuration.connection_pool_maxsize = pool_size
         return cls(kubernetes.client.ApiClient(configuration))
@@ -147,6 +150,12 @@ class Kube:
 
     async def get_vm(self, namespace: str, name: str) -> JSON | None:
         return await self.get(c.KIND, namespace, name)
+
+    async def list_vms(self, namespace: str | None = None) -> list[JSON]:
+        """ColoVMs of `namespace`, or of every namespace."""
+        path = _path(c.KIND, namespace) if namespace else f"/apis/{c.GROUP}/{c.VERSION}/{c.PLURAL}"
+        document = await self.request(f"list {c.PLURAL} in {namespace or 'all namespaces'}", "GET", path)
+        return list((document or {}).get("items") or [])
 
     async def list_pods(self, namespace: str, vm: str) -> list[JSON]:
         selector = f"{c.LABEL_VM}={vm},{c.LABEL_MANAGED_BY}={c.MANAGED_BY}"

@@ -1,8 +1,20 @@
 """`kubectl colo`: look at and steer ColoVMs from the command line.
 
+    kubectl colo list [-A]                   every ColoVM of the namespace (or of all): phase, nodes, lag
     kubectl colo status NAME                 roles, nodes, term, epoch, checkpoints/s, pause, lag, failovers
     kubectl colo switchover NAME             planned, zero-loss move of the primary to the secondary
     kubectl colo checkpoints NAME --watch    one line per acknowledged checkpoint the operator reports
+
+`-o json` or `-o yaml` prints the ColoVM objects (list, status) or one object
+per checkpoint (checkpoints) instead of tables; `--context` picks a kubeconfig
+context as kubectl's does.
+
+LAG is how far the secondary's committed image trailed the primary, i.e. how
+much guest execution a failover would have rolled back: the primary agent's
+time since its last acknowledged checkpoint, measured when the operator last
+sampled it (`status.lastCheckpoint.ackAgeMs` at `status.checkpoints.sampledAt`,
+shown with the sample's age). Without a synced secondary there is nothing to
+fail over to, and LAG says `unprotected`.
 
 A switchover is requested by writing a fresh timestamp into the ColoVM's
 `colo.dev/switchover` annotation; the operator acts on each value once (it
@@ -17,15 +29,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import json
 import sys
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import kubernetes
+import yaml
 from rich.console import Console
 from rich.table import Table
 
+from . import __version__
 from . import constants as c
 from .kube import Kube, KubeError
 from .snapshot import parse_time
@@ -54,6 +69,18 @@ def _age(when: object, now: dt.datetime) -> str:
 
 def _num(value: object, fmt: str = "{}") -> str:
     return fmt.format(value) if isinstance(value, int | float) and not isinstance(value, bool) else "-"
+
+
+def lag(vm: Mapping[str, Any], now: dt.datetime) -> str:
+    """The LAG figure: the primary's time since its last acknowledged checkpoint, as last sampled."""
+    status = vm.get("status") or {}
+    if status.get("phase") != "Protected":
+        return "unprotected"
+    ack_age = (status.get("lastCheckpoint") or {}).get("ackAgeMs")
+    if not isinstance(ack_age, int | float) or isinstance(ack_age, bool):
+        return "-"
+    sampled = _age((status.get("checkpoints") or {}).get("sampledAt"), now)
+    return f"{ack_age:.0f} ms ({sampled} ago)"
 
 
 def status_tables(vm: Mapping[str, Any], now: dt.datetime) -> tuple[Table, Table]:
@@ -100,12 +127,48 @@ def status_tables(vm: Mapping[str, Any], now: dt.datetime) -> tuple[Table, Table
         _num(status.get("epoch")),
         _num(checkpoints.get("perSecond"), "{:.1f}"),
         _num(last.get("pauseMs"), "{:.2f} ms"),
-        # Age of the newest acknowledged checkpoint the operator saw: the most a failover could roll back.
-        _age(last.get("observedAt"), now),
+        lag(vm, now),
         _num(status.get("failovers")),
         last_failover,
     )
     return replicas, figures
+
+
+LIST_COLUMNS = ("NAMESPACE", "NAME", "PHASE", "PRIMARY", "SECONDARY", "TERM", "EPOCH", "CKPT/S",
+                "PAUSE", "LAG", "FAILOVERS", "AGE")  # fmt: skip
+
+
+def list_table(vms: Sequence[Mapping[str, Any]], now: dt.datetime) -> Table:
+    """`kubectl colo list`: one row per ColoVM."""
+    table = Table(box=None, show_edge=False, pad_edge=False)
+    for column in LIST_COLUMNS:
+        table.add_column(column, no_wrap=True)
+    for vm in sorted(vms, key=lambda v: ((v.get("metadata") or {}).get("namespace", ""),
+                                         (v.get("metadata") or {}).get("name", ""))):  # fmt: skip
+        meta = vm.get("metadata") or {}
+        status = vm.get("status") or {}
+        table.add_row(
+            str(meta.get("namespace", "-")),
+            str(meta.get("name", "-")),
+            str(status.get("phase", "Unknown")),
+            str((status.get("primary") or {}).get("node", "-")),
+            str((status.get("secondary") or {}).get("node", "-")),
+            _num(status.get("term")),
+            _num(status.get("epoch")),
+            _num((status.get("checkpoints") or {}).get("perSecond"), "{:.1f}"),
+            _num((status.get("lastCheckpoint") or {}).get("pauseMs"), "{:.2f} ms"),
+            lag(vm, now),
+            _num(status.get("failovers")),
+            _age(meta.get("creationTimestamp"), now),
+        )
+    return table
+
+
+def dump(document: Any, output: str) -> str:
+    """`document` as `-o json` or `-o yaml` prints it."""
+    if output == "json":
+        return json.dumps(document, indent=2, sort_keys=False)
+    return yaml.safe_dump(document, sort_keys=False, default_flow_style=False).rstrip("\n")
 
 
 def condition_lines(vm: Mapping[str, Any]) -> list[str]:
@@ -189,8 +252,29 @@ async def _get(kube: Kube, namespace: str, name: str) -> dict[str, Any]:
     return vm
 
 
+async def cmd_list(kube: Kube, args: argparse.Namespace, console: Console) -> int:
+    namespace = None if args.all_namespaces else args.namespace
+    try:
+        vms = await kube.list_vms(namespace)
+    except KubeError as exc:
+        raise _explain(exc, namespace or "all namespaces", "") from None
+    if args.output:
+        items = {"apiVersion": "v1", "kind": "List", "items": vms}
+        console.print(dump(items, args.output), highlight=False, markup=False, soft_wrap=True)
+        return EXIT_OK
+    if not vms:
+        where = "any namespace" if namespace is None else f"namespace {namespace}"
+        console.print(f"no ColoVMs in {where}", highlight=False)
+        return EXIT_OK
+    console.print(list_table(vms, dt.datetime.now(dt.UTC)))
+    return EXIT_OK
+
+
 async def cmd_status(kube: Kube, args: argparse.Namespace, console: Console) -> int:
     vm = await _get(kube, args.namespace, args.name)
+    if args.output:
+        console.print(dump(vm, args.output), highlight=False, markup=False, soft_wrap=True)
+        return EXIT_OK
     replicas, figures = status_tables(vm, dt.datetime.now(dt.UTC))
     console.print(replicas)
     console.print(figures)
@@ -241,30 +325,53 @@ async def cmd_checkpoints(kube: Kube, args: argparse.Namespace, console: Console
             console.print(f"no checkpoint reported yet (phase {(vm.get('status') or {}).get('phase')})")
             return EXIT_OK
         if line is not None and epoch != seen:
-            console.print(line, highlight=False)
+            if args.output:
+                status = vm.get("status") or {}
+                record = {"term": status.get("term"), **(status.get("lastCheckpoint") or {})}
+                # One object per line in both formats, so --watch output can be streamed.
+                text = json.dumps(record) if args.output == "json" else "---\n" + dump(record, "yaml")
+                console.print(text, highlight=False, markup=False, soft_wrap=True)
+            else:
+                console.print(line, highlight=False)
             seen = epoch
         if not args.watch:
             return EXIT_OK
         await asyncio.sleep(args.interval)
 
 
-def _default_namespace(kubeconfig: str | None) -> str:
+def _default_namespace(kubeconfig: str | None, context: str | None = None) -> str:
     try:
-        _, active = kubernetes.config.list_kube_config_contexts(config_file=kubeconfig)
+        contexts, active = kubernetes.config.list_kube_config_contexts(config_file=kubeconfig)
+        if context is not None:
+            active = next((ctx for ctx in contexts if ctx.get("name") == context), None)
         return str((active or {}).get("context", {}).get("namespace") or "default")
     except Exception:  # no kubeconfig: in a pod, or not configured yet; the request will say more
         return "default"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kubectl colo", description="Inspect and steer ColoVMs.")
+    parser = argparse.ArgumentParser(
+        prog="kubectl colo",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-n", "--namespace", help="namespace of the ColoVM (default: the context's)")
     parser.add_argument(
         "--kubeconfig", default=None, help="kubeconfig file (default: $KUBECONFIG or ~/.kube/config)"
     )
+    parser.add_argument("--context", default=None, help="kubeconfig context (default: the current one)")
+    output = argparse.ArgumentParser(add_help=False)
+    output.add_argument(
+        "-o", "--output", choices=["json", "yaml"], default=None, help="print objects instead of tables"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    listing = sub.add_parser("list", parents=[output], help="every ColoVM of the namespace, or of all")
+    listing.add_argument(
+        "-A", "--all-namespaces", action="store_true", help="list the ColoVMs of every namespace"
+    )
     status = sub.add_parser(
-        "status", help="roles, nodes, term, epoch, checkpoint rate, pause, lag, failovers"
+        "status", parents=[output], help="roles, nodes, term, epoch, checkpoint rate, pause, lag, failovers"
     )
     status.add_argument("name")
     switch = sub.add_parser("switchover", help="move the primary to the secondary after a final checkpoint")
@@ -272,25 +379,39 @@ def build_parser() -> argparse.ArgumentParser:
     switch.add_argument("--no-wait", dest="wait", action="store_false", help="return once requested")
     switch.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the outcome")
     switch.add_argument("--force", action="store_true", help="ask even when the VM is not Protected")
-    checkpoints = sub.add_parser("checkpoints", help="the last acknowledged checkpoint, or every new one")
+    checkpoints = sub.add_parser(
+        "checkpoints", parents=[output], help="the last acknowledged checkpoint, or every new one"
+    )
     checkpoints.add_argument("name")
     checkpoints.add_argument("-w", "--watch", action="store_true", help="keep printing new checkpoints")
     checkpoints.add_argument("--interval", type=float, default=1.0, help="seconds between polls with --watch")
     return parser
 
 
-COMMANDS = {"status": cmd_status, "switchover": cmd_switchover, "checkpoints": cmd_checkpoints}
+COMMANDS = {
+    "list": cmd_list,
+    "status": cmd_status,
+    "switchover": cmd_switchover,
+    "checkpoints": cmd_checkpoints,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    console, errors = Console(), Console(stderr=True)
+    # Piped output is not cut to 80 columns: scripts and `less -S` get whole rows.
+    console = Console() if sys.stdout.isatty() else Console(width=1000)
+    errors = Console(stderr=True)
     kubeconfig = args.kubeconfig
-    args.namespace = args.namespace or _default_namespace(kubeconfig)
+    args.namespace = args.namespace or _default_namespace(kubeconfig, args.context)
+    args.output = getattr(args, "output", None)
     try:
-        kube = Kube.connect(kubeconfig)
+        kube = Kube.connect(kubeconfig, context=args.context)
     except Exception as exc:
-        errors.print(f"kubectl colo: no usable kubeconfig ({exc}): set KUBECONFIG or pass --kubeconfig")
+        errors.print(
+            f"kubectl colo: no usable kubeconfig ({exc}): set KUBECONFIG, pass --kubeconfig, "
+            "or name an existing --context (kubectl config get-contexts)",
+            highlight=False,
+        )
         return EXIT_USAGE
     try:
         return asyncio.run(COMMANDS[args.command](kube, args, console))

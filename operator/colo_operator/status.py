@@ -176,6 +176,9 @@ def figures(previous: Mapping[str, Any], primary: AgentStatus | None, now: dt.da
             "cause": last.cause,
             "observedAt": (before.get("observedAt") if same else None) or timestamp(now),
         }
+        if primary.ack_age_ms is not None:
+            # As measured by the primary when sampled (checkpoints.sampledAt): the LAG figure.
+            out["lastCheckpoint"]["ackAgeMs"] = round(primary.ack_age_ms, 1)
     total = primary.totals.checkpoints
     sample = previous.get("checkpoints") or {}
     prev_total = sample.get("total") if isinstance(sample, Mapping) else None

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from agents import AgentGroup
+from support.agents import AgentGroup
 
 import colo_agent
 

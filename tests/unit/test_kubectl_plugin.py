@@ -23,6 +23,8 @@ from colo_operator.kubectl_plugin import (
     cmd_status,
     cmd_switchover,
     condition_lines,
+    lag,
+    list_table,
     status_tables,
     switchover_outcome,
 )
@@ -43,8 +45,9 @@ STATUS: dict[str, Any] = {
         "durationMs": 4.5,
         "cause": "interval",
         "observedAt": "2026-11-25T20:00:28Z",
+        "ackAgeMs": 87.4,
     },
-    "checkpoints": {"total": 9000, "perSecond": 9.8},
+    "checkpoints": {"total": 9000, "perSecond": 9.8, "sampledAt": "2026-11-25T20:00:27Z"},
     "lastFailover": {
         "kind": "Failover",
         "cause": "NodeUnknown",
@@ -79,7 +82,7 @@ def test_status_table_shows_roles_nodes_and_figures() -> None:
     assert "ColoVM ns/vm: Protected" in text
     assert "primary" in text and "vm-2" in text and "n2" in text
     assert "secondary" in text and "vm-3" in text and "yes" in text
-    for figure in ("812", "9.8", "1.23 ms", "2s", "Failover NodeUnknown 812 ms, 2m ago"):
+    for figure in ("812", "9.8", "1.23 ms", "87 ms (3s ago)", "Failover NodeUnknown 812 ms, 2m ago"):
         assert figure in text, figure
     assert condition_lines(vm()) == ["Protected=True (SecondarySynced): ok"]
 
@@ -87,6 +90,26 @@ def test_status_table_shows_roles_nodes_and_figures() -> None:
 def test_status_of_a_fresh_vm_does_not_crash() -> None:
     text = render(*status_tables(vm({}), NOW))
     assert "Unknown" in text and "none" in text
+
+
+def test_lag_is_the_primarys_ack_age_at_the_last_sample_not_the_age_of_the_status() -> None:
+    # The status was written 3 s ago; the secondary trailed by 87 ms then, not by 3 s.
+    assert lag(vm(), NOW) == "87 ms (3s ago)"
+    assert lag(vm({**STATUS, "phase": "Degraded"}), NOW) == "unprotected"
+    older_agent = {**STATUS, "lastCheckpoint": {k: v for k, v in STATUS["lastCheckpoint"].items()
+                                                if k != "ackAgeMs"}}  # fmt: skip
+    assert lag(vm(older_agent), NOW) == "-"
+    assert lag(vm({}), NOW) == "unprotected"
+
+
+def test_list_table_one_row_per_vm_sorted_by_namespace_and_name() -> None:
+    other = {**vm({"phase": "Syncing"}), "metadata": {"name": "a", "namespace": "zz"}}
+    text = render(list_table([other, vm()], NOW))
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert lines[0].split() == ["NAMESPACE", "NAME", "PHASE", "PRIMARY", "SECONDARY", "TERM", "EPOCH",
+                                "CKPT/S", "PAUSE", "LAG", "FAILOVERS", "AGE"]  # fmt: skip
+    assert lines[1].split()[:5] == ["ns", "vm", "Protected", "n2", "n3"] and "87 ms (3s ago)" in lines[1]
+    assert lines[2].split()[:3] == ["zz", "a", "Syncing"] and "unprotected" in lines[2]
 
 
 def test_checkpoint_line() -> None:

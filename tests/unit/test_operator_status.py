@@ -75,3 +75,14 @@ def test_figures_alone_are_written_at_most_every_few_seconds() -> None:
     assert should_write(old, soon, NOW + dt.timedelta(seconds=6))
     assert should_write(old, {**soon, "phase": "Degraded"}, NOW + dt.timedelta(seconds=1))
     assert not should_write(old, dict(old), NOW + dt.timedelta(seconds=60))
+
+
+def test_the_primarys_ack_age_is_kept_with_the_sample_it_was_measured_in() -> None:
+    from dataclasses import replace
+
+    report = replace(agent(Role.PRIMARY, epoch=5).status, ack_age_ms=42.25)
+    out = figures({}, report, NOW)
+    assert out["lastCheckpoint"]["ackAgeMs"] == 42.2 or out["lastCheckpoint"]["ackAgeMs"] == 42.3
+    assert out["checkpoints"]["sampledAt"] == "2026-11-25T20:00:00Z"
+    # An agent that does not report it (older, or a secondary) leaves it out.
+    assert "ackAgeMs" not in figures({}, agent(Role.PRIMARY, epoch=5).status, NOW)["lastCheckpoint"]

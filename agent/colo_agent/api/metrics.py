@@ -7,16 +7,28 @@ totals in the status document, so the two can never disagree.
 Series carry no per-VM labels: one agent process protects one VM, and the
 scrape (a PodMonitor) attaches pod and namespace. `colo_agent_info` says which
 VM and pod this is, in the usual info-metric style.
+
+Every labelled counter has each of its known label values from the start, at
+zero, so `rate()` and `increase()` see the first increment (a series that
+appears with its first increment has no earlier sample to compare with).
+The registry also carries the process and Python collectors
+(`process_resident_memory_bytes`, `process_cpu_seconds_total`, ...).
 """
 
 from __future__ import annotations
 
+import math
 import threading
+import time
 from collections import Counter as CountBy
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram, Info
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
 
-from colo_agent.api.models import API_VERSION, CheckpointFigures, Role, Totals
+from colo_agent.api.models import API_VERSION, CheckpointCause, CheckpointFigures, Role, Totals
 
 # A checkpoint pause is a memory copy of the dirty set: tens of microseconds to
 # tens of milliseconds. The buckets must resolve the sub-millisecond end.
@@ -29,8 +41,11 @@ class AgentMetrics:
     """Every metric of one agent, registered in `registry` (never the global one, so tests
     and several agents in one process do not collide)."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, clock: Callable[[], float] = time.monotonic) -> None:
         self.registry = registry
+        self._clock = clock
+        # Monotonic time of the last acknowledged epoch (or of becoming primary); None on a secondary.
+        self._ack_since: float | None = None
         self._lock = threading.Lock()
         self._checkpoints = 0
         self._pages = 0
@@ -102,6 +117,31 @@ class AgentMetrics:
             "1 while this agent holds a valid arbiter lease and may release output.",
             registry=registry,
         )
+        self.ack_age_seconds = Gauge(
+            "colo_ack_age_seconds",
+            "Primary: seconds since the last acknowledged epoch (since becoming primary before the "
+            "first): how much guest execution a failover now would roll back. NaN on a secondary.",
+            registry=registry,
+        )
+        self.ack_age_seconds.set_function(self._ack_age)
+        # Known label values from the start, at zero.
+        for cause in CheckpointCause:
+            self.checkpoints.labels(cause=cause.value)
+        for how in ("match", "ack"):
+            self.lockstep_released_bytes.labels(how=how)
+        # Process figures (memory, CPU, file descriptors) and the Python runtime's, in this registry.
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        GCCollector(registry=registry)
+
+    def _ack_age(self) -> float:
+        since = self._ack_since
+        return math.nan if since is None else max(0.0, self._clock() - since)
+
+    def ack_age_ms(self) -> float | None:
+        """Milliseconds since the last acknowledged epoch on a primary; None on a secondary."""
+        age = self._ack_age()
+        return None if math.isnan(age) else round(age * 1000.0, 3)
 
     def lockstep_released(self, nbytes: int, *, on_match: bool) -> None:
         self.lockstep_released_bytes.labels(how="match" if on_match else "ack").inc(nbytes)
@@ -134,6 +174,7 @@ class AgentMetrics:
         self.pages.inc(figures.pages)
         self.bytes.inc(figures.bytes)
         self.last_acked_epoch.set(figures.epoch)
+        self._ack_since = self._clock()
 
     def failed_over(self) -> None:
         with self._lock:
@@ -143,6 +184,8 @@ class AgentMetrics:
     def set_role(self, role: Role, term: int) -> None:
         self.role.state(role.value)
         self.term.set(term)
+        # A new primary has nothing acknowledged yet: its age counts from now.
+        self._ack_since = self._clock() if role is Role.PRIMARY else None
 
     def new_term(self, term: int) -> None:
         # Epochs restart at 1 in every term.

@@ -398,12 +398,18 @@ class AgentStatus(_Document):
     # secondary is synced, i.e. the VM is protected.
     synced: bool = False
     lockstep: LockstepFigures | None = None  # lockstep mode only (added within v1)
+    # Primary: milliseconds since its last acknowledged epoch (since it became primary before
+    # the first one); how much guest execution a failover now would roll back. None on a
+    # secondary. (Added within v1.)
+    ack_age_ms: float | None = None
     api_version: str = API_VERSION
 
     def to_dict(self) -> dict[str, Any]:
         out = self._to_dict()
         if self.lockstep is not None:
             out["lockstep"] = self.lockstep.to_dict()
+        if self.ack_age_ms is not None:
+            out["ackAgeMs"] = self.ack_age_ms
         return out
 
     def _to_dict(self) -> dict[str, Any]:
@@ -426,6 +432,7 @@ class AgentStatus(_Document):
         lockstep = r.optional_child("lockstep")
         return cls(
             lockstep=None if lockstep is None else LockstepFigures._parse(lockstep),
+            ack_age_ms=r.optional_number("ackAgeMs"),
             api_version=r.string("apiVersion"),
             role=r.choice("role", Role),
             term=r.integer("term"),

@@ -669,6 +669,7 @@ class Agent:
             last_checkpoint=self.last_checkpoint,
             synced=synced,
             lockstep=lockstep,
+            ack_age_ms=self.metrics.ack_age_ms(),
         )
 
     def _peer_address(self) -> str | None:
