@@ -48,7 +48,7 @@ from support.agents import (
 )
 
 from colo_agent.api.models import PromoteResult
-from colo_agent.microvm.config import kvm_unavailable_reason
+from colo_agent.microvm.config import choose_accelerator
 
 FIRST_WRITE_TIMEOUT = 30.0
 
@@ -100,7 +100,7 @@ def one_failover(group: AgentGroup, primary: AgentProcess, secondary: AgentProce
 def run(args: argparse.Namespace) -> dict[str, Any]:
     accel = args.accel
     if accel == "auto":
-        accel = "kvm" if kvm_unavailable_reason() is None else "tcg"
+        accel = choose_accelerator("auto")
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="colo-failover-") as tmp:
         group = AgentGroup(Path(tmp), accel=accel, vm="bench/failover",

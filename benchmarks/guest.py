@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import free_port, percentile, redis_benchmark, redis_server, wait_for_port, write_results
 
 from colo_agent.microvm import abi
-from colo_agent.microvm.config import kvm_unavailable_reason
+from colo_agent.microvm.kvm import kvm_unavailable_reason
 from colo_agent.microvm.machine import Machine
 
 TESTS = ("set", "get")

@@ -60,7 +60,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from _common import free_port, redis_benchmark, require_tool, wait_for_port, write_results
 from support.agents import AgentGroup, AgentProcess, HarnessError, wait_protected
 
-from colo_agent.microvm.config import kvm_unavailable_reason
+from colo_agent.microvm.config import choose_accelerator
+from colo_agent.microvm.kvm import kvm_unavailable_reason
 
 MODES = ("unprotected", "checkpoint", "lockstep")
 TESTS = ("set", "get")
@@ -424,7 +425,7 @@ def main() -> int:
     if args.warmup < 0:
         ap.error("--warmup must not be negative")
     if args.accel == "auto":
-        args.accel = "kvm" if kvm_unavailable_reason() is None else "tcg"
+        args.accel = choose_accelerator("auto")
     elif args.accel == "kvm" and (reason := kvm_unavailable_reason()) is not None:
         ap.error(f"--accel kvm: {reason}")
     require_tool("redis-benchmark", "redis-tools")

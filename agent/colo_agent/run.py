@@ -70,7 +70,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     env_arg(guest, "--memory", "COLO_MEMORY", default="64Mi", type=_arg_type(parse_memory),
             help="guest RAM, e.g. 64Mi or 1Gi (default: 64Mi)")
     env_arg(guest, "--accel", "COLO_ACCEL", default="auto", type=_arg_type(_accel), metavar="{auto,kvm,tcg}",
-            help="kvm, tcg (software) or auto: kvm where /dev/kvm opens (default: auto)")
+            help="kvm, tcg (software) or auto: measure both at start, take the faster (default: auto)")
     env_arg(guest, "--dirty-rate", "COLO_DIRTY_RATE", default="0", type=_arg_type(validate_dirty_rate),
             metavar="PAGES_PER_S", help="pages per second the firmware dirties while idle (default: 0)")
 

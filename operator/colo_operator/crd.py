@@ -112,7 +112,7 @@ GUEST = obj(
         ),
         "accel": string(
             "kvm needs /dev/kvm on the node (the operator then requests it for the pod), tcg "
-            "emulates in software, auto takes kvm where it exists.",
+            "emulates in software, auto measures both when the agent starts and takes the faster.",
             enum=["auto", "kvm", "tcg"],
             default="auto",
         ),

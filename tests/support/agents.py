@@ -35,7 +35,7 @@ import httpx
 import pytest
 
 from colo_agent.api.models import AgentStatus, PromoteRequest
-from colo_agent.microvm.config import kvm_unavailable_reason
+from colo_agent.microvm.kvm import kvm_unavailable_reason
 
 T = TypeVar("T")
 

@@ -14,7 +14,7 @@ import redis
 
 from colo_agent.microvm import abi
 from colo_agent.microvm.bridge import ClientBridge
-from colo_agent.microvm.config import kvm_unavailable_reason
+from colo_agent.microvm.kvm import kvm_unavailable_reason
 from colo_agent.microvm.machine import Machine
 
 KVM_REASON = kvm_unavailable_reason()

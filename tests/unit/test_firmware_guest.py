@@ -18,7 +18,7 @@ import pytest
 
 from colo_agent.microvm import abi
 from colo_agent.microvm.firmware_build import Firmware, build_firmware
-from colo_agent.microvm.kvm import kvm_available
+from colo_agent.microvm.kvm import kvm_unavailable_reason
 from colo_agent.microvm.machine import Machine
 
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc is needed to build the firmware")
@@ -33,7 +33,7 @@ def _accelerators() -> list[object]:
     except ImportError as exc:
         tcg_missing = f"no tcg accelerator: {exc}"
     kvm_marks = [pytest.mark.kvm]
-    if not kvm_available():
+    if kvm_unavailable_reason() is not None:
         kvm_marks.append(pytest.mark.skip(reason="/dev/kvm does not open"))
     return [
         pytest.param("tcg", marks=[pytest.mark.skip(reason=tcg_missing)] if tcg_missing else []),

@@ -27,12 +27,13 @@ from support.accel import (
 
 from colo_agent.microvm import abi, boot
 from colo_agent.microvm.accel import Accelerator, AcceleratorFactory, RunResult
-from colo_agent.microvm.kvm import KvmAccelerator, install_kick_signal_handler, kvm_available
+from colo_agent.microvm.kvm import KvmAccelerator, install_kick_signal_handler, kvm_unavailable_reason
 from colo_agent.microvm.tcg import TcgAccelerator
 
+KVM_REASON = kvm_unavailable_reason()
 pytestmark = [
     pytest.mark.kvm,
-    pytest.mark.skipif(not kvm_available(), reason="/dev/kvm cannot be opened (absent or no permission)"),
+    pytest.mark.skipif(KVM_REASON is not None, reason=f"kvm: {KVM_REASON}"),
     needs_assembler,
 ]
 

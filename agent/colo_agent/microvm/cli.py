@@ -63,8 +63,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     env_arg(
         run, "--accel", "COLO_ACCEL", default="auto", type=_arg_type(_accel), metavar="{auto,kvm,tcg}",
-        help="accelerator: kvm (/dev/kvm), tcg (software emulation) or auto, which picks kvm "
-        "when /dev/kvm opens (default: auto)",
+        help="accelerator: kvm (/dev/kvm), tcg (software emulation) or auto, which runs a short "
+        "guest loop under both at start and takes the faster (default: auto)",
     )
     env_arg(
         run, "--host", "COLO_HOST", default="127.0.0.1",

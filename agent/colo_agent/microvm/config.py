@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import errno
 import logging
-import os
 from typing import Literal
 
 from colo_agent.config import parse_quantity
@@ -14,7 +12,6 @@ log = logging.getLogger(__name__)
 
 AcceleratorName = Literal["kvm", "tcg"]
 ACCEL_CHOICES: tuple[str, ...] = ("auto", "kvm", "tcg")
-KVM_DEVICE = "/dev/kvm"
 
 
 def parse_memory(value: int | str) -> int:
@@ -41,32 +38,25 @@ def parse_memory(value: int | str) -> int:
     return size
 
 
-def kvm_unavailable_reason() -> str | None:
-    """None if /dev/kvm opens read-write here, else why not (for the log)."""
-    try:
-        fd = os.open(KVM_DEVICE, os.O_RDWR | os.O_CLOEXEC)
-    except OSError as exc:
-        if exc.errno == errno.ENOENT:
-            return f"{KVM_DEVICE} does not exist"
-        return f"{KVM_DEVICE} does not open: {exc.strerror}"
-    os.close(fd)
-    return None
-
-
 def choose_accelerator(requested: str) -> AcceleratorName:
-    """Resolve `auto` to `kvm` where /dev/kvm really opens, else `tcg`; log the choice."""
+    """`kvm` and `tcg` as given; `auto` measures both (see `calibrate`) and picks the faster.
+
+    Where /dev/kvm cannot be used at all, `auto` is tcg without measuring.
+    """
     if requested not in ACCEL_CHOICES:
         raise ValueError(f"accelerator {requested!r} is not one of {', '.join(ACCEL_CHOICES)}")
     if requested == "kvm":
         return "kvm"
     if requested == "tcg":
         return "tcg"
+    from colo_agent.microvm import calibrate
+    from colo_agent.microvm.kvm import kvm_unavailable_reason
+
     reason = kvm_unavailable_reason()
-    if reason is None:
-        log.info("accelerator: kvm (auto: %s opens read-write)", KVM_DEVICE)
-        return "kvm"
-    log.info("accelerator: tcg (auto: %s)", reason)
-    return "tcg"
+    if reason is not None:
+        log.info("accelerator: tcg (auto: %s)", reason)
+        return "tcg"
+    return calibrate.choose_auto()
 
 
 def validate_dirty_rate(value: int | str) -> int:

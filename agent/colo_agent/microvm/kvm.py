@@ -33,6 +33,7 @@ import numpy as np
 import numpy.typing as npt
 
 from colo_agent.microvm import _kvm_abi as K
+from colo_agent.microvm.abi import PAGE_SIZE
 from colo_agent.microvm.accel import (
     GPR_NAMES,
     SEGMENT_NAMES,
@@ -43,7 +44,6 @@ from colo_agent.microvm.accel import (
     Segment,
 )
 
-PAGE_SIZE = 4096
 KVM_DEVICE = "/dev/kvm"
 KICK_SIGNAL = signal.SIGUSR1
 
@@ -94,18 +94,23 @@ def _ioctl(fd: int, request: int, arg: Any = None, what: str = "") -> int:
             raise OSError(err, f"{what or hex(request)}: {os.strerror(err)}")
 
 
-def kvm_available() -> bool:
-    """True when /dev/kvm opens and speaks the stable API, i.e. `KvmAccelerator` can work."""
+def kvm_unavailable_reason() -> str | None:
+    """None when /dev/kvm opens read-write and speaks the stable API, else why not (for a log or a skip)."""
     try:
         fd = os.open(KVM_DEVICE, os.O_RDWR | os.O_CLOEXEC)
-    except OSError:
-        return False
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            return f"{KVM_DEVICE} does not exist"
+        return f"{KVM_DEVICE} does not open: {exc.strerror}"
     try:
-        return _ioctl(fd, K.KVM_GET_API_VERSION, what="KVM_GET_API_VERSION") == K.KVM_API_VERSION
-    except OSError:
-        return False
+        version = _ioctl(fd, K.KVM_GET_API_VERSION, what="KVM_GET_API_VERSION")
+    except OSError as exc:
+        return f"{KVM_DEVICE} does not answer KVM_GET_API_VERSION: {exc.strerror}"
     finally:
         os.close(fd)
+    if version != K.KVM_API_VERSION:
+        return f"{KVM_DEVICE} speaks KVM API {version}, expected {K.KVM_API_VERSION}"
+    return None
 
 
 def _ignore_kick(signum: int, frame: object) -> None:
