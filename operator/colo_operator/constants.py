@@ -31,6 +31,14 @@ ROLE_SECONDARY: Final = "secondary"
 ANNOTATION_SWITCHOVER: Final = "colo.dev/switchover"
 # On agent pods: the pod's serial within its ColoVM (names never repeat).
 ANNOTATION_SERIAL: Final = "colo.dev/serial"
+# On agent pods: hash of the pod template they were created from (see manifests.template_hash).
+ANNOTATION_TEMPLATE: Final = "colo.dev/template-hash"
+# `kubectl colo restart NAME` writes a fresh value here; it is part of the template hash, so
+# every agent pod is replaced by a rolling update.
+ANNOTATION_RESTARTED_AT: Final = "colo.dev/restartedAt"
+# `kubectl colo upgrade NAME` writes a fresh value here: under updateStrategy Manual it lets the
+# rolling update to the current template start (acted on once, see status.upgradeHandled).
+ANNOTATION_UPGRADE: Final = "colo.dev/upgrade"
 
 # Key of the per-VM Secret holding the agents' shared key / control API token.
 SECRET_KEY: Final = "secret"

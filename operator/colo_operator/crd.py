@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from . import constants as c
-from .spec import RUN_STRATEGIES
+from .spec import RUN_STRATEGIES, UPDATE_STRATEGIES
 
 # --------------------------------------------------------------------------- schema helpers (pure)
 
@@ -318,6 +318,16 @@ SPEC = obj(
             enum=list(RUN_STRATEGIES),
             default="Always",
         ),
+        "updateStrategy": string(
+            "What happens when the agent pod template (image, resources, agent flags, the operator's "
+            "defaults) no longer matches the running pods. Automatic: a rolling update at once: the "
+            "secondary is replaced and syncs, the primary switches over to it (term + 1, no "
+            "acknowledged write lost), then the old primary is replaced. Manual: the UpToDate "
+            "condition turns False and the rolling update waits for `kubectl colo upgrade NAME`. "
+            "`kubectl colo restart NAME` replaces both pods the same way under either strategy.",
+            enum=list(UPDATE_STRATEGIES),
+            default="Automatic",
+        ),
     },
     default={},
     **{
@@ -457,6 +467,14 @@ STATUS = obj(
         "primaryRestarts": int64("Primaries replaced because they failed before ever serving."),
         "podSerial": int64("Ordinal of the next agent pod; pod names never repeat within a ColoVM."),
         "switchoverHandled": string("Value of the colo.dev/switchover annotation last acted upon."),
+        "upToDate": string(
+            "Agent pods running the desired pod template, of all agent pods (e.g. 1/2 during a "
+            "rolling update)."
+        ),
+        "upgradeHandled": string("Value of the colo.dev/upgrade annotation last acted upon."),
+        "approvedTemplate": string(
+            "Pod template hash a `kubectl colo upgrade` approved (updateStrategy Manual)."
+        ),
         "stoppedFrom": string(
             "Phase the VM was in when it was stopped; Failed means the guest's state had been lost."
         ),
@@ -474,6 +492,9 @@ PRINTER_COLUMNS: list[Schema] = [
     {"name": "Pause-ms", "type": "number",
      "description": "Guest pause of the last acknowledged checkpoint, in milliseconds.",
      "jsonPath": ".status.lastCheckpoint.pauseMs"},
+    {"name": "Up-To-Date", "type": "string",
+     "description": "Agent pods running the desired pod template, of all agent pods.",
+     "jsonPath": ".status.upToDate"},
     {"name": "Age", "type": "date", "description": "Time since the ColoVM was created.",
      "jsonPath": ".metadata.creationTimestamp"},
 ]  # fmt: skip

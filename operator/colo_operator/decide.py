@@ -281,6 +281,8 @@ class _Draft:
     events: list[EventNote] = field(default_factory=list)
     status: dict[str, Any] = field(default_factory=dict)
     again: bool = False
+    # The UpToDate condition, added to whatever the plan ends with (see _note_rollout).
+    up_to_date: Condition | None = None
 
     def __post_init__(self) -> None:
         self.status = {k: v for k, v in self.s.vm.status.items() if k != "kopf"}
@@ -296,6 +298,8 @@ class _Draft:
         previous = self.s.vm.status
         self.status["phase"] = phase.value
         self.status["message"] = message
+        if self.up_to_date is not None:
+            conditions = [*conditions, self.up_to_date]
         self.status["conditions"] = merge_conditions(
             previous.get("conditions"), conditions, self.s.now, self.s.vm.generation
         )
@@ -364,6 +368,7 @@ def decide(s: Snapshot) -> Plan:
         return _start(d)
     if st.get("phase") == Phase.FAILED.value:
         return _failed(d)
+    _note_rollout(d)
 
     current = st.get("currentPrimary") or None
     if current is None:
@@ -587,7 +592,7 @@ def _steady(d: _Draft, current: str) -> Plan:
         return planned
     primary = r.primary
     ready = true(ConditionType.READY, Reason.PRIMARY_SERVING, f"primary {current} serves on {primary.node}")
-    return _manage_secondary(d, primary, r, ready)
+    return _rolling_update(d, current, r, ready) or _manage_secondary(d, primary, r, ready)
 
 
 def _unrecoverable(d: _Draft, r: _Pair, detail: str) -> Plan:
@@ -683,13 +688,19 @@ def _manage_secondary(d: _Draft, primary: PodView, r: _Pair, ready: Condition) -
 
 
 def _drop_secondary(
-    d: _Draft, secondary: PodView, ready: Condition, reason: Reason, why: str, summary: str
+    d: _Draft,
+    secondary: PodView,
+    ready: Condition,
+    reason: Reason,
+    why: str,
+    summary: str,
+    phase: Phase = Phase.DEGRADED,
 ) -> Plan:
     """Delete the secondary; the next pass creates its replacement."""
     d.act(DeletePod(secondary.name, force=_node_lost(d.s, secondary), why=why))
     d.status["secondary"] = {}
     d.again = True
-    return d.finish(Phase.DEGRADED, serving(ready, false, reason, why), why, summary)
+    return d.finish(phase, serving(ready, false, reason, why), why, summary)
 
 
 def _create_secondary(d: _Draft, primary: PodView, ready: Condition) -> Plan:
@@ -754,6 +765,60 @@ def _secondary_progress(d: _Draft, secondary: PodView, r: _Pair, ready: Conditio
         return d.finish(Phase.DEGRADED, serving(ready, false, Reason.PEER_LOST, msg), msg, f"wait: {msg}")
     msg = f"secondary {secondary.name} is receiving the first copy of guest RAM"
     return d.finish(Phase.SYNCING, serving(ready, false, Reason.FIRST_SYNC, msg), msg, "syncing")
+
+
+# --------------------------------------------------------------------------- rolling update
+
+
+def _note_rollout(d: _Draft) -> None:
+    """`status.upToDate` ("updated/replicas") and the UpToDate condition; record a manual approval."""
+    s = d.s
+    if not s.template:
+        return
+    requested = s.vm.annotations.get(c.ANNOTATION_UPGRADE)
+    if requested and requested != s.vm.status.get("upgradeHandled"):
+        # Approves the template called for now; a later change needs approving again.
+        d.status.update(upgradeHandled=requested, approvedTemplate=s.template)
+        d.event("Normal", "UpgradeRequested", f"rolling update to pod template {s.template} requested")
+    replicas = [p for p in s.pods if p.role in (c.ROLE_PRIMARY, c.ROLE_SECONDARY) and not p.deleting]
+    outdated = ", ".join(p.name for p in replicas if p.template != s.template)
+    d.status["upToDate"] = f"{sum(p.template == s.template for p in replicas)}/{len(replicas)}"
+    if not outdated:
+        d.up_to_date = true(
+            ConditionType.UP_TO_DATE, Reason.UP_TO_DATE, "every agent pod runs the desired template"
+        )
+    elif _update_allowed(d):
+        msg = f"replacing {outdated}: the secondary first, then a switchover to it"
+        d.up_to_date = false(ConditionType.UP_TO_DATE, Reason.UPDATING, msg)
+    else:
+        msg = f"{outdated} run an older pod template; `kubectl colo upgrade {s.vm.name}` replaces them"
+        d.up_to_date = false(ConditionType.UP_TO_DATE, Reason.UPDATE_PENDING, msg)
+
+
+def _update_allowed(d: _Draft) -> bool:
+    s = d.s
+    return s.vm.spec.update_strategy == "Automatic" or d.status.get("approvedTemplate") == s.template
+
+
+def _outdated(s: Snapshot, pod: PodView | None) -> bool:
+    return bool(s.template) and pod is not None and pod.template != s.template
+
+
+def _rolling_update(d: _Draft, current: str, r: _Pair, ready: Condition) -> Plan | None:
+    """CloudNativePG's order: replace the secondary, let the new one sync, switch over to it
+    (term + 1, nothing lost), and the old primary is retired by the switchover itself."""
+    s, secondary = d.s, r.secondary
+    if not _update_allowed(d) or not (_outdated(s, secondary) or _outdated(s, r.primary)):
+        return None
+    if secondary is not None and _outdated(s, secondary) and isinstance(r.s_health, Healthy | Starting):
+        why = f"pod template changed: replacing the secondary {secondary.name} first"
+        d.event("Normal", "UpdatingSecondary", why)
+        summary = f"rolling update: replace secondary {secondary.name}"
+        return _drop_secondary(d, secondary, ready, Reason.UPDATING, why, summary, Phase.SYNCING)
+    if secondary is not None and _outdated(s, r.primary) and r.healthy_synced:
+        detail = f"pod template changed: the updated secondary {secondary.name} takes over"
+        return _start_transition(d, TransitionKind.SWITCHOVER, Cause.UPGRADE, current, secondary.name, detail)
+    return None
 
 
 def _avoid_lost_node(s: Snapshot) -> bool:

@@ -40,6 +40,7 @@ class Cause(enum.StrEnum):
     # Planned transitions.
     SWITCHOVER = "Switchover"
     NODE_DRAIN = "NodeDrain"
+    UPGRADE = "Upgrade"  # rolling update: the primary moves to an updated secondary
 
 
 @dataclass(frozen=True, slots=True)

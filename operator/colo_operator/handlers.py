@@ -216,6 +216,7 @@ async def read_world(rt: Runtime, namespace: str, name: str) -> tuple[dict[str, 
         agents=agents,
         lease=None if raw_lease is None else lease_view(raw_lease),
         now=dt.datetime.now(dt.UTC),
+        template=manifests.template_hash(vm, rt.config),
     )
     return body, snapshot
 

@@ -9,12 +9,15 @@ it even if the finalizer never ran.
 from __future__ import annotations
 
 import base64
+import hashlib
+import json
 from dataclasses import dataclass
 from typing import Any
 
 from . import constants as c
 from .config import KvmMode, OperatorConfig
 from .decide import CreatePod
+from .placement import Place
 from .snapshot import VMView
 
 
@@ -205,7 +208,33 @@ def agent_pod(vm: VMView, config: OperatorConfig, action: CreatePod) -> dict[str
             pod_spec["volumes"] = [{"name": "kvm", "hostPath": {"path": "/dev/kvm", "type": "CharDevice"}}]
     if resources:
         container["resources"] = resources
+    meta["annotations"][c.ANNOTATION_TEMPLATE] = _template_hash(vm, pod_spec)
     return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": pod_spec}
+
+
+# Agent flags that differ between the two pods of one template.
+_PER_POD_FLAGS = ("--role", "--peer")
+
+
+def _template_hash(vm: VMView, pod_spec: dict[str, Any]) -> str:
+    """Hash of what a running agent pod cannot change: its containers (image, resources, agent
+    flags) and volumes, without the per-pod role and peer, plus the ColoVM's restartedAt
+    annotation. A pod whose colo.dev/template-hash differs is replaced by a rolling update."""
+    containers = []
+    for box in pod_spec["containers"]:
+        args = list(box.get("args") or ())
+        per_pod = {i + 1 for i, arg in enumerate(args) if arg in _PER_POD_FLAGS}
+        kept = [a for i, a in enumerate(args) if a not in _PER_POD_FLAGS and i not in per_pod]
+        containers.append({**box, "args": kept})
+    restarted = vm.annotations.get(c.ANNOTATION_RESTARTED_AT)
+    text = json.dumps([containers, pod_spec.get("volumes"), restarted], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def template_hash(vm: VMView, config: OperatorConfig) -> str:
+    """The template hash the spec and the operator's settings call for now."""
+    pod = agent_pod(vm, config, CreatePod("", 0, c.ROLE_SECONDARY, None, Place((), (), ())))
+    return str(pod["metadata"]["annotations"][c.ANNOTATION_TEMPLATE])
 
 
 def secret(vm: VMView, key: str) -> dict[str, Any]:

@@ -55,6 +55,8 @@ class PodView:
     # Why the pod cannot run, when the kubelet or the scheduler said so.
     problem: str | None = None
     unschedulable: bool = False
+    # colo.dev/template-hash: the pod template it was created from (None: created before hashes).
+    template: str | None = None
 
     @property
     def terminated(self) -> bool:
@@ -104,6 +106,9 @@ class Snapshot:
     agents: Mapping[str, AgentReport]  # by pod name
     lease: LeaseView | None
     now: dt.datetime
+    # Hash of the agent pod template the spec and operator settings call for now
+    # (manifests.template_hash); empty: unknown, no rolling update.
+    template: str = ""
 
     def pod(self, name: str | None) -> PodView | None:
         if not name:
@@ -212,6 +217,7 @@ def pod_view(pod: Mapping[str, Any]) -> PodView:
         deleting=_get(pod, "metadata", "deletionTimestamp") is not None,
         problem=problem,
         unschedulable=unschedulable,
+        template=annotations.get(c.ANNOTATION_TEMPLATE),
     )
 
 

@@ -18,6 +18,7 @@ PAGE_SIZE = 4096
 MIN_MEMORY = 4 << 20
 MAX_MEMORY = 1 << 30
 RUN_STRATEGIES = ("Always", "Halted")
+UPDATE_STRATEGIES = ("Automatic", "Manual")
 
 
 class SpecError(ValueError):
@@ -141,6 +142,8 @@ class ColoVMSpec:
     resources: Mapping[str, Any] = field(default_factory=dict)
     # Always: the VM runs. Halted: stopped, its agent pods deleted (see the CRD's description).
     run_strategy: str = "Always"
+    # Automatic: outdated agent pods are replaced at once; Manual: after `kubectl colo upgrade`.
+    update_strategy: str = "Automatic"
 
     @classmethod
     def from_dict(cls, spec: object) -> ColoVMSpec:
@@ -214,6 +217,7 @@ class ColoVMSpec:
             image_pull_policy=r.optional_choice("imagePullPolicy", ("Always", "IfNotPresent", "Never")),
             resources=resources,
             run_strategy=r.choice("runStrategy", RUN_STRATEGIES, "Always"),
+            update_strategy=r.choice("updateStrategy", UPDATE_STRATEGIES, "Automatic"),
         )
 
 

@@ -32,6 +32,7 @@ class ConditionType(enum.StrEnum):
     READY = "Ready"  # a primary serves clients
     PROTECTED = "Protected"  # losing the primary's node loses nothing
     SYNCED = "Synced"  # the secondary holds a complete committed image
+    UP_TO_DATE = "UpToDate"  # every agent pod runs the desired pod template
 
 
 class Reason(enum.StrEnum):
@@ -57,6 +58,10 @@ class Reason(enum.StrEnum):
     UNRECOVERABLE = "Unrecoverable"
     INVALID_SPEC = "InvalidSpec"
     STOPPED = "Stopped"
+    # UpToDate
+    UP_TO_DATE = "UpToDate"
+    UPDATING = "Updating"
+    UPDATE_PENDING = "UpdatePending"
 
 
 @dataclass(frozen=True, slots=True)

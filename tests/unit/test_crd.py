@@ -139,6 +139,7 @@ def test_printer_columns() -> None:
         "Secondary": ".status.secondary.node",
         "Term": ".status.term",
         "Pause-ms": ".status.lastCheckpoint.pauseMs",
+        "Up-To-Date": ".status.upToDate",
         "Age": ".metadata.creationTimestamp",
     }
 
@@ -151,6 +152,9 @@ def test_every_status_field_the_operator_writes_is_in_the_schema() -> None:
     s = lost_primary_world(status=plan.status, lease=LeaseView("vm-1", 2))
     s = replace(s, agents={"vm-0": UNREACHABLE, "vm-1": agent(Role.PRIMARY, term=2)})
     statuses.append(decide(s).status)
+    statuses.append(decide(world(spec={"runStrategy": "Halted"})).status)
+    manual = world(spec={"updateStrategy": "Manual"}, annotations={c.ANNOTATION_UPGRADE: "now"})
+    statuses.append(decide(replace(manual, template="new")).status)
     status_schema = SCHEMA["properties"]["status"]
 
     def check(value: Any, schema: dict[str, Any], path: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 from dataclasses import replace
+from typing import Any
 
 from support.operator_world import (
     NOW,
@@ -34,7 +35,7 @@ from colo_operator.decide import (
     TransitionKind,
     decide,
 )
-from colo_operator.snapshot import LeaseView, NodeHealth
+from colo_operator.snapshot import LeaseView, NodeHealth, Snapshot
 
 
 def cond(plan: Plan, kind: str) -> dict:
@@ -587,3 +588,63 @@ def test_a_failed_vm_restarts_through_halted_with_an_event_that_its_state_was_lo
     assert [type(a) for a in plan.actions if isinstance(a, CreatePod)] == [CreatePod]
     (lost,) = [e for e in plan.events if e.reason == "StateLost"]
     assert lost.type == "Warning" and "state was lost" in lost.message
+
+
+# --------------------------------------------------------------------------- rolling update
+
+
+def rollout_world(primary: str | None, secondary: str | None, **kw: Any) -> Snapshot:
+    pods = (
+        pod("vm-0", "primary", "n1", template=primary),
+        pod("vm-1", "secondary", "n2", template=secondary),
+    )
+    return replace(world(pods=pods, **kw), template="new")
+
+
+def test_up_to_date_pods_change_nothing_and_say_so() -> None:
+    plan = decide(rollout_world("new", "new"))
+    assert plan.actions == () and plan.status["upToDate"] == "2/2"
+    assert (cond(plan, "UpToDate")["status"], cond(plan, "UpToDate")["reason"]) == ("True", "UpToDate")
+
+
+def test_a_changed_template_replaces_the_secondary_first() -> None:
+    plan = decide(rollout_world("old", "old"))
+    assert plan.actions == (DeletePod("vm-1", force=False, why=plan.actions[0].why),)
+    assert plan.status["phase"] == "Syncing" and plan.status["upToDate"] == "0/2"
+    assert (cond(plan, "UpToDate")["status"], cond(plan, "UpToDate")["reason"]) == ("False", "Updating")
+    assert "transition" not in plan.status
+    # Its replacement is created from the new template by the usual path.
+    after = decide(replace(rollout_world("old", None), pods=(pod("vm-0", "primary", "n1", template="old"),)))
+    assert [a.role for a in after.actions if isinstance(a, CreatePod)] == ["secondary"]
+
+
+def test_a_synced_updated_secondary_takes_over_by_switchover() -> None:
+    plan = decide(rollout_world("old", "new"))
+    t = plan.status["transition"]
+    assert (t["kind"], t["cause"], t["step"], t["to"]) == ("Switchover", "Upgrade", "Checkpoint", "vm-1")
+    assert plan.status["upToDate"] == "1/2"
+
+
+def test_an_updated_secondary_still_syncing_is_waited_for() -> None:
+    s = rollout_world("old", "new", status=protected_status(phase="Syncing", secondary={"pod": "vm-1"}))
+    s = replace(s, agents={"vm-0": agent(Role.PRIMARY), "vm-1": agent(Role.SECONDARY, synced=False)})
+    plan = decide(s)
+    assert plan.actions == () and "transition" not in plan.status
+    assert plan.status["phase"] == "Syncing"
+
+
+def test_manual_strategy_waits_for_kubectl_colo_upgrade() -> None:
+    manual = {"updateStrategy": "Manual"}
+    pending = decide(rollout_world("old", "old", spec=manual))
+    assert pending.actions == ()
+    assert cond(pending, "UpToDate")["reason"] == "UpdatePending"
+    assert "kubectl colo upgrade vm" in cond(pending, "UpToDate")["message"]
+    asked = rollout_world("old", "old", spec=manual, annotations={c.ANNOTATION_UPGRADE: "t1"})
+    plan = decide(asked)
+    assert [a.name for a in plan.actions if isinstance(a, DeletePod)] == ["vm-1"]
+    assert (plan.status["upgradeHandled"], plan.status["approvedTemplate"]) == ("t1", "new")
+    # The approval holds for that template only: a newer one waits again.
+    newer = replace(rollout_world("old", "old", spec=manual, annotations={c.ANNOTATION_UPGRADE: "t1"}),
+                    template="newer")  # fmt: skip
+    newer = replace(newer, vm=replace(newer.vm, status=plan.status))
+    assert decide(newer).actions == ()

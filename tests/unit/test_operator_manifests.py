@@ -17,6 +17,7 @@ from colo_operator.manifests import (
     role,
     role_binding,
     secret,
+    template_hash,
 )
 from colo_operator.placement import Place
 
@@ -159,3 +160,26 @@ def test_lease_object_rounds_the_spec_milliseconds_up_to_whole_seconds() -> None
     assert lease(vm(spec={"failover": {"leaseDurationMs": 300}}))["spec"]["leaseDurationSeconds"] == 1
     args = agent_pod(vm(spec={"failover": {"leaseDurationMs": 1500}}), OperatorConfig(), SECONDARY)
     assert flag(args["spec"]["containers"][0]["args"], "--lease-duration-ms") == "1500"
+
+
+def test_template_hash_is_one_per_vm_and_moves_with_what_a_pod_cannot_change() -> None:
+    config = OperatorConfig(agent_image="img:1")
+    view = vm()
+    primary = CreatePod(name="vm-1", serial=1, role="primary", peer=None, place=Place(("n1",), (), ()))
+    hashes = {
+        agent_pod(view, config, action)["metadata"]["annotations"][c.ANNOTATION_TEMPLATE]
+        for action in (primary, SECONDARY)
+    }
+    # Role, peer, name and placement differ between the two pods; the template does not.
+    assert hashes == {template_hash(view, config)}
+    changed = [
+        template_hash(view, OperatorConfig(agent_image="img:2")),
+        template_hash(vm(spec={"image": "mine:1"}), config),
+        template_hash(vm(spec={"replication": {"checkpointIntervalMs": 50}}), config),
+        template_hash(vm(spec={"resources": {"limits": {"cpu": "2"}}}), config),
+        template_hash(vm(annotations={c.ANNOTATION_RESTARTED_AT: "2026-12-03T17:00:00Z"}), config),
+    ]
+    assert len({*changed, template_hash(view, config)}) == len(changed) + 1
+    # Placement and the Service may change without replacing pods.
+    same = vm(spec={"placement": {"nodeSelector": {"a": "b"}}, "service": {"port": 7000}})
+    assert template_hash(same, config) == template_hash(view, config)
