@@ -28,6 +28,14 @@ def _priority(text: str) -> int:
         ) from None
 
 
+def _port(text: str) -> int:
+    if not text.isdigit() or not 0 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a port (0-65535); from --metrics-port or COLO_METRICS_PORT"
+        )
+    return int(text)
+
+
 def missing_credentials(
     kubeconfig: str | None, env: Mapping[str, str], token: Path = SERVICE_ACCOUNT_TOKEN
 ) -> str | None:
@@ -96,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=env.get("COLO_LIVENESS", "http://0.0.0.0:8080/healthz"),
         help="liveness endpoint URL served by kopf (env COLO_LIVENESS; empty: none)",
     )
+    parser.add_argument(
+        "--metrics-port",
+        type=_port,
+        default=env.get("COLO_METRICS_PORT") or "9090",
+        help="port of the Prometheus /metrics endpoint; 0: none (env COLO_METRICS_PORT; default: 9090)",
+    )
     parser.add_argument("--kubeconfig", default=env.get("KUBECONFIG") or None, help="default: in-cluster")
     logs.add_arguments(parser, env)
     return parser
@@ -131,6 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.kubeconfig,
         peering=None if args.standalone else args.peering,
         namespaces=tuple(args.namespace),
+        metrics_port=args.metrics_port,
     )
     # Two replicas with equal priority would both freeze; a random one makes
     # them differ without per-pod configuration.

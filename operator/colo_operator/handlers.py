@@ -17,6 +17,7 @@ import concurrent.futures
 import datetime as dt
 import logging
 import secrets
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +41,7 @@ from .decide import (
     decide,
 )
 from .kube import Kube, KubeError, merge_patch
+from .metrics import OperatorMetrics, ReconcileError
 from .snapshot import (
     UNPOLLED,
     AgentReport,
@@ -85,6 +87,7 @@ class Runtime:
     tokens: dict[VMKey, str] = field(default_factory=dict)
     summaries: dict[VMKey, str] = field(default_factory=dict)
     failures: dict[VMKey, str] = field(default_factory=dict)
+    metrics: OperatorMetrics = field(default_factory=OperatorMetrics)
 
     def kick_event(self, key: VMKey) -> asyncio.Event:
         return self.kicks.setdefault(key, asyncio.Event())
@@ -97,6 +100,7 @@ class Runtime:
     def forget(self, key: VMKey) -> None:
         for cache in (self.kicks, self.tokens, self.summaries, self.failures):
             cache.pop(key, None)
+        self.metrics.forget(key)
 
     async def close(self) -> None:
         await self.agents.aclose()
@@ -108,8 +112,10 @@ _settings: dict[str, Any] = {
     "kubeconfig": None,
     "peering": None,
     "namespaces": (),
+    "metrics_port": 0,
 }
 _runtime: Runtime | None = None
+_metrics_server: Any = None
 
 
 def configure(
@@ -118,13 +124,21 @@ def configure(
     *,
     peering: str | None = None,
     namespaces: tuple[str, ...] = (),
+    metrics_port: int = 0,
 ) -> None:
     """Record settings for the startup handler (called before kopf runs).
 
     `peering`: the name of the peering object replicas coordinate through
-    (None: standalone); `namespaces`: the watched ones (empty: all).
+    (None: standalone); `namespaces`: the watched ones (empty: all);
+    `metrics_port`: where /metrics is served (0: nowhere).
     """
-    _settings.update(config=config, kubeconfig=kubeconfig, peering=peering, namespaces=namespaces)
+    _settings.update(
+        config=config,
+        kubeconfig=kubeconfig,
+        peering=peering,
+        namespaces=namespaces,
+        metrics_port=metrics_port,
+    )
 
 
 async def ensure_peering(kube: Kube, name: str, namespaces: tuple[str, ...]) -> None:
@@ -263,6 +277,7 @@ async def reconcile(rt: Runtime, namespace: str, name: str, logger: Any = log) -
     try:
         world = await read_world(rt, namespace, name)
     except SpecError as exc:
+        rt.metrics.reconcile_failed(ReconcileError.INVALID_SPEC)
         await _report_invalid_spec(rt, namespace, name, exc)
         return False
     if world is None:
@@ -278,6 +293,7 @@ async def reconcile(rt: Runtime, namespace: str, name: str, logger: Any = log) -
         try:
             await apply(rt, snapshot, action)
         except (KubeError, AgentError) as exc:
+            rt.metrics.reconcile_failed(ReconcileError.ACTION)
             failure = f"{type(action).__name__}: {exc}"
             # Retried every poll: report a failure once, not once per retry.
             if rt.failures.get(key) != failure:
@@ -287,6 +303,7 @@ async def reconcile(rt: Runtime, namespace: str, name: str, logger: Any = log) -
             return False
     rt.failures.pop(key, None)
     await _write_status(rt, snapshot, plan)
+    rt.metrics.observe_status(key, snapshot.vm.status, plan.status)
     for note in plan.events:
         rt.post_event(body, note)
     return plan.again
@@ -323,7 +340,7 @@ async def _report_invalid_spec(rt: Runtime, namespace: str, name: str, exc: Spec
 
 @kopf.on.startup()
 async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
-    global _runtime
+    global _runtime, _metrics_server
     config: OperatorConfig = _settings["config"]
     settings.persistence.finalizer = c.FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="operator.colo.dev")
@@ -339,11 +356,20 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     if _settings["peering"]:
         await ensure_peering(kube, _settings["peering"], _settings["namespaces"])
     _runtime = Runtime(config=config, kube=kube, agents=AgentClient(timeout_s=config.agent_timeout_s))
+    if _settings["metrics_port"]:
+        from prometheus_client import start_http_server
+
+        port = _settings["metrics_port"]
+        _metrics_server, _thread = start_http_server(port, registry=_runtime.metrics.registry)
+        log.info("metrics on :%d/metrics", _settings["metrics_port"])
 
 
 @kopf.on.cleanup()
 async def cleanup(**_: Any) -> None:
-    global _runtime
+    global _runtime, _metrics_server
+    if _metrics_server is not None:
+        await asyncio.to_thread(_metrics_server.shutdown)
+        _metrics_server = None
     if _runtime is not None:
         await _runtime.close()
         _runtime = None
@@ -361,13 +387,16 @@ async def run_vm(
     immediate = 0
     while not stopped:
         kick.clear()
+        started = time.perf_counter()
         try:
             # The operator's own logger: kopf's per-object logger would also turn
             # every decision line into a Kubernetes Event (events are posted explicitly).
             again = await reconcile(rt, namespace, name)
         except Exception:
+            rt.metrics.reconcile_failed(ReconcileError.EXCEPTION)
             log.exception("%s/%s: reconcile failed", namespace, name)
             again = False
+        rt.metrics.reconcile_seconds.observe(time.perf_counter() - started)
         if again and immediate < MAX_IMMEDIATE_RUNS:
             immediate += 1
             continue

@@ -239,8 +239,16 @@ async def test_failover_promotes_over_http_and_moves_the_labels(world: tuple[Kub
     )
     secondary = ScriptedAgent(Role.SECONDARY, peer=PeerState.LOST)
     async with agents(("127.0.0.2", secondary)) as port:
-        await run_plan(runtime(kube, events, port))
+        rt = runtime(kube, events, port)
+        await run_plan(rt)
     assert secondary.calls == ["promote 2"]
+    # The operator's metrics saw the completed failover once, with its duration.
+    transitions = {"kind": "Failover", "cause": "NodeUnknown"}
+    assert rt.metrics.registry.get_sample_value("colo_operator_transitions_total", transitions) == 1.0
+    durations = rt.metrics.registry.get_sample_value(
+        "colo_operator_failover_duration_seconds_count", {"kind": "Failover"}
+    )
+    assert durations == 1.0
     assert await kube.get("Pod", "ns", "vm-0") is None
     promoted = await kube.get("Pod", "ns", "vm-1")
     assert promoted is not None and promoted["metadata"]["labels"][c.LABEL_ROLE] == "primary"
@@ -293,6 +301,8 @@ async def test_a_refused_promotion_is_reported_and_retried(world: tuple[Kube, li
         assert await reconcile(rt, "ns", "vm") is False
     # The agent refused the wrong bearer token: nothing promoted, the step is still pending.
     assert secondary.calls == []
+    sample = rt.metrics.registry.get_sample_value
+    assert sample("colo_operator_reconcile_errors_total", {"reason": "action"}) == 2.0
     (failed,) = [e for e in events if e.reason == "ActionFailed"]
     assert "PromoteAgent" in failed.message and ("401" in failed.message or "403" in failed.message)
     vm = await kube.get_vm("ns", "vm")
