@@ -8,7 +8,7 @@ import struct
 import subprocess
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -207,3 +207,34 @@ DIRTY_RAM = 16 << 20
 
 def write_table(ram: mmap.mmap, where: int, addrs: npt.NDArray[np.int64]) -> None:
     struct.pack_into(f"<Q{addrs.size}Q", ram, where, addrs.size, *addrs.tolist())
+
+
+# A guest with 4 KiB pages of its own: virtual page 0x40000000 maps physical
+# page 0x300000 read/write, 0x40001000 maps 0x301000 read-only.
+OWN_TABLES_GUEST = """
+    movq $0x40000000, %rax
+    movq $0x1234, (%rax)
+    movq 0x1000(%rax), %rbx
+    hlt
+    movq $1, 0x1000(%rax)
+    hlt
+"""
+
+
+def install_own_tables(ram: mmap.mmap) -> None:
+    # PDPT[1] (the second GiB) -> PD at 0x310000 -> PT at 0x311000.
+    table = boot.PTE_PRESENT | boot.PTE_WRITABLE | boot.PTE_ACCESSED
+    struct.pack_into("<Q", ram, abi.PDPT_ADDR + 8, 0x310000 | table)
+    struct.pack_into("<Q", ram, 0x310000, 0x311000 | table)
+    struct.pack_into("<Q", ram, 0x311000, 0x300000 | table | boot.PTE_DIRTY)
+    struct.pack_into("<Q", ram, 0x311008, 0x301000 | boot.PTE_PRESENT | boot.PTE_ACCESSED)
+    struct.pack_into("<Q", ram, 0x301000, 0xFEED)
+
+
+def assert_state_refused(make_vm: MakeVm[Accelerator], change: dict[str, object], message: str) -> None:
+    """`set_cpu_state` of the initial state with `change` raises ValueError(`message`) and changes nothing."""
+    accel, _ram, _io = make_vm("hlt")
+    before = accel.get_cpu_state()
+    with pytest.raises(ValueError, match=message):
+        accel.set_cpu_state(replace(boot.initial_cpu_state(), **change))  # type: ignore[arg-type]
+    assert accel.get_cpu_state() == before
