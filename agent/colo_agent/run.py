@@ -16,6 +16,7 @@ import sys
 
 from colo_agent.api.models import ReplicationMode, Role
 from colo_agent.arbiter import parse_spec as parse_arbiter
+from colo_agent.backends import BACKENDS, DEFAULT_BACKEND
 from colo_agent.config import FailoverTimings, env_arg, parse_address, read_secret
 from colo_agent.microvm.cli import _accel, _arg_type, _port
 from colo_agent.microvm.config import parse_memory, validate_dirty_rate
@@ -67,6 +68,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             "else the secret is read from COLO_SECRET")
 
     guest = p.add_argument_group("guest")
+    env_arg(guest, "--backend", "COLO_BACKEND", default=DEFAULT_BACKEND, choices=sorted(BACKENDS),
+            help="what runs the guest: microvm is the agent's own monitor (default: %(default)s)")
     env_arg(guest, "--memory", "COLO_MEMORY", default="64Mi", type=_arg_type(parse_memory),
             help="guest RAM, e.g. 64Mi or 1Gi (default: 64Mi)")
     env_arg(guest, "--accel", "COLO_ACCEL", default="auto", type=_arg_type(_accel), metavar="{auto,kvm,tcg}",
@@ -136,8 +139,9 @@ async def _main(args: argparse.Namespace, secret: bytes, identity: str) -> int:
 
     from colo_agent import arbiter as arbiters
     from colo_agent.api.server import bound_port, create_app, serve
+    from colo_agent.backends import BackendError, create_guest
     from colo_agent.engine.agent import Agent, AgentSettings
-    from colo_agent.microvm.machine import Machine, MachineError
+    from colo_agent.guest import GuestOptions
 
     settings = AgentSettings(
         vm=args.vm, identity=identity, role=Role(args.role), memory=args.memory, accel=args.accel,
@@ -151,13 +155,18 @@ async def _main(args: argparse.Namespace, secret: bytes, identity: str) -> int:
     )
     try:
         arbiter = arbiters.from_spec(args.arbiter, identity, args.lease_duration_ms)
-        # In the main thread: the kvm accelerator installs its kick signal handler there.
-        machine = Machine.create(args.memory, accel=args.accel, dirty_rate=args.dirty_rate)
-    except (ValueError, MachineError, OSError) as exc:
+        # In the main thread: a backend may install signal handlers (the micro-VM's kvm kick).
+        guest = create_guest(args.backend, GuestOptions(args.memory, args.accel, args.dirty_rate))
+    except (ValueError, BackendError, OSError) as exc:
         log.error("cannot start: %s", exc)
         return 1
     registry = CollectorRegistry()
-    agent = Agent(settings, machine, arbiter, registry)
+    try:
+        agent = Agent(settings, guest, arbiter, registry)
+    except ValueError as exc:
+        log.error("cannot start: %s", exc)
+        guest.stop()
+        return 1
     runner = await serve(create_app(agent, secret, registry), args.listen, args.control_port)
     log.info("%s agent %s of %s; control API on %s:%d", args.role, identity, args.vm, args.listen,
              bound_port(runner))

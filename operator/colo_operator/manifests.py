@@ -93,6 +93,7 @@ def agent_args(vm: VMView, role: str, peer: str | None) -> list[str]:
         "run",
         "--role", role,
         "--vm", f"{vm.namespace}/{vm.name}",
+        "--backend", spec.guest.backend,
         "--memory", str(spec.guest.memory_bytes),
         "--accel", spec.guest.accel,
         "--mode", spec.replication.mode,

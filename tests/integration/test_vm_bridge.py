@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 import pytest
 from support.ring_guest import RingGuest
 
+from colo_agent.bridge import ClientBridge
 from colo_agent.guest import OutputCallback
 from colo_agent.microvm import abi
-from colo_agent.microvm.bridge import ClientBridge
 from colo_agent.microvm.devices import INPUT_HIGH_WATER, DeviceModel
 
 
@@ -45,8 +45,8 @@ class EchoGuest:
     def set_output_callback(self, callback: OutputCallback) -> None:
         self.dev.set_output_callback(callback)
 
-    def input_backlog(self, conn_id: int) -> int:
-        return self.dev.input_backlog(conn_id)
+    def input_full(self, conn_id: int) -> bool:
+        return self.dev.input_backlog(conn_id) > INPUT_HIGH_WATER
 
     def set_input_drained_callback(self, callback: Callable[[int], None] | None) -> None:
         self.dev.set_input_drained_callback(callback)

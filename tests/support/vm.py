@@ -12,8 +12,8 @@ import numpy.typing as npt
 import pytest
 import redis
 
+from colo_agent.bridge import ClientBridge
 from colo_agent.microvm import abi
-from colo_agent.microvm.bridge import ClientBridge
 from colo_agent.microvm.kvm import kvm_unavailable_reason
 from colo_agent.microvm.machine import Machine
 

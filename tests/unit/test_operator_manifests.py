@@ -38,6 +38,7 @@ def test_pod_runs_colo_agent_with_the_contract_flags() -> None:
     assert args[0] == "run"
     assert flag(args, "--role") == "secondary"
     assert flag(args, "--vm") == "ns/vm"
+    assert flag(args, "--backend") == "microvm"
     assert flag(args, "--memory") == str(512 << 20)
     assert flag(args, "--mode") == "lockstep" and flag(args, "--channels") == "4"
     assert flag(args, "--peer") == "10.0.0.10:7700"

@@ -50,12 +50,12 @@ from colo_agent.api.models import (
 )
 from colo_agent.api.server import arbiter_refusals
 from colo_agent.arbiter.base import Arbiter, ArbiterError
+from colo_agent.bridge import ClientBridge
 from colo_agent.engine.compare import Cause, Mark, OutputComparator, Release
 from colo_agent.engine.lockstep import OutputOffsets, PrimaryMirror, SecondaryMirror
 from colo_agent.engine.output import OutputChunk, OutputGate
 from colo_agent.engine.pacing import CheckpointPacer
-from colo_agent.microvm.bridge import ClientBridge
-from colo_agent.microvm.machine import Machine
+from colo_agent.guest import Capabilities, Guest, MirroredNic
 from colo_agent.replication.cache import (
     CacheMode,
     ColoCache,
@@ -121,16 +121,25 @@ class AgentSettings:
 class Agent:
     """Implements `colo_agent.api.server.AgentController`."""
 
-    def __init__(self, settings: AgentSettings, machine: Machine, arbiter: Arbiter,
+    def __init__(self, settings: AgentSettings, guest: Guest, arbiter: Arbiter,
                  registry: CollectorRegistry) -> None:
+        caps = Capabilities.of(guest)
+        if caps.pages is None or caps.clients is None:
+            raise ValueError("the backend replicates itself (a migration stream); "
+                             "this engine replicates page-log backends only")
+        if settings.lockstep and caps.mirror is None:
+            raise ValueError("lockstep mode needs a backend with a mirrored NIC")
         self.settings = settings
-        self.machine = machine
+        self.guest = guest
+        self.pages = caps.pages
+        self.clients = caps.clients
+        self._mirror_nic = caps.mirror
         self.arbiter = arbiter
         self.metrics = AgentMetrics(registry)
         self.metrics.describe(vm=settings.vm, identity=settings.identity, mode=settings.mode.value,
-                              accel=machine.accelerator)
+                              accel=guest.accelerator)
         self.role = settings.role
-        self.ram_pages = page_view(machine.ram)
+        self.ram_pages = page_view(self.pages.ram)
         self.gate = OutputGate()
         self.bridge: ClientBridge | None = None
         self.stopping = asyncio.Event()
@@ -163,6 +172,12 @@ class Agent:
         self._guest_started = False
         self._releasing = True
 
+    @property
+    def mirrored_nic(self) -> MirroredNic:
+        if self._mirror_nic is None:  # refused at start in lockstep mode
+            raise RuntimeError("the backend has no mirrored NIC")
+        return self._mirror_nic
+
     # ------------------------------------------------------------------ lifecycle
 
     async def run(self) -> None:
@@ -191,7 +206,7 @@ class Agent:
             await self.receiver.close()
         if self.bridge is not None:
             await self.bridge.close()
-        await asyncio.to_thread(self.machine.stop)
+        await asyncio.to_thread(self.guest.stop)
         with contextlib.suppress(Exception):
             await self.arbiter.close()
 
@@ -240,10 +255,10 @@ class Agent:
         self.metrics.new_term(term)
         self._releasing = True
         self.protected = False
-        self.machine.set_output_callback(self._on_output)
-        self.bridge = ClientBridge(self.machine, output_sink=self._on_output)
+        self.clients.set_output_callback(self._on_output)
+        self.bridge = ClientBridge(self.clients, output_sink=self._on_output)
         if boot:
-            self.machine.start()
+            self.guest.start()
             self._guest_started = True
         await self.bridge.start(self.settings.client_host, self.settings.client_port)
         log.info("primary of term %d serving clients on %s:%d", term, self.settings.client_host,
@@ -359,7 +374,7 @@ class Agent:
             while True:
                 try:
                     sender = await CheckpointSender.accept(
-                        listener, secret=s.secret, vm=s.vm, term=term, page_count=self.machine.page_count,
+                        listener, secret=s.secret, vm=s.vm, term=term, page_count=self.pages.page_count,
                         channels=s.channels, heartbeat_interval=s.heartbeat_interval,
                         heartbeat_timeout=s.heartbeat_timeout,
                         first_epoch=self.last_acked_epoch + 1, mirror=s.lockstep,
@@ -383,14 +398,14 @@ class Agent:
         """First sync of a joined secondary, then epochs until the pairing ends."""
         self.sender = sender
         self.metrics.set_peer(up=True, synced=False)
-        m = self.machine
+        m = self.guest
         if self.settings.lockstep:
             if sender.mirror is None:
                 raise PeerLostError("lockstep mode, but the secondary opened no mirror connection")
             comparator = OutputComparator(self.settings.compare_timeout, self.settings.max_queue)
-            self.mirror = PrimaryMirror(m, sender.mirror, sender.term, comparator,
+            self.mirror = PrimaryMirror(self.mirrored_nic, sender.mirror, sender.term, comparator,
                                         self._deliver_releases, self._request_checkpoint)
-        rounds = await sender.sync(self.ram_pages, m.collect_dirty)
+        rounds = await sender.sync(self.ram_pages, self.pages.collect_dirty)
         log.info("first sync: %d pre-copy rounds", rounds)
         staging = StagingBuffer(sender.cache_pages)
         pacer = CheckpointPacer(self.settings.interval, sender.cache_pages)
@@ -407,7 +422,7 @@ class Agent:
             # thread hop would add its own latency to the pause.
             m.pause()
             try:
-                dirty = m.collect_dirty()
+                dirty = self.pages.collect_dirty()
                 if len(carry):
                     dirty = np.union1d(dirty, carry)
                     carry = carry[:0]
@@ -416,7 +431,7 @@ class Agent:
                         f"{len(dirty)} dirty pages exceed the secondary's cache of {sender.cache_pages}; "
                         "re-syncing")
                 staged = staging.stage(self.ram_pages, dirty)
-                device_state = m.save_device_state()
+                device_state = self.pages.save_device_state()
                 offsets: dict[int, tuple[int, bool]] = {}
                 if self.settings.lockstep:
                     offsets = self.offsets.snapshot()
@@ -536,7 +551,7 @@ class Agent:
 
     def _new_receiver(self) -> None:
         mode = CacheMode.LOCKSTEP if self.settings.lockstep else CacheMode.CHECKPOINT
-        cache = ColoCache(self.machine.ram, mode=mode, capacity=default_capacity(self.machine.page_count))
+        cache = ColoCache(self.pages.ram, mode=mode, capacity=default_capacity(self.pages.page_count))
         self.cache = cache
         self.last_acked_epoch = 0
         self.receiver = CheckpointReceiver(
@@ -570,7 +585,7 @@ class Agent:
                     return
                 if self._guest_started:
                     # Lockstep: a new first sync rewrites RAM under the guest; hold it still.
-                    self.machine.pause()
+                    self.guest.pause()
             # The same receiver dials again: its cache (the committed image) is
             # only reset once a new pairing is authenticated, so a dead primary
             # that cannot be reached never costs the image a promotion needs.
@@ -578,7 +593,7 @@ class Agent:
                 await receiver.dial(host, port, mirror=self.settings.lockstep)
                 if self.settings.lockstep:
                     assert receiver.mirror is not None
-                    self.sec_mirror = SecondaryMirror(self.machine, receiver.mirror)
+                    self.sec_mirror = SecondaryMirror(self.mirrored_nic, self.clients, receiver.mirror)
             except (OSError, AuthRefused, RemoteProtocolError, TimeoutError) as exc:
                 log.warning("cannot pair with the primary at %s:%d: %s", host, port, exc)
                 await asyncio.sleep(PAIR_RETRY)
@@ -614,13 +629,13 @@ class Agent:
         take its device state, and let the guest go on from exactly the primary's pause."""
         assert self.cache is not None and self.sec_mirror is not None
         machine_state, offsets = unpack_state(commit.device_state)
-        m = self.machine
+        m = self.guest
         local = np.empty(0, dtype=np.int64)
         if self._guest_started:
             m.pause()
-            local = m.collect_dirty()
+            local = self.pages.collect_dirty()
         self.cache.commit(commit.term, commit.epoch, commit.device_state, local)
-        m.load_device_state(machine_state, keep_connections=True)
+        self.pages.load_device_state(machine_state, keep_connections=True)
         self.sec_mirror.committed(commit.epoch, offsets)
         if self._guest_started:
             m.resume()
@@ -651,7 +666,7 @@ class Agent:
             else:
                 state = PeerState.CONNECTED if synced else PeerState.SYNCING
             peer = PeerStatus(state, address=self._peer_address(), last_heartbeat_age_ms=age)
-        m = self.machine
+        m = self.guest
         lockstep = None
         if self.settings.lockstep and self.role is Role.PRIMARY:
             on_match, on_ack = self.metrics.released_bytes
@@ -711,16 +726,16 @@ class Agent:
             if self.sec_mirror is not None:
                 await self.sec_mirror.close()
                 self.sec_mirror = None
-            m = self.machine
-            m.devices.disable_rx_mirror()
-            for conn in m.devices.open_connections:
-                m.close_connection(conn)  # the old primary's clients are gone
+            nic = self.mirrored_nic
+            nic.disable_rx_mirror()
+            for conn in nic.open_connections:
+                self.clients.close_connection(conn)  # the old primary's clients are gone
             self.offsets.reset({})
-            m.resume()
+            self.guest.resume()
             await self._become_primary(term, boot=False)
         else:
             log.info("promoted with term %d from epoch %d of term %d", term, promoted.epoch, promoted.term)
-            self.machine.load_device_state(promoted.device_state)
+            self.pages.load_device_state(promoted.device_state)
             await self._become_primary(term, boot=True)
         return PromoteResult(role=Role.PRIMARY, term=term, resumed_from_epoch=promoted.epoch)
 

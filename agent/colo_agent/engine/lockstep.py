@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 
 from colo_agent.engine.compare import Cause, Mark, OutputComparator, Release, Verdict
-from colo_agent.microvm.machine import Machine
+from colo_agent.guest import ClientNic, MirroredNic
 from colo_agent.replication.mirror import (
     Input,
     MirrorDecoder,
@@ -164,14 +164,14 @@ class PrimaryMirror:
 
     def __init__(
         self,
-        machine: Machine,
+        nic: MirroredNic,
         conn: Connection,
         term: int,
         comparator: OutputComparator,
         deliver: Callable[[list[Release]], None],
         request_checkpoint: Callable[[Cause], None],
     ) -> None:
-        self.machine = machine
+        self.nic = nic
         self.term = term
         self.comparator = comparator
         self._deliver = deliver
@@ -180,7 +180,7 @@ class PrimaryMirror:
         self._timer_wake = asyncio.Event()
         self._timer = asyncio.ensure_future(self._run_timer())
         self._timer.add_done_callback(self._link._finished)
-        machine.devices.set_rx_tap(self._on_rx_batch)
+        nic.set_rx_tap(self._on_rx_batch)
 
     def _on_rx_batch(self, position: int, data: bytes) -> None:
         """vCPU thread, under the device lock: forward as is."""
@@ -230,7 +230,7 @@ class PrimaryMirror:
 
     async def close(self) -> list[Release]:
         """Stop mirroring; everything still held is returned (the caller decides about it)."""
-        self.machine.devices.set_rx_tap(None)
+        self.nic.set_rx_tap(None)
         self._timer.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._timer
@@ -241,19 +241,19 @@ class PrimaryMirror:
 class SecondaryMirror:
     """The secondary's half: mirrored input in, its guest's output out."""
 
-    def __init__(self, machine: Machine, conn: Connection) -> None:
-        self.machine = machine
+    def __init__(self, nic: MirroredNic, clients: ClientNic, conn: Connection) -> None:
+        self.nic = nic
         self.offsets = OutputOffsets()
         self.generation = 0
-        machine.devices.enable_rx_mirror()
-        machine.set_output_callback(self._on_output)
+        nic.enable_rx_mirror()
+        clients.set_output_callback(self._on_output)
         self._link = _Link(conn, self._on_message, "lockstep mirror (secondary)")
 
     def _on_message(self, msg: MirrorMessage) -> None:
         if not isinstance(msg, Input):
             raise MirrorProtocolError("the primary sent OUTPUT")
         log.debug("mirrored input: %d bytes at ring position %#x", len(msg.data), msg.position)
-        self.machine.devices.mirror_rx(msg.position, msg.data)
+        self.nic.mirror_rx(msg.position, msg.data)
 
     def _on_output(self, conn: int, data: bytes, closed: bool) -> None:
         """vCPU thread: our guest's output goes to the primary's comparator."""

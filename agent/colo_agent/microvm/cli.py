@@ -106,7 +106,7 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 async def _serve(machine: Any, host: str, port: int) -> int:
-    from colo_agent.microvm.bridge import ClientBridge
+    from colo_agent.bridge import ClientBridge
 
     loop = asyncio.get_running_loop()
     bridge = ClientBridge(machine)

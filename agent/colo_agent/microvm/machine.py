@@ -29,11 +29,11 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from colo_agent.guest import Guest, OutputCallback
+from colo_agent.guest import ClientNic, Guest, MirroredNic, OutputCallback, PageLog
 from colo_agent.microvm import abi, boot, state
 from colo_agent.microvm.accel import Accelerator, RunResult
 from colo_agent.microvm.config import choose_accelerator, parse_memory, validate_dirty_rate
-from colo_agent.microvm.devices import DeviceModel
+from colo_agent.microvm.devices import INPUT_HIGH_WATER, DeviceModel
 
 log = logging.getLogger(__name__)
 
@@ -330,6 +330,23 @@ class Machine:
 
     def set_output_callback(self, callback: OutputCallback) -> None:
         self.devices.set_output_callback(callback)
+
+    def input_full(self, conn_id: int) -> bool:
+        return self.devices.input_backlog(conn_id) > INPUT_HIGH_WATER
+
+    # ---- capabilities: the engine replicates this guest page by page ------------------------
+
+    def page_log(self) -> PageLog:
+        return self
+
+    def migration_stream(self) -> None:
+        return None
+
+    def client_nic(self) -> ClientNic:
+        return self
+
+    def mirrored_nic(self) -> MirroredNic:
+        return self.devices
 
     # ---- extras -----------------------------------------------------------------------------
 

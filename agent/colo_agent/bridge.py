@@ -1,7 +1,8 @@
 """Client TCP connections <-> the guest's NIC.
 
-Each accepted client becomes a NIC connection: its bytes go to the guest as
-RX frames, and what the guest writes on that connection goes back to it.
+Each accepted client becomes a connection of the guest's `ClientNic`: its
+bytes go to the guest as RX frames, and what the guest writes on that
+connection goes back to it.
 
 Guest output passes through an *output sink* on its way to the socket. The
 default sink releases at once; the replication engine installs one that
@@ -18,8 +19,8 @@ reply to the loop instead costs a thread wake-up and a GIL hand-off per
 request, which measured as half the throughput.
 
 Backpressure: a client that sends faster than the guest consumes stops being
-read once its queued input passes the device model's high-water mark; a
-client that does not read its replies stops being read once its unsent
+read once the NIC says its queued input is full (`input_full`); a client
+that does not read its replies stops being read once its unsent
 output passes OUTPUT_HIGH_WATER, so the guest gets no new requests to answer
 for it.
 """
@@ -33,10 +34,8 @@ import logging
 import socket
 import threading
 from collections.abc import Callable
-from typing import Protocol
 
-from colo_agent.guest import OutputCallback
-from colo_agent.microvm.devices import INPUT_HIGH_WATER
+from colo_agent.guest import ClientNic, OutputCallback
 
 log = logging.getLogger(__name__)
 
@@ -45,21 +44,6 @@ OUTPUT_LOW_WATER = 256 << 10
 READ_SIZE = 256 << 10
 ACCEPT_BACKLOG = 512
 
-
-class BridgedGuest(Protocol):
-    """What the bridge needs from a guest: the Guest NIC methods plus input backpressure."""
-
-    def open_connection(self) -> int: ...
-
-    def send_input(self, conn_id: int, data: bytes) -> None: ...
-
-    def close_connection(self, conn_id: int) -> None: ...
-
-    def set_output_callback(self, callback: OutputCallback) -> None: ...
-
-    def input_backlog(self, conn_id: int) -> int: ...
-
-    def set_input_drained_callback(self, callback: Callable[[int], None] | None) -> None: ...
 
 
 class _Client:
@@ -96,7 +80,7 @@ class _Client:
 class ClientBridge:
     """A TCP listener whose connections are the guest's NIC connections."""
 
-    def __init__(self, guest: BridgedGuest, *, output_sink: OutputCallback | None = None) -> None:
+    def __init__(self, guest: ClientNic, *, output_sink: OutputCallback | None = None) -> None:
         self.guest = guest
         self._loop: asyncio.AbstractEventLoop | None = None
         self._listener: socket.socket | None = None
@@ -225,7 +209,7 @@ class ClientBridge:
             self._close(client)
             return
         self.guest.send_input(client.conn_id, data)
-        if self.guest.input_backlog(client.conn_id) > INPUT_HIGH_WATER:
+        if self.guest.input_full(client.conn_id):
             self._hold(client, "input")
 
     def _writable(self, client: _Client) -> None:
