@@ -51,7 +51,7 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
-PAGE_SIZE = 4096
+from colo_agent.constants import PAGE_SIZE as PAGE_SIZE
 
 # on_output(conn_id, data, closed): bytes the guest sent on a connection;
 # `closed` is True when the guest closed it (data is then empty).

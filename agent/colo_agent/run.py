@@ -18,6 +18,7 @@ from colo_agent.api.models import ReplicationMode, Role
 from colo_agent.arbiter import parse_spec as parse_arbiter
 from colo_agent.backends import BACKENDS, DEFAULT_BACKEND
 from colo_agent.config import FailoverTimings, env_arg, parse_address, read_secret
+from colo_agent.constants import HEARTBEAT_INTERVAL_MS, HEARTBEAT_TIMEOUT_MS, MAX_CHANNELS
 from colo_agent.microvm.cli import _accel, _arg_type, _port
 from colo_agent.microvm.config import parse_memory, validate_dirty_rate
 
@@ -37,8 +38,8 @@ def _positive_int(text: str) -> int:
 
 
 def _channels(text: str) -> int:
-    if not text.isdigit() or not 1 <= int(text) <= 16:
-        raise ValueError(f"channels must be between 1 and 16, got {text!r}")
+    if not text.isdigit() or not 1 <= int(text) <= MAX_CHANNELS:
+        raise ValueError(f"channels must be between 1 and {MAX_CHANNELS}, got {text!r}")
     return int(text)
 
 
@@ -92,7 +93,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             metavar="BYTES", help="lockstep: more unmatched output than this forces a checkpoint "
             "(default: 1048576)")
     env_arg(rep, "--channels", "COLO_CHANNELS", default="2", type=_arg_type(_channels),
-            help="parallel data connections for pages, 1-16 (default: 2)")
+            help=f"parallel data connections for pages, 1-{MAX_CHANNELS} (default: 2)")
     env_arg(rep, "--listen", "COLO_LISTEN", default="0.0.0.0",
             help="address the replication and control ports listen on (default: 0.0.0.0)")
     env_arg(rep, "--replication-port", "COLO_REPLICATION_PORT", default="7700", type=_arg_type(_port),
@@ -101,10 +102,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             help="the primary's replication address (secondary only)")
 
     fo = p.add_argument_group("failover")
-    env_arg(fo, "--heartbeat-interval-ms", "COLO_HEARTBEAT_INTERVAL_MS", default="100",
-            type=_arg_type(_positive_ms), help="heartbeat period (default: 100)")
-    env_arg(fo, "--heartbeat-timeout-ms", "COLO_HEARTBEAT_TIMEOUT_MS", default="500",
-            type=_arg_type(_positive_ms), help="peer declared lost after this silence (default: 500)")
+    env_arg(fo, "--heartbeat-interval-ms", "COLO_HEARTBEAT_INTERVAL_MS", default=str(HEARTBEAT_INTERVAL_MS),
+            type=_arg_type(_positive_ms), help="heartbeat period (default: %(default)s)")
+    env_arg(fo, "--heartbeat-timeout-ms", "COLO_HEARTBEAT_TIMEOUT_MS", default=str(HEARTBEAT_TIMEOUT_MS),
+            type=_arg_type(_positive_ms), help="peer declared lost after this silence (default: %(default)s)")
     env_arg(fo, "--arbiter", "COLO_ARBITER", required=True, metavar="lease:NS/NAME|file:PATH",
             help="fencing lock: a Kubernetes Lease, or a file for runs without a cluster")
     env_arg(fo, "--lease-duration-ms", "COLO_LEASE_DURATION_MS", default="2000", type=_arg_type(_positive_ms),

@@ -23,6 +23,8 @@ from typing import Any
 
 import yaml
 
+from colo_agent.constants import HEARTBEAT_INTERVAL_MS, HEARTBEAT_TIMEOUT_MS, MAX_CHANNELS, PAGE_SIZE
+
 from . import constants as c
 from .spec import RUN_STRATEGIES, UPDATE_STRATEGIES
 
@@ -131,8 +133,8 @@ GUEST = obj(
                     ),
                     rule(
                         "!isQuantity(self) || !quantity(self).isInteger() || "
-                        "quantity(self).asInteger() % 4096 == 0",
-                        "memory must be a whole number of 4096-byte pages",
+                        f"quantity(self).asInteger() % {PAGE_SIZE} == 0",
+                        f"memory must be a whole number of {PAGE_SIZE}-byte pages",
                     ),
                     rule(
                         "!isQuantity(self) || quantity(self).isInteger()",
@@ -164,7 +166,7 @@ REPLICATION = obj(
         "channels": integer(
             "Data connections the checkpoint stream is striped across.",
             minimum=1,
-            maximum=16,
+            maximum=MAX_CHANNELS,
             default=2,
         ),
     },
@@ -183,13 +185,13 @@ FAILOVER = obj(
             "heartbeatTimeoutMs and leaseDurationMs.",
             minimum=10,
             maximum=60000,
-            default=100,
+            default=HEARTBEAT_INTERVAL_MS,
         ),
         "heartbeatTimeoutMs": integer(
             "Milliseconds of heartbeat silence after which the peer counts as lost.",
             minimum=20,
             maximum=600000,
-            default=500,
+            default=HEARTBEAT_TIMEOUT_MS,
         ),
         "leaseDurationMs": integer(
             "Milliseconds a renewal of the primary's fencing Lease stays valid. A primary without "

@@ -14,9 +14,15 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-PAGE_SIZE = 4096
-MIN_MEMORY = 4 << 20
-MAX_MEMORY = 1 << 30
+from colo_agent.constants import (
+    HEARTBEAT_INTERVAL_MS,
+    HEARTBEAT_TIMEOUT_MS,
+    MAX_CHANNELS,
+    MAX_GUEST_RAM,
+    MIN_GUEST_RAM,
+    PAGE_SIZE,
+)
+
 RUN_STRATEGIES = ("Always", "Halted")
 UPDATE_STRATEGIES = ("Automatic", "Manual")
 
@@ -81,8 +87,8 @@ class ReplicationSpec:
 
 @dataclass(frozen=True, slots=True)
 class FailoverSpec:
-    heartbeat_interval_ms: int = 100
-    heartbeat_timeout_ms: int = 500
+    heartbeat_interval_ms: int = HEARTBEAT_INTERVAL_MS
+    heartbeat_timeout_ms: int = HEARTBEAT_TIMEOUT_MS
     lease_duration_ms: int = 1000
     auto_reprotect: bool = True
 
@@ -157,14 +163,14 @@ class ColoVMSpec:
         if amount != amount.to_integral_value():
             raise SpecError("guest.memory", f"{memory!r} is not a whole number of bytes")
         memory_bytes = int(amount)
-        if not MIN_MEMORY <= memory_bytes <= MAX_MEMORY:
+        if not MIN_GUEST_RAM <= memory_bytes <= MAX_GUEST_RAM:
             raise SpecError("guest.memory", f"{memory!r} must be between 4Mi and 1Gi")
         if memory_bytes % PAGE_SIZE:
-            raise SpecError("guest.memory", f"{memory!r} is not a whole number of 4096-byte pages")
+            raise SpecError("guest.memory", f"{memory!r} is not a whole number of {PAGE_SIZE}-byte pages")
 
         failover = r.child("failover")
-        interval = failover.integer("heartbeatIntervalMs", 100, 10, 60000)
-        timeout = failover.integer("heartbeatTimeoutMs", 500, 20, 600000)
+        interval = failover.integer("heartbeatIntervalMs", HEARTBEAT_INTERVAL_MS, 10, 60000)
+        timeout = failover.integer("heartbeatTimeoutMs", HEARTBEAT_TIMEOUT_MS, 20, 600000)
         if timeout <= interval:
             raise SpecError("failover.heartbeatTimeoutMs", "must be greater than heartbeatIntervalMs")
         lease = failover.integer("leaseDurationMs", 1000, 100, 300000)
@@ -196,7 +202,7 @@ class ColoVMSpec:
             replication=ReplicationSpec(
                 mode=replication.choice("mode", ("checkpoint", "lockstep"), "checkpoint"),
                 checkpoint_interval_ms=replication.integer("checkpointIntervalMs", 100, 1, 60000),
-                channels=replication.integer("channels", 2, 1, 16),
+                channels=replication.integer("channels", 2, 1, MAX_CHANNELS),
             ),
             failover=FailoverSpec(
                 heartbeat_interval_ms=interval,

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from enum import IntEnum
 
-PAGE_SIZE = 4096
+from colo_agent.constants import MAX_GUEST_RAM, MIN_GUEST_RAM
+from colo_agent.constants import PAGE_SIZE as PAGE_SIZE
 
 GDT_ADDR = 0x500
 PML4_ADDR = 0x1000
@@ -20,8 +21,8 @@ RING_TAIL_OFFSET = 64
 RING_DATA_OFFSET = 4096
 FIRMWARE_ADDR = 0x100000
 
-MIN_RAM = 4 << 20
-MAX_RAM = 1 << 30
+MIN_RAM = MIN_GUEST_RAM
+MAX_RAM = MAX_GUEST_RAM
 
 BOOT_MAGIC = 0x544F4F424F4C4F43  # "COLOBOOT"
 FRAME_HEADER_SIZE = 8

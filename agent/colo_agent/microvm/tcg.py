@@ -53,6 +53,7 @@ from unicorn import x86_const as x86
 from unicorn.unicorn_py3 import unicorn as _binding
 from unicorn.unicorn_py3.unicorn import Uc, UcError
 
+from colo_agent.microvm.abi import PAGE_SIZE
 from colo_agent.microvm.accel import (
     GPR_NAMES,
     SEGMENT_NAMES,
@@ -63,7 +64,6 @@ from colo_agent.microvm.accel import (
     Segment,
 )
 
-PAGE_SIZE = 4096
 PAGE_SHIFT = 12
 
 MSR_EFER = 0xC000_0080

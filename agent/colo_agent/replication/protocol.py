@@ -42,7 +42,9 @@ import numpy as np
 import numpy.typing as npt
 import xxhash
 
-PAGE_SIZE: Final = 4096
+from colo_agent.constants import MAX_CHANNELS as MAX_CHANNELS
+from colo_agent.constants import PAGE_SIZE as PAGE_SIZE
+
 MAGIC: Final = b"COLO"
 WIRE_VERSION: Final = 1
 # The semantic protocol version a HELLO announces; bumped when messages change
@@ -62,7 +64,6 @@ MAX_CONTROL_PAYLOAD: Final = 1 << 20
 MAX_PAYLOAD: Final = PAGES_META.size + MAX_BATCH_PAGES * _PAGE_ENTRY
 NONCE_SIZE: Final = 16
 MAC_SIZE: Final = 32
-MAX_CHANNELS: Final = 64
 MAX_TEXT: Final = 1024
 
 

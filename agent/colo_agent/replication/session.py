@@ -35,6 +35,7 @@ import numpy as np
 import numpy.typing as npt
 import xxhash
 
+from colo_agent.constants import HEARTBEAT_INTERVAL_MS, HEARTBEAT_TIMEOUT_MS
 from colo_agent.replication.cache import ColoCache, PageArray
 from colo_agent.replication.protocol import (
     PAGE_SIZE,
@@ -279,8 +280,8 @@ class PrimarySession:
         page_count: int,
         cache_pages: int,
         now: float,
-        heartbeat_interval: float = 0.1,
-        heartbeat_timeout: float = 0.5,
+        heartbeat_interval: float = HEARTBEAT_INTERVAL_MS / 1000,
+        heartbeat_timeout: float = HEARTBEAT_TIMEOUT_MS / 1000,
         ack_timeout: float | None = 5.0,
         batch_pages: int = DEFAULT_BATCH_PAGES,
         max_attempts: int = 3,
@@ -646,8 +647,8 @@ class SecondarySession:
         channels: int,
         cache: ColoCache,
         now: float,
-        heartbeat_interval: float = 0.1,
-        heartbeat_timeout: float = 0.5,
+        heartbeat_interval: float = HEARTBEAT_INTERVAL_MS / 1000,
+        heartbeat_timeout: float = HEARTBEAT_TIMEOUT_MS / 1000,
     ) -> None:
         if channels < 1:
             raise ValueError("at least one data channel")

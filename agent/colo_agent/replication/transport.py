@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from colo_agent.constants import HEARTBEAT_INTERVAL_MS, HEARTBEAT_TIMEOUT_MS
 from colo_agent.replication.cache import ColoCache, PageArray
 from colo_agent.replication.handshake import AuthRefused, ClientHandshake, Policy, ServerHandshake
 from colo_agent.replication.protocol import (
@@ -459,8 +460,8 @@ class CheckpointSender:
         term: int,
         page_count: int,
         channels: int = 2,
-        heartbeat_interval: float = 0.1,
-        heartbeat_timeout: float = 0.5,
+        heartbeat_interval: float = HEARTBEAT_INTERVAL_MS / 1000,
+        heartbeat_timeout: float = HEARTBEAT_TIMEOUT_MS / 1000,
         ack_timeout: float | None = 5.0,
         batch_pages: int = 256,
         first_epoch: int = 1,
@@ -736,8 +737,8 @@ class CheckpointReceiver:
         secret: bytes,
         vm: str,
         term: int,
-        heartbeat_interval: float = 0.1,
-        heartbeat_timeout: float = 0.5,
+        heartbeat_interval: float = HEARTBEAT_INTERVAL_MS / 1000,
+        heartbeat_timeout: float = HEARTBEAT_TIMEOUT_MS / 1000,
         on_commit: Callable[[CommitEpoch], None] | None = None,
         on_peer_lost: Callable[[str], None] | None = None,
         tls: PeerTls | None = None,
