@@ -8,11 +8,11 @@ with a KeyError deep inside. Every problem is a `SpecError` naming the field.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
 from typing import Any
+
+from kubernetes.utils import parse_quantity
 
 from colo_agent.constants import (
     HEARTBEAT_INTERVAL_MS,
@@ -34,40 +34,25 @@ class SpecError(ValueError):
         super().__init__(f"spec.{field}: {reason}")
 
 
-_QUANTITY = re.compile(r"^([+-]?(?:\d+(?:\.\d*)?|\.\d+))(Ki|Mi|Gi|Ti|Pi|Ei|[numkMGTPE]|[eE][+-]?\d+)?$")
-_SUFFIX = {
-    None: Decimal(1),
-    "n": Decimal("1e-9"),
-    "u": Decimal("1e-6"),
-    "m": Decimal("1e-3"),
-    "k": Decimal(10**3),
-    "M": Decimal(10**6),
-    "G": Decimal(10**9),
-    "T": Decimal(10**12),
-    "P": Decimal(10**15),
-    "E": Decimal(10**18),
-    "Ki": Decimal(1 << 10),
-    "Mi": Decimal(1 << 20),
-    "Gi": Decimal(1 << 30),
-    "Ti": Decimal(1 << 40),
-    "Pi": Decimal(1 << 50),
-    "Ei": Decimal(1 << 60),
-}
+def _memory_bytes(memory: str) -> int:
+    """spec.guest.memory as bytes, by the Kubernetes client's quantity parser.
 
-
-def parse_quantity(text: str) -> Decimal:
-    """A Kubernetes resource quantity (`64Mi`, `0.5Gi`, `1e9`, `100m`) as an exact Decimal."""
-    match = _QUANTITY.match(text.strip()) if isinstance(text, str) else None
-    if match is None:
-        raise ValueError(f"{text!r} is not a quantity such as 64Mi, 1Gi or 512M")
-    number, suffix = match.groups()
+    That parser lets Decimal accept what the API server refuses (inner blanks,
+    `NaN`, `Infinity`): refused here too, so a hand-made object cannot get past.
+    """
     try:
-        value = Decimal(number)
-        if suffix and suffix[0] in "eE":
-            return value * (Decimal(10) ** int(suffix[1:]))
-        return value * _SUFFIX[suffix]
-    except (InvalidOperation, OverflowError, ValueError):
-        raise ValueError(f"{text!r} is out of range") from None
+        amount = None if any(ch.isspace() for ch in memory) else parse_quantity(memory)
+    except ValueError:
+        amount = None
+    if amount is None or not amount.is_finite():
+        raise SpecError("guest.memory", f"{memory!r} is not a quantity such as 64Mi, 1Gi or 512M")
+    if amount != amount.to_integral_value():
+        raise SpecError("guest.memory", f"{memory!r} is not a whole number of bytes")
+    if not MIN_GUEST_RAM <= amount <= MAX_GUEST_RAM:
+        raise SpecError("guest.memory", f"{memory!r} must be between 4Mi and 1Gi")
+    if int(amount) % PAGE_SIZE:
+        raise SpecError("guest.memory", f"{memory!r} is not a whole number of {PAGE_SIZE}-byte pages")
+    return int(amount)
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,17 +141,7 @@ class ColoVMSpec:
         r = _Reader(spec if spec is not None else {}, "")
         guest = r.child("guest")
         memory = guest.string("memory", "64Mi")
-        try:
-            amount = parse_quantity(memory)
-        except ValueError as exc:
-            raise SpecError("guest.memory", str(exc)) from None
-        if amount != amount.to_integral_value():
-            raise SpecError("guest.memory", f"{memory!r} is not a whole number of bytes")
-        memory_bytes = int(amount)
-        if not MIN_GUEST_RAM <= memory_bytes <= MAX_GUEST_RAM:
-            raise SpecError("guest.memory", f"{memory!r} must be between 4Mi and 1Gi")
-        if memory_bytes % PAGE_SIZE:
-            raise SpecError("guest.memory", f"{memory!r} is not a whole number of {PAGE_SIZE}-byte pages")
+        memory_bytes = _memory_bytes(memory)
 
         failover = r.child("failover")
         interval = failover.integer("heartbeatIntervalMs", HEARTBEAT_INTERVAL_MS, 10, 60000)

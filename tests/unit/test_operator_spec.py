@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from decimal import Decimal
-
 import pytest
 
 from colo_operator.config import ConfigError, KvmMode, OperatorConfig
-from colo_operator.spec import ColoVMSpec, SpecError, parse_quantity
+from colo_operator.spec import ColoVMSpec, SpecError
 
 
 def test_defaults() -> None:
@@ -25,21 +23,31 @@ def test_defaults() -> None:
     [
         ("64Mi", 64 << 20),
         ("0.5Gi", 512 << 20),
-        ("1e9", 10**9),
+        ("1e9", None),  # not whole pages
         ("512M", 512 * 10**6),
-        ("100m", Decimal("0.1")),
+        ("100M", None),  # 100,000,000 is not whole pages
         ("4194304", 4 << 20),
-        (".5Ki", 512),
+        ("4096Ki", 4 << 20),
+        ("0.25Gi", 256 << 20),
+        ("1073741824", 1 << 30),
     ],
 )
-def test_quantities(text: str, value: object) -> None:
-    assert parse_quantity(text) == value
+def test_memory_is_a_kubernetes_quantity(text: str, value: int | None) -> None:
+    if value is None:
+        with pytest.raises(SpecError, match="4096-byte pages"):
+            ColoVMSpec.from_dict({"guest": {"memory": text}})
+    else:
+        assert ColoVMSpec.from_dict({"guest": {"memory": text}}).guest.memory_bytes == value
 
 
-@pytest.mark.parametrize("text", ["", "Mi", "64 Mi", "1.2.3", "64XB", "--1"])
-def test_bad_quantities(text: str) -> None:
-    with pytest.raises(ValueError):
-        parse_quantity(text)
+@pytest.mark.parametrize(
+    "text",
+    ["", "Mi", "64 Mi", " 64Mi", "1.2.3", "64XB", "--1", "64mi", "NaN", "Infinity", "-Infinity", "100m"],
+)
+def test_memory_that_is_no_quantity_or_no_whole_byte_count_names_the_field(text: str) -> None:
+    with pytest.raises(SpecError, match=r"guest\.memory") as err:
+        ColoVMSpec.from_dict({"guest": {"memory": text}})
+    assert repr(text) in str(err.value) or text == ""
 
 
 @pytest.mark.parametrize(
