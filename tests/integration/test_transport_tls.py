@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_transport import PAGE, PAGES, SECRET, VM, Guest
-from tls_certs import now, operator_dir, vm_dir
+from support.tls_certs import now, operator_dir, vm_dir
+from support.transport import PAGE, PAGES, SECRET, VM, Guest
 
 from colo_agent.replication.cache import ColoCache, image_digest
 from colo_agent.replication.handshake import AuthRefused
