@@ -89,7 +89,6 @@ class AgentProcess:
 class ClientTally:
     acknowledged: dict[str, int] = field(default_factory=dict)
     errors: int = 0
-    first_write_after_failover: float | None = None
 
 
 class DemoFailed(Exception):

@@ -145,12 +145,12 @@ async def _main(args: argparse.Namespace, secret: bytes, identity: str) -> int:
     from colo_agent.guest import GuestOptions
 
     settings = AgentSettings(
-        vm=args.vm, identity=identity, role=Role(args.role), memory=args.memory, accel=args.accel,
+        vm=args.vm, identity=identity, role=Role(args.role),
         mode=ReplicationMode(args.mode), channels=args.channels,
         interval=args.interval_ms or (2.0 if args.mode == "lockstep" else 0.1),
         listen_host=args.listen, replication_port=args.replication_port, peer=args.peer, secret=secret,
         heartbeat_interval=args.heartbeat_interval_ms, heartbeat_timeout=args.heartbeat_timeout_ms,
-        client_host=args.host, client_port=args.port, dirty_rate=args.dirty_rate,
+        client_host=args.host, client_port=args.port,
         debug_digests=os.environ.get("COLO_DEBUG_DIGESTS") == "1",
         compare_timeout=args.compare_timeout_ms, max_queue=args.max_queue,
     )

@@ -68,7 +68,6 @@ class LeaseView:
     holder: str | None
     # The fencing term: spec.leaseTransitions, bumped by every successful take-over.
     term: int
-    renew_time: dt.datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,10 +76,6 @@ class AgentReport:
 
     status: AgentStatus | None
     error: str | None = None
-
-    @property
-    def reachable(self) -> bool:
-        return self.status is not None
 
 
 UNPOLLED = AgentReport(status=None, error="not polled")
@@ -227,7 +222,6 @@ def lease_view(lease: Mapping[str, Any]) -> LeaseView:
     return LeaseView(
         holder=holder if isinstance(holder, str) and holder else None,
         term=transitions if isinstance(transitions, int) and not isinstance(transitions, bool) else 0,
-        renew_time=parse_time(_get(lease, "spec", "renewTime")),
     )
 
 

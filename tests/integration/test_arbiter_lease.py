@@ -99,7 +99,13 @@ async def test_take_renew_and_hand_over_on_a_real_lease(
     assert "renewTime" in spec and "acquireTime" in spec
 
     await b.observe()
-    renewing = asyncio.create_task(a.keep_renewed())
+    async def keep_renewed() -> None:
+        # The agent's renewal loop, without the rest of the agent.
+        while True:
+            await a.renew()
+            await asyncio.sleep(a.renew_interval)
+
+    renewing = asyncio.create_task(keep_renewed())
     try:
         # While a renews, b cannot take over, however long it waits.
         assert not await b.wait_acquire(2, timeout=2 * LEASE, poll=0.05)

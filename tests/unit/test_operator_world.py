@@ -10,5 +10,5 @@ from support.operator_world import world
 def test_default_world_is_consistent() -> None:
     s = world()
     assert s.pod("vm-0") is not None and s.node_of(s.pod("vm-0")) == s.nodes["n1"]
-    assert s.agent(s.pod("vm-1")).reachable
-    assert s.agent(replace(s.pods[0], name="other")).reachable is False
+    assert s.agent(s.pod("vm-1")).status is not None
+    assert s.agent(replace(s.pods[0], name="other")).status is None

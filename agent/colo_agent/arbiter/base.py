@@ -428,15 +428,6 @@ class Arbiter(abc.ABC):
         else:
             self._note(written)
 
-    async def keep_renewed(self) -> None:
-        """Renew every `renew_interval` while we hold the arbiter; return once the term is lost
-        or released. Failed renewals are retried at the same pace while `valid_until` runs out."""
-        while self._held is not None:
-            await self.renew()
-            if self._held is None:
-                return
-            await asyncio.sleep(self.renew_interval)
-
     async def keep_observing(self, interval: float | None = None) -> None:
         """Secondary: read the record every `interval` (default `renew_interval`) until
         cancelled, so the clock on the primary's last renewal is already running when a

@@ -90,8 +90,6 @@ class AgentSettings:
     vm: str
     identity: str
     role: Role
-    memory: int
-    accel: str
     mode: ReplicationMode
     interval: float
     channels: int
@@ -103,7 +101,6 @@ class AgentSettings:
     heartbeat_timeout: float
     client_host: str
     client_port: int
-    dirty_rate: int = 0
     # Log a digest of the whole image at every pause (primary) and commit
     # (secondary), for tests that check the two are equal. Costs a hash of
     # all of RAM inside the pause.
