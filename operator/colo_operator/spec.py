@@ -14,6 +14,7 @@ from typing import Any
 
 from kubernetes.utils import parse_quantity
 
+from colo_agent.api.reader import Reader
 from colo_agent.constants import (
     HEARTBEAT_INTERVAL_MS,
     HEARTBEAT_TIMEOUT_MS,
@@ -32,6 +33,10 @@ class SpecError(ValueError):
         self.field = field
         self.reason = reason
         super().__init__(f"spec.{field}: {reason}")
+
+
+def _spec_error(field: str, reason: str) -> SpecError:
+    return SpecError(field or "(root)", reason)
 
 
 def _memory_bytes(memory: str) -> int:
@@ -138,46 +143,48 @@ class ColoVMSpec:
 
     @classmethod
     def from_dict(cls, spec: object) -> ColoVMSpec:
-        r = _Reader(spec if spec is not None else {}, "")
-        guest = r.child("guest")
+        r = Reader(spec if spec is not None else {}, "", _spec_error)
+        guest = r.section("guest")
         memory = guest.string("memory", "64Mi")
         memory_bytes = _memory_bytes(memory)
 
-        failover = r.child("failover")
-        interval = failover.integer("heartbeatIntervalMs", HEARTBEAT_INTERVAL_MS, 10, 60000)
-        timeout = failover.integer("heartbeatTimeoutMs", HEARTBEAT_TIMEOUT_MS, 20, 600000)
+        failover = r.section("failover")
+        interval = failover.integer("heartbeatIntervalMs", HEARTBEAT_INTERVAL_MS, minimum=10, maximum=60000)
+        timeout = failover.integer("heartbeatTimeoutMs", HEARTBEAT_TIMEOUT_MS, minimum=20, maximum=600000)
         if timeout <= interval:
             raise SpecError("failover.heartbeatTimeoutMs", "must be greater than heartbeatIntervalMs")
-        lease = failover.integer("leaseDurationMs", 1000, 100, 300000)
+        lease = failover.integer("leaseDurationMs", 1000, minimum=100, maximum=300000)
         if lease <= interval:
             raise SpecError("failover.leaseDurationMs", "must be greater than heartbeatIntervalMs")
 
-        placement = r.child("placement")
-        selector = placement.mapping("nodeSelector")
+        placement = r.section("placement")
+        selector = placement.strings("nodeSelector")
         tolerations = tuple(
             Toleration(
-                key=t.optional_string("key"),
-                operator=t.choice("operator", ("Exists", "Equal"), "Equal"),
-                value=t.optional_string("value"),
-                effect=t.optional_choice("effect", ("NoSchedule", "PreferNoSchedule", "NoExecute")),
-                toleration_seconds=t.optional_integer("tolerationSeconds"),
+                key=t.optional_string("key", empty_is_absent=True),
+                operator=t.one_of("operator", ("Exists", "Equal"), "Equal"),
+                value=t.optional_string("value", empty_is_absent=True),
+                effect=t.optional_one_of("effect", ("NoSchedule", "PreferNoSchedule", "NoExecute")),
+                toleration_seconds=t.optional_integer("tolerationSeconds", minimum=None),
             )
             for t in placement.children("tolerations")
         )
-        replication = r.child("replication")
-        service = r.child("service")
-        resources = r.mapping_any("resources")
+        replication = r.section("replication")
+        service = r.section("service")
+        resources = r.anything("resources")
         return cls(
             guest=GuestSpec(
-                backend=guest.choice("backend", ("microvm",), "microvm"),
-                accel=guest.choice("accel", ("auto", "kvm", "tcg"), "auto"),
+                backend=guest.one_of("backend", ("microvm",), "microvm"),
+                accel=guest.one_of("accel", ("auto", "kvm", "tcg"), "auto"),
                 memory=memory,
                 memory_bytes=memory_bytes,
             ),
             replication=ReplicationSpec(
-                mode=replication.choice("mode", ("checkpoint", "lockstep"), "checkpoint"),
-                checkpoint_interval_ms=replication.integer("checkpointIntervalMs", 100, 1, 60000),
-                channels=replication.integer("channels", 2, 1, MAX_CHANNELS),
+                mode=replication.one_of("mode", ("checkpoint", "lockstep"), "checkpoint"),
+                checkpoint_interval_ms=replication.integer(
+                    "checkpointIntervalMs", 100, minimum=1, maximum=60000
+                ),
+                channels=replication.integer("channels", 2, minimum=1, maximum=MAX_CHANNELS),
             ),
             failover=FailoverSpec(
                 heartbeat_interval_ms=interval,
@@ -191,100 +198,12 @@ class ColoVMSpec:
                 tolerations=tolerations,
             ),
             service=ServiceSpec(
-                type=service.choice("type", ("ClusterIP", "NodePort", "LoadBalancer"), "ClusterIP"),
-                port=service.integer("port", 6379, 1, 65535),
+                type=service.one_of("type", ("ClusterIP", "NodePort", "LoadBalancer"), "ClusterIP"),
+                port=service.integer("port", 6379, minimum=1, maximum=65535),
             ),
-            image=r.optional_string("image"),
-            image_pull_policy=r.optional_choice("imagePullPolicy", ("Always", "IfNotPresent", "Never")),
+            image=r.optional_string("image", empty_is_absent=True),
+            image_pull_policy=r.optional_one_of("imagePullPolicy", ("Always", "IfNotPresent", "Never")),
             resources=resources,
-            run_strategy=r.choice("runStrategy", RUN_STRATEGIES, "Always"),
-            update_strategy=r.choice("updateStrategy", UPDATE_STRATEGIES, "Automatic"),
+            run_strategy=r.one_of("runStrategy", RUN_STRATEGIES, "Always"),
+            update_strategy=r.one_of("updateStrategy", UPDATE_STRATEGIES, "Automatic"),
         )
-
-
-class _Reader:
-    def __init__(self, data: object, path: str) -> None:
-        if not isinstance(data, Mapping):
-            raise SpecError(path or "(root)", f"expected an object, got {type(data).__name__}")
-        self._data: Mapping[str, Any] = data
-        self._path = path
-
-    def _where(self, key: str) -> str:
-        return f"{self._path}.{key}" if self._path else key
-
-    def child(self, key: str) -> _Reader:
-        value = self._data.get(key)
-        return _Reader({} if value is None else value, self._where(key))
-
-    def children(self, key: str) -> list[_Reader]:
-        value = self._data.get(key)
-        if value is None:
-            return []
-        if not isinstance(value, list):
-            raise SpecError(self._where(key), "expected a list")
-        return [_Reader(item, f"{self._where(key)}[{i}]") for i, item in enumerate(value)]
-
-    def integer(self, key: str, default: int, low: int, high: int) -> int:
-        value = self._data.get(key, default)
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise SpecError(self._where(key), f"expected an integer, got {value!r}")
-        if not low <= value <= high:
-            raise SpecError(self._where(key), f"must be between {low} and {high}, got {value}")
-        return value
-
-    def optional_integer(self, key: str) -> int | None:
-        value = self._data.get(key)
-        if value is None:
-            return None
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise SpecError(self._where(key), f"expected an integer, got {value!r}")
-        return value
-
-    def boolean(self, key: str, default: bool) -> bool:
-        value = self._data.get(key, default)
-        if not isinstance(value, bool):
-            raise SpecError(self._where(key), f"expected true or false, got {value!r}")
-        return value
-
-    def string(self, key: str, default: str) -> str:
-        value = self._data.get(key, default)
-        if not isinstance(value, str) or not value:
-            raise SpecError(self._where(key), f"expected a non-empty string, got {value!r}")
-        return value
-
-    def optional_string(self, key: str) -> str | None:
-        value = self._data.get(key)
-        if value is None or value == "":
-            return None
-        if not isinstance(value, str):
-            raise SpecError(self._where(key), f"expected a string, got {value!r}")
-        return value
-
-    def choice(self, key: str, allowed: tuple[str, ...], default: str) -> str:
-        value = self._data.get(key, default)
-        if value not in allowed:
-            raise SpecError(self._where(key), f"{value!r} is not one of {', '.join(allowed)}")
-        return str(value)
-
-    def optional_choice(self, key: str, allowed: tuple[str, ...]) -> str | None:
-        if self._data.get(key) is None:
-            return None
-        return self.choice(key, allowed, allowed[0])
-
-    def mapping(self, key: str) -> dict[str, str]:
-        value = self._data.get(key)
-        if value is None:
-            return {}
-        if not isinstance(value, Mapping) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
-        ):
-            raise SpecError(self._where(key), "expected an object of strings")
-        return dict(value)
-
-    def mapping_any(self, key: str) -> dict[str, Any]:
-        value = self._data.get(key)
-        if value is None:
-            return {}
-        if not isinstance(value, Mapping):
-            raise SpecError(self._where(key), "expected an object")
-        return dict(value)

@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import enum
 import json
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, NoReturn, TypeVar
+from typing import Any, ClassVar, TypeVar
+
+from colo_agent.api.reader import Reader, kind_of
 
 API_VERSION = "v1"
 # Versions this module can read. A reader speaking several versions would list them here.
@@ -90,107 +91,8 @@ class GuestState(enum.StrEnum):
 
 # --------------------------------------------------------------------------- parsing helpers
 
-_E = TypeVar("_E", bound=enum.Enum)
-
-
-class _Reader:
-    """Typed access to one JSON object, raising `ModelError` with the dotted path."""
-
-    def __init__(self, data: object, path: str) -> None:
-        if not isinstance(data, Mapping):
-            self._fail_at(path, f"expected an object, got {_kind(data)}")
-        self._data: Mapping[str, Any] = data
-        self._path = path
-
-    @staticmethod
-    def _fail_at(path: str, reason: str) -> NoReturn:
-        raise ModelError(path, reason)
-
-    def _where(self, key: str) -> str:
-        return f"{self._path}.{key}" if self._path else key
-
-    def _get(self, key: str) -> Any:
-        if key not in self._data:
-            self._fail_at(self._where(key), "is required")
-        return self._data[key]
-
-    def _has(self, key: str) -> bool:
-        return self._data.get(key) is not None
-
-    def integer(self, key: str, *, minimum: int = 0) -> int:
-        value = self._get(key)
-        # bool is an int in Python, never in the contract.
-        if not isinstance(value, int) or isinstance(value, bool):
-            self._fail_at(self._where(key), f"expected an integer, got {_kind(value)}")
-        if value < minimum:
-            self._fail_at(self._where(key), f"must be >= {minimum}, got {value}")
-        return value
-
-    def number(self, key: str) -> float:
-        value = self._get(key)
-        if not isinstance(value, int | float) or isinstance(value, bool):
-            self._fail_at(self._where(key), f"expected a number, got {_kind(value)}")
-        if not math.isfinite(value) or value < 0:
-            self._fail_at(self._where(key), f"must be a finite number >= 0, got {value}")
-        return float(value)
-
-    def optional_number(self, key: str) -> float | None:
-        return self.number(key) if self._has(key) else None
-
-    def boolean(self, key: str) -> bool:
-        value = self._get(key)
-        if not isinstance(value, bool):
-            self._fail_at(self._where(key), f"expected true or false, got {_kind(value)}")
-        return value
-
-    def string(self, key: str) -> str:
-        value = self._get(key)
-        if not isinstance(value, str):
-            self._fail_at(self._where(key), f"expected a string, got {_kind(value)}")
-        if not value:
-            self._fail_at(self._where(key), "must not be empty")
-        return value
-
-    def optional_string(self, key: str) -> str | None:
-        return self.string(key) if self._has(key) else None
-
-    def choice(self, key: str, kind: type[_E]) -> _E:
-        value = self.string(key)
-        try:
-            return kind(value)
-        except ValueError:
-            allowed = ", ".join(str(member.value) for member in kind)
-            self._fail_at(self._where(key), f"{value!r} is not one of {allowed}")
-
-    def child(self, key: str) -> _Reader:
-        return _Reader(self._get(key), self._where(key))
-
-    def optional_child(self, key: str) -> _Reader | None:
-        return self.child(key) if self._has(key) else None
-
-    def counts(self, key: str) -> dict[str, int]:
-        """An object of non-negative integer counts (`checkpointsByCause`)."""
-        inner = self.child(key)
-        for name in inner._data:
-            if not isinstance(name, str) or not name:
-                self._fail_at(inner._path, f"keys must be non-empty strings, got {name!r}")
-        return {name: inner.integer(name) for name in inner._data}
-
-
-def _kind(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, Mapping):
-        return "an object"
-    return type(value).__name__
+def _reader(document: object) -> Reader:
+    return Reader(document, "", ModelError)
 
 
 def _load(data: str | bytes | bytearray) -> object:
@@ -212,7 +114,7 @@ def _dump(document: Mapping[str, Any]) -> str:
 def check_api_version(document: object) -> None:
     """Raise `VersionMismatch` unless `document` (a parsed response) is in a version we speak."""
     if not isinstance(document, Mapping):
-        raise ModelError("", f"expected an object, got {_kind(document)}")
+        raise ModelError("", f"expected an object, got {kind_of(document)}")
     if "apiVersion" not in document:
         raise ModelError("apiVersion", "is required")
     version = document["apiVersion"]
@@ -237,14 +139,14 @@ class _Document:
         return _dump(self.to_dict())
 
     @classmethod
-    def _parse(cls: type[_M], reader: _Reader) -> _M:
+    def _parse(cls: type[_M], reader: Reader) -> _M:
         raise NotImplementedError
 
     @classmethod
     def from_dict(cls: type[_M], document: object) -> _M:
         if cls._versioned:
             check_api_version(document)
-        return cls._parse(_Reader(document, ""))
+        return cls._parse(_reader(document))
 
     @classmethod
     def from_json(cls: type[_M], data: str | bytes | bytearray) -> _M:
@@ -270,7 +172,7 @@ class PeerStatus:
         }
 
     @classmethod
-    def _parse(cls, r: _Reader) -> PeerStatus:
+    def _parse(cls, r: Reader) -> PeerStatus:
         return cls(
             state=r.choice("state", PeerState),
             address=r.optional_string("address"),
@@ -300,7 +202,7 @@ class CheckpointFigures:
         }
 
     @classmethod
-    def _parse(cls, r: _Reader) -> CheckpointFigures:
+    def _parse(cls, r: Reader) -> CheckpointFigures:
         return cls(
             epoch=r.integer("epoch", minimum=1),
             pause_ms=r.number("pauseMs"),
@@ -331,7 +233,7 @@ class Totals:
         }
 
     @classmethod
-    def _parse(cls, r: _Reader) -> Totals:
+    def _parse(cls, r: Reader) -> Totals:
         return cls(
             checkpoints=r.integer("checkpoints"),
             pages=r.integer("pages"),
@@ -351,7 +253,7 @@ class GuestStatus:
         return {"state": self.state, "accel": self.accel, "memoryBytes": self.memory_bytes}
 
     @classmethod
-    def _parse(cls, r: _Reader) -> GuestStatus:
+    def _parse(cls, r: Reader) -> GuestStatus:
         return cls(state=r.string("state"), accel=r.string("accel"), memory_bytes=r.integer("memoryBytes"))
 
 
@@ -371,7 +273,7 @@ class LockstepFigures:
         }
 
     @classmethod
-    def _parse(cls, r: _Reader) -> LockstepFigures:
+    def _parse(cls, r: Reader) -> LockstepFigures:
         return cls(
             released_on_match_bytes=r.integer("releasedOnMatchBytes"),
             released_on_ack_bytes=r.integer("releasedOnAckBytes"),
@@ -427,7 +329,7 @@ class AgentStatus(_Document):
         }
 
     @classmethod
-    def _parse(cls, r: _Reader) -> AgentStatus:
+    def _parse(cls, r: Reader) -> AgentStatus:
         last = r.optional_child("lastCheckpoint")
         lockstep = r.optional_child("lockstep")
         return cls(
@@ -465,7 +367,7 @@ class PromoteRequest(_Document):
         return {"term": self.term}
 
     @classmethod
-    def _parse(cls, r: _Reader) -> PromoteRequest:
+    def _parse(cls, r: Reader) -> PromoteRequest:
         return cls(term=r.integer("term", minimum=1))
 
 
@@ -489,7 +391,7 @@ class PromoteResult(_Document):
         }
 
     @classmethod
-    def _parse(cls, r: _Reader) -> PromoteResult:
+    def _parse(cls, r: Reader) -> PromoteResult:
         return cls(
             api_version=r.string("apiVersion"),
             role=r.choice("role", Role),
@@ -510,7 +412,7 @@ class CheckpointResult(_Document):
         return {"apiVersion": self.api_version, "term": self.term, "epoch": self.epoch}
 
     @classmethod
-    def _parse(cls, r: _Reader) -> CheckpointResult:
+    def _parse(cls, r: Reader) -> CheckpointResult:
         return cls(
             api_version=r.string("apiVersion"),
             term=r.integer("term"),
@@ -540,7 +442,7 @@ class DemoteResult(_Document):
         }
 
     @classmethod
-    def _parse(cls, r: _Reader) -> DemoteResult:
+    def _parse(cls, r: Reader) -> DemoteResult:
         return cls(
             api_version=r.string("apiVersion"),
             role=r.choice("role", Role),
@@ -580,7 +482,7 @@ class ErrorResponse(_Document):
         return {"apiVersion": self.api_version, "error": self.error, "reason": self.reason}
 
     @classmethod
-    def _parse(cls, r: _Reader) -> ErrorResponse:
+    def _parse(cls, r: Reader) -> ErrorResponse:
         return cls(api_version=r.string("apiVersion"), error=r.string("error"), reason=r.string("reason"))
 
 
