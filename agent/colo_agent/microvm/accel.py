@@ -62,6 +62,37 @@ class CpuState:
         return self.gprs[GPR_NAMES.index(name)]
 
 
+def _check_uint(name: str, value: object, bits: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 1 << bits:
+        if bits == 64:
+            raise ValueError(f"{name} = {value!r} is not a 64-bit unsigned integer")
+        raise ValueError(f"{name} = {value!r} does not fit {bits} bits")
+
+
+def check_well_formed(state: CpuState) -> None:
+    """Raise ValueError naming the field unless every register fits its width.
+
+    What any accelerator needs before it loads a state; each then adds its own
+    rules (tcg: 64-bit long mode only; KVM checks the rest itself).
+    """
+    if len(state.gprs) != len(GPR_NAMES):
+        raise ValueError(f"CpuState has {len(state.gprs)} general registers, expected {len(GPR_NAMES)}")
+    if len(state.segments) != len(SEGMENT_NAMES):
+        raise ValueError(f"CpuState has {len(state.segments)} segments, expected {len(SEGMENT_NAMES)}")
+    for name, value in zip(GPR_NAMES, state.gprs, strict=True):
+        _check_uint(name, value, 64)
+    for name in ("rip", "rflags", "cr0", "cr2", "cr3", "cr4", "efer"):
+        _check_uint(name, getattr(state, name), 64)
+    for name, seg in zip(SEGMENT_NAMES, state.segments, strict=True):
+        _check_uint(f"{name}.base", seg.base, 64)
+        _check_uint(f"{name}.selector", seg.selector, 16)
+        _check_uint(f"{name}.limit", seg.limit, 32)
+        _check_uint(f"{name}.attributes", seg.attributes, 17)  # the VMX layout, plus "unusable"
+    for name, table in (("gdt", state.gdt), ("idt", state.idt)):
+        _check_uint(f"{name}.base", table.base, 64)
+        _check_uint(f"{name}.limit", table.limit, 16)
+
+
 class RunResult(enum.Enum):
     KICKED = "kicked"  # kick() was called (or an I/O handler asked to stop)
     HALTED = "halted"  # the guest executed hlt

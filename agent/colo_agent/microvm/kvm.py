@@ -42,6 +42,7 @@ from colo_agent.microvm.accel import (
     IoHandler,
     RunResult,
     Segment,
+    check_well_formed,
 )
 
 KVM_DEVICE = "/dev/kvm"
@@ -149,34 +150,6 @@ def _segment_from_kvm(seg: K.KvmSegment) -> Segment:
     for name, bit, width in _ATTRIBUTE_BITS:
         attributes |= (getattr(seg, name) & ((1 << width) - 1)) << bit
     return Segment(selector=seg.selector, base=seg.base, limit=seg.limit, attributes=attributes)
-
-
-def _check_u64(name: str, value: int) -> None:
-    if not isinstance(value, int) or not 0 <= value < 1 << 64:
-        raise ValueError(f"{name} = {value!r} is not a 64-bit unsigned integer")
-
-
-def _validate_state(state: CpuState) -> None:
-    if len(state.gprs) != len(GPR_NAMES):
-        raise ValueError(f"CpuState has {len(state.gprs)} general registers, expected {len(GPR_NAMES)}")
-    if len(state.segments) != len(SEGMENT_NAMES):
-        raise ValueError(f"CpuState has {len(state.segments)} segments, expected {len(SEGMENT_NAMES)}")
-    for name, value in zip(GPR_NAMES, state.gprs, strict=True):
-        _check_u64(name, value)
-    for name in ("rip", "rflags", "cr0", "cr2", "cr3", "cr4", "efer"):
-        _check_u64(name, getattr(state, name))
-    for name, seg in zip(SEGMENT_NAMES, state.segments, strict=True):
-        _check_u64(f"{name}.base", seg.base)
-        if not 0 <= seg.selector <= 0xFFFF:
-            raise ValueError(f"{name}.selector = {seg.selector:#x} does not fit 16 bits")
-        if not 0 <= seg.limit <= 0xFFFFFFFF:
-            raise ValueError(f"{name}.limit = {seg.limit:#x} does not fit 32 bits")
-        if not 0 <= seg.attributes < 1 << 17:
-            raise ValueError(f"{name}.attributes = {seg.attributes:#x} has bits beyond the VMX layout")
-    for name, table in (("gdt", state.gdt), ("idt", state.idt)):
-        _check_u64(f"{name}.base", table.base)
-        if not 0 <= table.limit <= 0xFFFF:
-            raise ValueError(f"{name}.limit = {table.limit:#x} does not fit 16 bits")
 
 
 def pages_from_dirty_bitmap(words: npt.NDArray[np.uint64], page_count: int) -> npt.NDArray[np.int64]:
@@ -440,7 +413,7 @@ class KvmAccelerator:
 
     def set_cpu_state(self, state: CpuState) -> None:
         self._check_idle()
-        _validate_state(state)
+        check_well_formed(state)
         # Start from KVM's own sregs so what CpuState does not carry (TR, LDT,
         # APIC base, CR8) keeps the valid values KVM gave the vCPU at reset.
         sregs = K.KvmSregs()

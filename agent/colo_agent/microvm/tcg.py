@@ -62,6 +62,7 @@ from colo_agent.microvm.accel import (
     IoHandler,
     RunResult,
     Segment,
+    check_well_formed,
 )
 
 PAGE_SHIFT = 12
@@ -153,38 +154,13 @@ def walk_page_tables(ram: Any, ram_size: int, cr3: int, vaddr: int) -> tuple[int
         shift -= 9
 
 
-def _check_u64(name: str, value: object) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 1 << 64:
-        raise ValueError(f"{name} = {value!r} is not a 64-bit unsigned integer")
-
-
-def _check_uint(name: str, value: object, bits: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 1 << bits:
-        raise ValueError(f"{name} = {value!r} does not fit {bits} bits")
-
-
 def validate_long_mode_state(state: CpuState) -> None:
     """Refuse, with a ValueError that says why, a CpuState this accelerator cannot run.
 
     Besides well-formed values, the vCPU must be in 64-bit long mode: unicorn
     runs it in its 64-bit mode, and the guest ABI never leaves long mode.
     """
-    if len(state.gprs) != len(GPR_NAMES):
-        raise ValueError(f"CpuState has {len(state.gprs)} general registers, expected {len(GPR_NAMES)}")
-    if len(state.segments) != len(SEGMENT_NAMES):
-        raise ValueError(f"CpuState has {len(state.segments)} segments, expected {len(SEGMENT_NAMES)}")
-    for name, value in zip(GPR_NAMES, state.gprs, strict=True):
-        _check_u64(name, value)
-    for name in ("rip", "rflags", "cr0", "cr2", "cr3", "cr4", "efer"):
-        _check_u64(name, getattr(state, name))
-    for name, seg in zip(SEGMENT_NAMES, state.segments, strict=True):
-        _check_u64(f"{name}.base", seg.base)
-        _check_uint(f"{name}.selector", seg.selector, 16)
-        _check_uint(f"{name}.limit", seg.limit, 32)
-        _check_uint(f"{name}.attributes", seg.attributes, 17)
-    for name, table in (("gdt", state.gdt), ("idt", state.idt)):
-        _check_u64(f"{name}.base", table.base)
-        _check_uint(f"{name}.limit", table.limit, 16)
+    check_well_formed(state)
     missing = [
         what
         for what, present in (
