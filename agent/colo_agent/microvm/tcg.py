@@ -64,24 +64,26 @@ from colo_agent.microvm.accel import (
     Segment,
     check_well_formed,
 )
+from colo_agent.microvm.boot import (
+    CR0_PE,
+    CR0_PG,
+    CR4_PAE,
+    EFER_LMA,
+    EFER_LME,
+    PTE_LARGE,  # PS, in a PDPT or PD entry
+    PTE_PRESENT,
+    PTE_WRITABLE,
+)
 
 PAGE_SHIFT = 12
 
 MSR_EFER = 0xC000_0080
 
-CR0_PE = 1 << 0
 CR0_WP = 1 << 16
-CR0_PG = 1 << 31
-CR4_PAE = 1 << 5
 CR4_LA57 = 1 << 12
-EFER_LME = 1 << 8
-EFER_LMA = 1 << 10
 EFER_NXE = 1 << 11
 RFLAGS_VM = 1 << 17
 
-PTE_PRESENT = 1 << 0
-PTE_WRITABLE = 1 << 1
-PTE_LARGE = 1 << 7  # PS, in a PDPT or PD entry
 PTE_NX = 1 << 63
 _FRAME_MASK = 0x000F_FFFF_FFFF_F000  # bits 51:12 of a paging-structure entry
 
