@@ -166,6 +166,16 @@ def test_default_ram_file_leaves_nothing_behind_even_if_the_process_is_killed() 
     machine.stop()
 
 
+def test_colo_ram_dir_moves_the_ram_file_off_dev_shm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A container's /dev/shm holds 64 MiB; agent pods point COLO_RAM_DIR at a sized emptyDir."""
+    monkeypatch.setenv("COLO_RAM_DIR", str(tmp_path))
+    with Machine.create("4Mi", accel="tcg") as machine:
+        assert machine.ram_path.parent == tmp_path
+    monkeypatch.setenv("COLO_RAM_DIR", str(tmp_path / "missing"))
+    with pytest.raises(MachineError, match=r"cannot create a RAM file in .*missing"):
+        Machine.create("4Mi", accel="tcg")
+
+
 def test_loading_a_bad_state_is_refused_clearly() -> None:
     with Machine.create("4Mi", accel="tcg") as machine:
         with pytest.raises(DeviceStateError, match="magic"):

@@ -113,9 +113,39 @@ def test_module_entry_point_builds_and_prints_the_image(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert firmware_build.main() == 0
+    assert firmware_build.main([]) == 0
     printed = capsys.readouterr().out
     assert printed.startswith(str(tmp_path / "colo-agent" / "firmware")) and "firmware.bin" in printed
     monkeypatch.setenv("PATH", str(tmp_path))
-    assert firmware_build.main() == 1
+    assert firmware_build.main([]) == 1
     assert "gcc not found" in capsys.readouterr().err
+
+
+@needs_gcc
+def test_a_prebuilt_image_loads_without_a_compiler_and_says_where_it_came_from(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    installed = firmware_build.install_prebuilt(tmp_path / "fw")
+    assert installed.path == tmp_path / "fw" / "firmware.bin"
+    # What a container image without gcc does: the environment names the image.
+    monkeypatch.setenv(firmware_build.PREBUILT_ENV, str(installed.path))
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    loaded = firmware_build.default_firmware()
+    assert loaded.image == installed.image and loaded.end == installed.end
+    assert loaded.path == installed.path
+
+
+@needs_gcc
+def test_a_prebuilt_image_from_other_sources_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    installed = firmware_build.install_prebuilt(tmp_path / "fw")
+    stamp = installed.path.with_name("firmware.bin.sources")
+    stamp.write_text("0" * 64 + "\n")
+    with pytest.raises(FirmwareBuildError, match="built from other sources"):
+        firmware_build.load_prebuilt(installed.path)
+    stamp.unlink()
+    with pytest.raises(FirmwareBuildError, match="cannot read the prebuilt firmware"):
+        firmware_build.load_prebuilt(installed.path)

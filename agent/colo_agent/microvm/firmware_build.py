@@ -6,6 +6,13 @@ an edit or a new compiler rebuilds and anything else reuses the image.
 Builds write to a temporary name and rename, so concurrent builders never
 see half a file.
 
+A container image ships the firmware prebuilt and no compiler:
+``python -m colo_agent.microvm.firmware_build --install DIR`` writes
+``DIR/firmware.bin`` and ``DIR/firmware.sources`` (the digest of the
+sources and flags it was built from), and ``$COLO_AGENT_FIRMWARE`` naming
+that ``firmware.bin`` makes the agent load it instead of building; one
+built from other sources is refused rather than booted.
+
 The flat image begins with a jump over a small header (docs/guest-abi.md
 leaves the layout to the firmware): magic ``COLOFW01`` at offset 8, then the
 page-aligned end of image plus bss at offset 16. That end is where the
@@ -62,6 +69,9 @@ GUEST_CFLAGS = (
 GUEST_LDFLAGS = ("-nostdlib", "-static", "-no-pie", "-Wl,--build-id=none")
 HOST_CFLAGS = ("-std=gnu11", "-O1", "-g", "-Wall", "-Wextra", "-Werror", "-fno-omit-frame-pointer")
 SANITIZE_FLAGS = ("-fsanitize=address,undefined", "-fno-sanitize-recover=all")
+
+PREBUILT_ENV = "COLO_AGENT_FIRMWARE"
+SOURCES_SUFFIX = ".sources"
 
 HEADER_MAGIC = b"COLOFW01"
 HEADER_MAGIC_OFFSET = 8
@@ -175,6 +185,44 @@ def build_firmware(cache_dir: Path | None = None, cc: str = "gcc") -> Firmware:
     return Firmware(path=binary, image=image, end=parse_image_end(image))
 
 
+def prebuilt_digest() -> str:
+    """What a prebuilt image must have been built from: sources and flags, any gcc."""
+    return source_digest(*GUEST_CFLAGS, *GUEST_LDFLAGS)
+
+
+def install_prebuilt(dest: Path) -> Firmware:
+    """Build (or reuse) the firmware and copy it to ``dest/firmware.bin`` with its sources digest."""
+    fw = build_firmware()
+    dest.mkdir(parents=True, exist_ok=True)
+    target = dest / "firmware.bin"
+    _atomic_copy(fw.path, target)
+    (dest / f"firmware.bin{SOURCES_SUFFIX}").write_text(prebuilt_digest() + "\n")
+    return Firmware(path=target, image=fw.image, end=fw.end)
+
+
+def load_prebuilt(path: Path) -> Firmware:
+    """A firmware image built ahead of time; refused unless built from these very sources."""
+    try:
+        image = path.read_bytes()
+        recorded = path.with_name(path.name + SOURCES_SUFFIX).read_text().strip()
+    except OSError as exc:
+        raise FirmwareBuildError(f"cannot read the prebuilt firmware ({PREBUILT_ENV}={path}): {exc}") from exc
+    if recorded != prebuilt_digest():
+        raise FirmwareBuildError(
+            f"the prebuilt firmware {path} was built from other sources than this agent's "
+            f"(digest {recorded[:12]}, expected {prebuilt_digest()[:12]}); rebuild it with "
+            "`python -m colo_agent.microvm.firmware_build --install DIR`, or unset "
+            f"{PREBUILT_ENV} to build with gcc"
+        )
+    return Firmware(path=path, image=image, end=parse_image_end(image))
+
+
+def default_firmware() -> Firmware:
+    """``$COLO_AGENT_FIRMWARE`` if set, else built (or reused from the cache) with gcc."""
+    prebuilt = os.environ.get(PREBUILT_ENV)
+    return load_prebuilt(Path(prebuilt)) if prebuilt else build_firmware()
+
+
 def _build_into(out_dir: Path, cc_path: str, objcopy: str, flags: tuple[str, ...]) -> None:
     with tempfile.TemporaryDirectory(prefix="build-", dir=out_dir.parent) as tmp_name:
         tmp = Path(tmp_name)
@@ -252,11 +300,24 @@ def build_libc_host_test(dest: Path, cc: str = "gcc") -> Path:
     return exe
 
 
-def main() -> int:
-    """`python -m colo_agent.microvm.firmware_build`: build (e.g. into a container
-    image, with XDG_CACHE_HOME set) and print where the image is."""
+def main(argv: list[str] | None = None) -> int:
+    """`python -m colo_agent.microvm.firmware_build [--install DIR]`: build (e.g. into a
+    container image, with XDG_CACHE_HOME set) and print where the image is."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m colo_agent.microvm.firmware_build",
+        description="Build the guest firmware with gcc (cached) and print where it is.",
+    )
+    parser.add_argument(
+        "--install",
+        metavar="DIR",
+        type=Path,
+        help=f"also copy it to DIR/firmware.bin with its sources digest, for {PREBUILT_ENV}",
+    )
+    args = parser.parse_args(argv)
     try:
-        fw = build_firmware()
+        fw = install_prebuilt(args.install) if args.install else build_firmware()
     except FirmwareBuildError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

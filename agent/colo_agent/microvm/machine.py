@@ -1,7 +1,7 @@
 """The micro-VM monitor: guest RAM, one vCPU thread, the device model.
 
 `Machine` implements `colo_agent.guest.Guest` over a kvm or tcg accelerator.
-RAM is a file mapped shared (under /dev/shm unless told otherwise), so the
+RAM is a file mapped shared (under $COLO_RAM_DIR, else /dev/shm), so the
 agent and tools can look at it and the replication engine can copy pages out
 of it with numpy without going through the vCPU.
 
@@ -38,6 +38,10 @@ from colo_agent.microvm.devices import INPUT_HIGH_WATER, DeviceModel
 log = logging.getLogger(__name__)
 
 _SHM = Path("/dev/shm")
+# Where an unnamed RAM file goes instead of /dev/shm: a container's /dev/shm
+# is 64 MiB unless told otherwise, so agent pods mount a memory-backed
+# emptyDir sized from guest memory and point this at it.
+RAM_DIR_ENV = "COLO_RAM_DIR"
 
 
 class MachineError(RuntimeError):
@@ -57,10 +61,10 @@ class FirmwareImage(Protocol):
 
 @functools.cache
 def default_firmware() -> FirmwareImage:
-    """The firmware built from the sources in this package (once per process)."""
-    from colo_agent.microvm.firmware_build import build_firmware
+    """The firmware of this package's sources, prebuilt or built (once per process)."""
+    from colo_agent.microvm.firmware_build import default_firmware as load
 
-    return build_firmware()
+    return load()
 
 
 def _make_accelerator(name: str, ram: mmap.mmap, io: DeviceModel) -> Accelerator:
@@ -463,8 +467,11 @@ class Machine:
 
 def _create_ram_file(size: int, path: str | os.PathLike[str] | None) -> tuple[Path, int]:
     if path is None:
-        directory = _SHM if _SHM.is_dir() else Path(tempfile.gettempdir())
-        fd, name = tempfile.mkstemp(prefix="colo-vm-", suffix=".ram", dir=directory)
+        directory = _ram_dir()
+        try:
+            fd, name = tempfile.mkstemp(prefix="colo-vm-", suffix=".ram", dir=directory)
+        except OSError as exc:
+            raise MachineError(f"cannot create a RAM file in {directory}: {exc.strerror}") from None
         ram_path = Path(name)
     else:
         ram_path = Path(path)
@@ -489,6 +496,13 @@ def _create_ram_file(size: int, path: str | os.PathLike[str] | None) -> tuple[Pa
         # long as our mapping and vanishes even if the agent is killed -9.
         _unlink(ram_path)
     return ram_path, fd
+
+
+def _ram_dir() -> Path:
+    configured = os.environ.get(RAM_DIR_ENV)
+    if configured:
+        return Path(configured)
+    return _SHM if _SHM.is_dir() else Path(tempfile.gettempdir())
 
 
 def _unlink(path: Path) -> None:
