@@ -185,3 +185,30 @@ def test_epochs_either_commit_whole_or_not_at_all(epochs: list[tuple[set[int], b
         else:
             cache.abort()
         assert np.array_equal(page_view(secondary), model)
+
+
+@pytest.mark.parametrize("mode", list(CacheMode), ids=lambda m: m.value)
+def test_end_pairing_releases_every_reservation_and_keeps_the_committed_image(mode: CacheMode) -> None:
+    secondary = ram(1)
+    primary = page_view(ram(2))
+    cache = ColoCache(secondary, mode=mode, capacity=8)
+    cache.reserve(0, np.array([1, 2]), sync=True)  # a first-sync batch torn by the break
+    cache.end_pairing()
+    assert cache.outstanding() == 0
+    fill(cache, 0, [1, 2], primary, sync=True)
+    fill(cache, 1, [3], primary)
+    local = np.empty(0, dtype=np.int64) if mode is CacheMode.LOCKSTEP else None
+    cache.commit(1, 1, b"one", local)
+    image = image_digest(secondary)
+    cache.reserve(0, np.array([4, 5]))
+    cache.abort()  # the epoch died first: its batch became a zombie
+    cache.reserve(1, np.array([6]))
+    cache.end_pairing()
+    assert image_digest(secondary) == image and cache.device_state == b"one"
+    assert cache.committed is not None and cache.committed.epoch == (1, 1)
+    # Every channel is free again, and the slots start from the beginning.
+    fill(cache, 0, [4], primary)
+    fill(cache, 1, [6], primary)
+    assert cache.free_slots == (6 if mode is CacheMode.CHECKPOINT else PAGES)
+    cache.commit(1, 2, b"two", local)
+    assert np.array_equal(page_view(secondary)[[4, 6]], primary[[4, 6]])

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from colo_agent.replication import protocol as p
-from colo_agent.replication.cache import ColoCache, image_digest, page_view
+from colo_agent.replication.cache import CacheMode, ColoCache, image_digest, page_view
 from colo_agent.replication.session import (
     CONTROL,
     HEARTBEAT,
@@ -44,13 +44,28 @@ N_PAGES = 96
 class Pair:
     """Both sessions and the bytes between them, one buffer per connection and direction."""
 
-    def __init__(self, channels: int = 2, capacity: int = 48, batch: int = 8, seed: int = 0) -> None:
+    def __init__(
+        self,
+        channels: int = 2,
+        capacity: int = 48,
+        batch: int = 8,
+        seed: int = 0,
+        *,
+        after: Pair | None = None,
+        mode: CacheMode = CacheMode.CHECKPOINT,
+    ) -> None:
         rng = np.random.default_rng(seed)
         self.rng = rng
         self.channels = channels
         self.p_ram = page_view(bytearray(rng.integers(0, 256, N_PAGES * PAGE, dtype=np.uint8).tobytes()))
-        self.s_mem = bytearray(N_PAGES * PAGE)
-        self.cache = ColoCache(self.s_mem, capacity=capacity)
+        if after is None:
+            self.s_mem = bytearray(N_PAGES * PAGE)
+            self.cache = ColoCache(self.s_mem, mode=mode, capacity=capacity)
+        else:
+            # A new pairing on the secondary of an earlier one, as the transport
+            # starts it: the cache is reset and synced from scratch.
+            self.s_mem, self.cache = after.s_mem, after.cache
+            self.cache.reset()
         self.now = 0.0
         self.primary = PrimarySession(
             term=3, channels=channels, page_count=N_PAGES, cache_pages=capacity, now=0.0, batch_pages=batch
@@ -109,7 +124,8 @@ class Pair:
                 self.events.append(a)
 
     def commit(self, a: CommitEpoch) -> None:
-        self.cache.commit(a.term, a.epoch, a.device_state)
+        local = np.empty(0, dtype=np.int64) if self.cache.mode is CacheMode.LOCKSTEP else None
+        self.cache.commit(a.term, a.epoch, a.device_state, local)
         self.commits.append(a.epoch)
         # The committed image is exactly the primary's RAM at that pause.
         assert image_digest(self.s_mem) == self.snapshots[a.epoch]
@@ -611,3 +627,74 @@ def test_primary_releases_output_only_for_the_acknowledged_epoch(steps: list[tup
             if isinstance(a, Send) and isinstance(a.message, p.CheckpointBegin):
                 assert a.message.pages <= 8  # never more than the secondary's cache
     assert released == sorted(set(released))  # each epoch once, in order
+
+
+def _mid_frame(pair: Pair, ch: Channel) -> None:
+    """Deliver the header and part of the page data of the first frame waiting on `ch`."""
+    pair.deliver("p", ch, p.HEADER_SIZE + p.PAGES_META.size + 8 * pair.primary.batch_pages + 1000)
+
+
+@pytest.mark.parametrize("mode", list(CacheMode), ids=lambda m: m.value)
+@pytest.mark.parametrize(
+    "ending",
+    ["connection lost", "heartbeat timeout", "goodbye", "promotion"],
+)
+def test_a_pairing_broken_mid_frame_leaves_the_cache_as_it_found_it(mode: CacheMode, ending: str) -> None:
+    """A batch reserved by a pairing that ends mid-frame is released: the next
+    pairing syncs (once it could not, forever: "channel 0 already has a batch
+    outstanding")."""
+    pair = Pair(mode=mode, capacity=N_PAGES if mode is CacheMode.LOCKSTEP else 48)
+    pair.sync()
+    pair.epoch(full_first_epoch(pair))
+    pair.flush()
+    image, device_state = image_digest(pair.s_mem), pair.cache.device_state
+    pair.epoch(np.arange(0, 32, dtype=np.int64))
+    for i in range(pair.channels):
+        _mid_frame(pair, data_channel(i))
+    assert pair.cache.outstanding() == pair.channels
+    sec = pair.secondary
+    if ending == "connection lost":
+        sec.channel_lost(data_channel(0), "connection closed in the middle of a frame", pair.now)
+    elif ending == "heartbeat timeout":
+        sec.handle_timer(pair.now + 10.0)
+    elif ending == "goodbye":
+        pair.deliver("p", CONTROL)
+        sec.receive(CONTROL, p.Goodbye(p.GoodbyeReason.SHUTDOWN, "bye"), pair.now)
+    else:
+        sec.promote(pair.now)
+    assert sec.state in (SecondaryState.FAILED, SecondaryState.CLOSED, SecondaryState.PROMOTED)
+    # The last acknowledged image is intact and nothing stays reserved.
+    assert image_digest(pair.s_mem) == image and pair.cache.device_state == device_state
+    assert pair.cache.committed is not None and pair.cache.committed.epoch == (3, 1)
+    assert pair.cache.outstanding() == 0
+    for i in range(pair.channels):
+        pair.cache.reserve(i, np.array([7 + i], dtype=np.int64))
+        pair.cache.drop(i)
+    pair.cache.abort()
+
+    # A new pairing on the same cache syncs and commits.
+    again = Pair(mode=mode, seed=1, after=pair)
+    again.sync()
+    e1 = again.epoch(full_first_epoch(again))
+    again.flush()
+    assert again.released == [e1] and again.secondary.state is SecondaryState.READY
+    assert image_digest(again.s_mem) == image_digest(again.p_ram)
+
+
+@pytest.mark.parametrize("mode", list(CacheMode), ids=lambda m: m.value)
+def test_a_pairing_broken_mid_sync_frame_lets_the_next_pairing_sync(mode: CacheMode) -> None:
+    pair = Pair(mode=mode, capacity=N_PAGES if mode is CacheMode.LOCKSTEP else 48)
+    pair.sync()
+    pair.deliver("p", CONTROL)
+    _mid_frame(pair, data_channel(0))
+    assert pair.cache.outstanding() == 1
+    pair.secondary.channel_lost(data_channel(0), "connection closed in the middle of a frame", pair.now)
+    assert pair.secondary.state is SecondaryState.FAILED
+    assert pair.cache.outstanding() == 0
+
+    again = Pair(mode=mode, seed=2, after=pair)
+    again.sync()
+    e1 = again.epoch(full_first_epoch(again))
+    again.flush()
+    assert again.released == [e1]
+    assert image_digest(again.s_mem) == image_digest(again.p_ram)

@@ -289,9 +289,21 @@ class ColoCache:
         ends = [r.slot + len(r.indices) for r in self._pending.values() if r.zombie and not r.sync]
         return max(ends, default=0) if self.mode is CacheMode.CHECKPOINT else 0
 
+    def end_pairing(self) -> None:
+        """The pairing that filled the cache is over and its connections are
+        shut, so none of its data can arrive any more: forget the epoch in
+        flight and every reservation, first-sync batches and zombies included.
+
+        The committed image stays as it was; the next pairing finds the cache
+        as this one found it.
+        """
+        self.abort()
+        self._pending.clear()
+        self._used = self._base = 0
+
     def reset(self) -> None:
         """A new pairing will sync from scratch: forget the committed image."""
-        self.abort()
+        self.end_pairing()
         self.committed = None
         self.device_state = None
 

@@ -857,7 +857,7 @@ class SecondarySession:
     def _sync_failed(self, out: list[Action], reason: str) -> SecondaryState:
         # RAM holds a torn sync; only a new sync can repair it.
         self.failure = reason
-        self.cache.abort()
+        self.cache.end_pairing()
         self._epoch = None
         out.append(Send(CONTROL, Goodbye(GoodbyeReason.RESYNC, reason)))
         out.append(Yank(reason))
@@ -1028,13 +1028,13 @@ class SecondarySession:
         return self.state
 
     def _on_goodbye(self, out: list[Action], bye: Goodbye) -> SecondaryState:
-        self.cache.abort()
+        self.cache.end_pairing()
         self._epoch = None
         out.append(Closed(f"primary said goodbye ({bye.reason.name.lower()}): {bye.text}"))
         return SecondaryState.CLOSED
 
     def _on_close(self, out: list[Action], reason: str) -> SecondaryState:
-        self.cache.abort()
+        self.cache.end_pairing()
         self._epoch = None
         out.append(Send(CONTROL, Goodbye(GoodbyeReason.SHUTDOWN, reason)))
         out.append(Closed(reason))
@@ -1059,7 +1059,7 @@ class SecondarySession:
         if committed is None or self.cache.device_state is None:
             raise LocalProtocolError("cannot promote: no epoch was ever committed")
         # An epoch in flight never reaches RAM: dropping the slots is enough.
-        self.cache.abort()
+        self.cache.end_pairing()
         self._epoch = None
         term, epoch = committed.epoch
         out.append(Yank("promoted"))
@@ -1072,7 +1072,7 @@ class SecondarySession:
 
     def _fail(self, out: list[Action], reason: str) -> SecondaryState:
         self.failure = reason
-        self.cache.abort()
+        self.cache.end_pairing()
         self._epoch = None
         self._sync_pending.clear()
         out.append(Yank(reason))
