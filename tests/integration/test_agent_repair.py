@@ -3,6 +3,7 @@ the secondary's cache is left as the pairing found it, so the next pairing syncs
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -79,3 +80,21 @@ def test_a_pairing_cut_mid_frame_is_followed_by_one_that_syncs(
     log = secondary.log()
     assert "in the middle of a frame" in log
     assert "already has a batch outstanding" not in log
+
+
+def test_a_primary_frozen_past_its_lease_and_thawed_is_joined_again(group: AgentGroup) -> None:
+    """Nobody promoted the secondary meanwhile: once the primary renews its
+    lease, the secondary pairs with it again (it once waited for a promotion
+    that never came, and the VM stayed unprotected for good)."""
+    primary, secondary = group.pair()
+    primary.signal(signal.SIGSTOP)
+    try:
+        deadline = time.monotonic() + 30
+        while "lease ran out" not in secondary.log():
+            assert time.monotonic() < deadline, secondary.tail()
+            time.sleep(0.05)
+    finally:
+        primary.signal(signal.SIGCONT)
+    _wait_pairings(secondary.log, 2)
+    wait_protected(primary, secondary)
+    assert primary.status().term == secondary.status().term == 1  # type: ignore[union-attr]

@@ -578,8 +578,15 @@ class Agent:
             assert receiver is not None
             if not first:
                 if self.arbiter.acquirable_at() <= time.monotonic():
-                    log.info("the primary's lease ran out: not re-joining, waiting for promotion")
-                    return
+                    # Not re-joining while it looks dead; but a primary that was
+                    # only slow renews again, and then it is joined again.
+                    log.info("the primary's lease ran out: not re-joining until it renews, "
+                             "or promotion")  # fmt: skip
+                    while self.role is Role.SECONDARY and self.arbiter.acquirable_at() <= time.monotonic():
+                        await asyncio.sleep(PAIR_RETRY)
+                    if self.role is not Role.SECONDARY or self.receiver is not receiver:
+                        return
+                    log.info("the primary renewed its lease: joining it again")
                 if self._guest_started:
                     # Lockstep: a new first sync rewrites RAM under the guest; hold it still.
                     self.guest.pause()
