@@ -29,3 +29,15 @@ HEARTBEAT_TIMEOUT_MS: Final = 500
 # which the operator enforces on spec.guest.memory.
 MIN_GUEST_RAM: Final = 4 << 20
 MAX_GUEST_RAM: Final = 1 << 30
+
+# Checkpoint interval defaults. Lockstep checkpoints only bound the divergence
+# of state that produces no output (matching output leaves at once), so they
+# can be far apart.
+CHECKPOINT_INTERVAL_MS: Final = 100
+LOCKSTEP_CHECKPOINT_INTERVAL_MS: Final = 2000
+CHANNELS: Final = 2  # data channels by default
+
+# The agent's ports: clients (RESP), the control API, replication.
+CLIENT_PORT: Final = 6379
+CONTROL_PORT: Final = 8080
+REPLICATION_PORT: Final = 7700

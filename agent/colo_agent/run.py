@@ -18,7 +18,17 @@ from colo_agent.api.models import ReplicationMode, Role
 from colo_agent.arbiter import parse_spec as parse_arbiter
 from colo_agent.backends import BACKENDS, DEFAULT_BACKEND
 from colo_agent.config import FailoverTimings, env_arg, parse_address, read_secret
-from colo_agent.constants import HEARTBEAT_INTERVAL_MS, HEARTBEAT_TIMEOUT_MS, MAX_CHANNELS
+from colo_agent.constants import (
+    CHANNELS,
+    CHECKPOINT_INTERVAL_MS,
+    CLIENT_PORT,
+    CONTROL_PORT,
+    HEARTBEAT_INTERVAL_MS,
+    HEARTBEAT_TIMEOUT_MS,
+    LOCKSTEP_CHECKPOINT_INTERVAL_MS,
+    MAX_CHANNELS,
+    REPLICATION_PORT,
+)
 from colo_agent.microvm.cli import _accel, _arg_type, _port
 from colo_agent.microvm.config import parse_memory, validate_dirty_rate
 
@@ -83,7 +93,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             help="checkpoint: output waits for its epoch's acknowledgement; lockstep: both guests run "
             "and matching output leaves at once (default: checkpoint)")
     env_arg(rep, "--interval-ms", "COLO_INTERVAL_MS", default=None, type=_arg_type(_positive_ms),
-            help="checkpoint interval (default: 100 in checkpoint mode, 2000 in lockstep mode, where "
+            help=f"checkpoint interval (default: {CHECKPOINT_INTERVAL_MS} in checkpoint mode, "
+            f"{LOCKSTEP_CHECKPOINT_INTERVAL_MS} in lockstep mode, where "
             "checkpoints only bound the divergence of state that produces no output)")
     env_arg(rep, "--compare-timeout-ms", "COLO_COMPARE_TIMEOUT_MS", default="100",
             type=_arg_type(_positive_ms),
@@ -92,12 +103,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     env_arg(rep, "--max-queue", "COLO_MAX_QUEUE", default="1048576", type=_arg_type(_positive_int),
             metavar="BYTES", help="lockstep: more unmatched output than this forces a checkpoint "
             "(default: 1048576)")
-    env_arg(rep, "--channels", "COLO_CHANNELS", default="2", type=_arg_type(_channels),
-            help=f"parallel data connections for pages, 1-{MAX_CHANNELS} (default: 2)")
+    env_arg(rep, "--channels", "COLO_CHANNELS", default=str(CHANNELS), type=_arg_type(_channels),
+            help=f"parallel data connections for pages, 1-{MAX_CHANNELS} (default: %(default)s)")
     env_arg(rep, "--listen", "COLO_LISTEN", default="0.0.0.0",
             help="address the replication and control ports listen on (default: 0.0.0.0)")
-    env_arg(rep, "--replication-port", "COLO_REPLICATION_PORT", default="7700", type=_arg_type(_port),
-            help="replication port; a secondary connects to its primary's (default: 7700)")
+    env_arg(rep, "--replication-port", "COLO_REPLICATION_PORT", default=str(REPLICATION_PORT),
+            type=_arg_type(_port),
+            help="replication port; a secondary connects to its primary's (default: %(default)s)")
     env_arg(rep, "--peer", "COLO_PEER", default=None, type=_arg_type(parse_address), metavar="HOST:PORT",
             help="the primary's replication address (secondary only)")
 
@@ -114,10 +126,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     srv = p.add_argument_group("serving")
     env_arg(srv, "--host", "COLO_HOST", default="0.0.0.0",
             help="address the client port listens on (default: 0.0.0.0)")
-    env_arg(srv, "--port", "COLO_PORT", default="6379", type=_arg_type(_port),
-            help="client port, open on the primary only (default: 6379)")
-    env_arg(srv, "--control-port", "COLO_CONTROL_PORT", default="8080", type=_arg_type(_port),
-            help="control API: /v1/status, /v1/promote, /metrics, probes (default: 8080)")
+    env_arg(srv, "--port", "COLO_PORT", default=str(CLIENT_PORT), type=_arg_type(_port),
+            help="client port, open on the primary only (default: %(default)s)")
+    env_arg(srv, "--control-port", "COLO_CONTROL_PORT", default=str(CONTROL_PORT), type=_arg_type(_port),
+            help="control API: /v1/status, /v1/promote, /metrics, probes (default: %(default)s)")
     p.set_defaults(func=run_command)
 
 
@@ -147,7 +159,9 @@ async def _main(args: argparse.Namespace, secret: bytes, identity: str) -> int:
     settings = AgentSettings(
         vm=args.vm, identity=identity, role=Role(args.role),
         mode=ReplicationMode(args.mode), channels=args.channels,
-        interval=args.interval_ms or (2.0 if args.mode == "lockstep" else 0.1),
+        interval=args.interval_ms or (
+            (LOCKSTEP_CHECKPOINT_INTERVAL_MS if args.mode == "lockstep" else CHECKPOINT_INTERVAL_MS) / 1000
+        ),
         listen_host=args.listen, replication_port=args.replication_port, peer=args.peer, secret=secret,
         heartbeat_interval=args.heartbeat_interval_ms, heartbeat_timeout=args.heartbeat_timeout_ms,
         client_host=args.host, client_port=args.port,

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from typing import Final
 
+# Container ports of the agent (its defaults, colo_agent.constants); the client
+# Service maps spec.service.port onto CLIENT_PORT.
+from colo_agent.constants import CLIENT_PORT as CLIENT_PORT
+from colo_agent.constants import CONTROL_PORT as CONTROL_PORT
+from colo_agent.constants import REPLICATION_PORT as REPLICATION_PORT
+
 GROUP: Final = "colo.dev"
 VERSION: Final = "v1alpha1"
 API_VERSION: Final = f"{GROUP}/{VERSION}"
@@ -43,10 +49,5 @@ ANNOTATION_UPGRADE: Final = "colo.dev/upgrade"
 # Key of the per-VM Secret holding the agents' shared key / control API token.
 SECRET_KEY: Final = "secret"
 
-# Container ports of the agent (the contract's defaults); the client Service
-# maps spec.service.port onto CLIENT_PORT.
-CLIENT_PORT: Final = 6379
-CONTROL_PORT: Final = 8080
-REPLICATION_PORT: Final = 7700
 
 AGENT_CONTAINER: Final = "agent"

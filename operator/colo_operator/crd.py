@@ -23,7 +23,15 @@ from typing import Any
 
 import yaml
 
-from colo_agent.constants import HEARTBEAT_INTERVAL_MS, HEARTBEAT_TIMEOUT_MS, MAX_CHANNELS, PAGE_SIZE
+from colo_agent.constants import (
+    CHANNELS,
+    CHECKPOINT_INTERVAL_MS,
+    HEARTBEAT_INTERVAL_MS,
+    HEARTBEAT_TIMEOUT_MS,
+    LOCKSTEP_CHECKPOINT_INTERVAL_MS,
+    MAX_CHANNELS,
+    PAGE_SIZE,
+)
 
 from . import constants as c
 from .spec import RUN_STRATEGIES, UPDATE_STRATEGIES
@@ -158,16 +166,17 @@ REPLICATION = obj(
         ),
         "checkpointIntervalMs": integer(
             "Milliseconds between checkpoints. In lockstep mode checkpoints only bound the divergence "
-            "of state that produces no output, so a longer interval (e.g. 2000) is usual there.",
+            "of state that produces no output, so a longer interval "
+            f"(e.g. {LOCKSTEP_CHECKPOINT_INTERVAL_MS}) is usual there.",
             minimum=1,
             maximum=60000,
-            default=100,
+            default=CHECKPOINT_INTERVAL_MS,
         ),
         "channels": integer(
             "Data connections the checkpoint stream is striped across.",
             minimum=1,
             maximum=MAX_CHANNELS,
-            default=2,
+            default=CHANNELS,
         ),
     },
     default={},

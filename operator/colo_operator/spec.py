@@ -16,6 +16,8 @@ from kubernetes.utils import parse_quantity
 
 from colo_agent.api.reader import Reader
 from colo_agent.constants import (
+    CHANNELS,
+    CHECKPOINT_INTERVAL_MS,
     HEARTBEAT_INTERVAL_MS,
     HEARTBEAT_TIMEOUT_MS,
     MAX_CHANNELS,
@@ -71,8 +73,8 @@ class GuestSpec:
 @dataclass(frozen=True, slots=True)
 class ReplicationSpec:
     mode: str = "checkpoint"
-    checkpoint_interval_ms: int = 100
-    channels: int = 2
+    checkpoint_interval_ms: int = CHECKPOINT_INTERVAL_MS
+    channels: int = CHANNELS
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,9 +184,9 @@ class ColoVMSpec:
             replication=ReplicationSpec(
                 mode=replication.one_of("mode", ("checkpoint", "lockstep"), "checkpoint"),
                 checkpoint_interval_ms=replication.integer(
-                    "checkpointIntervalMs", 100, minimum=1, maximum=60000
+                    "checkpointIntervalMs", CHECKPOINT_INTERVAL_MS, minimum=1, maximum=60000
                 ),
-                channels=replication.integer("channels", 2, minimum=1, maximum=MAX_CHANNELS),
+                channels=replication.integer("channels", CHANNELS, minimum=1, maximum=MAX_CHANNELS),
             ),
             failover=FailoverSpec(
                 heartbeat_interval_ms=interval,

@@ -15,6 +15,7 @@ from colo_agent.microvm import abi
 from colo_agent.replication import protocol as p
 from colo_agent.replication.session import PrimarySession, SecondarySession
 from colo_agent.replication.transport import CheckpointReceiver, CheckpointSender
+from colo_operator import constants as c
 from colo_operator.crd import render
 from colo_operator.spec import ColoVMSpec, SpecError
 
@@ -73,3 +74,18 @@ def test_page_size_and_ram_bounds_are_the_guest_abi() -> None:
         ColoVMSpec.from_dict({"guest": {"memory": str(k.MAX_GUEST_RAM + k.PAGE_SIZE)}})
     with pytest.raises(SpecError, match=f"{k.PAGE_SIZE}-byte pages"):
         ColoVMSpec.from_dict({"guest": {"memory": str(k.MIN_GUEST_RAM + 1)}})
+
+
+def test_replication_defaults_and_ports_are_the_same_everywhere() -> None:
+    spec = ColoVMSpec.from_dict({}).replication
+    assert (spec.checkpoint_interval_ms, spec.channels) == (k.CHECKPOINT_INTERVAL_MS, k.CHANNELS)
+    crd = yaml.safe_load(render())
+    props = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+    replication = props["replication"]["properties"]
+    assert replication["checkpointIntervalMs"]["default"] == k.CHECKPOINT_INTERVAL_MS
+    assert replication["channels"]["default"] == k.CHANNELS
+    args = _parse(RUN)
+    assert args.channels == k.CHANNELS  # type: ignore[attr-defined]
+    ports = (k.CLIENT_PORT, k.CONTROL_PORT, k.REPLICATION_PORT)
+    assert (args.port, args.control_port, args.replication_port) == ports  # type: ignore[attr-defined]
+    assert ports == (c.CLIENT_PORT, c.CONTROL_PORT, c.REPLICATION_PORT)

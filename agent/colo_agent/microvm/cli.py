@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from colo_agent.config import env_arg
+from colo_agent.constants import CLIENT_PORT
 from colo_agent.microvm.config import ACCEL_CHOICES, parse_memory, validate_dirty_rate
 
 log = logging.getLogger(__name__)
@@ -71,8 +72,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="address to listen on for clients (default: 127.0.0.1)",
     )
     env_arg(
-        run, "--port", "COLO_PORT", default="6379", type=_arg_type(_port),
-        help="TCP port to listen on for clients; 0 picks a free one (default: 6379)",
+        run, "--port", "COLO_PORT", default=str(CLIENT_PORT), type=_arg_type(_port),
+        help="TCP port to listen on for clients; 0 picks a free one (default: %(default)s)",
     )
     env_arg(
         run, "--dirty-rate", "COLO_DIRTY_RATE", default="0", type=_arg_type(validate_dirty_rate),
