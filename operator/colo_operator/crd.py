@@ -549,7 +549,8 @@ def crd() -> Schema:
                             {
                                 "apiVersion": string("Versioned schema of this object (colo.dev/v1alpha1)."),
                                 "kind": string("ColoVM."),
-                                "metadata": obj("Standard object metadata."),
+                                # The API server refuses anything but a bare type here.
+                                "metadata": {"type": "object"},
                                 "spec": SPEC,
                                 "status": STATUS,
                             },
