@@ -104,6 +104,8 @@ def _resource_list(description: str) -> Schema:
             "description": "A quantity such as 500m, 2 or 256Mi.",
             "x-kubernetes-int-or-string": True,
             "pattern": QUANTITY_PATTERN,
+            # Bounds the CEL cost of comparing requests with limits.
+            "maxLength": 64,
         },
     )
 
@@ -225,6 +227,13 @@ FAILOVER = obj(
                 "heartbeatTimeoutMs must be greater than heartbeatIntervalMs",
                 ".heartbeatTimeoutMs",
             ),
+            rule(
+                "!has(self.leaseDurationMs) || !has(self.heartbeatIntervalMs) || "
+                "self.leaseDurationMs > self.heartbeatIntervalMs",
+                "leaseDurationMs must be greater than heartbeatIntervalMs (the agent renews its "
+                "Lease between heartbeats)",
+                ".leaseDurationMs",
+            ),
         ]
     },
 )
@@ -250,6 +259,25 @@ TOLERATION = obj(
             "Seconds the pod stays bound to a node tainted NoExecute (effect must be NoExecute); "
             "unset: forever.",
         ),
+    },
+    **{
+        "x-kubernetes-validations": [
+            rule(
+                "!has(self.operator) || self.operator != 'Exists' || !has(self.value) || self.value == ''",
+                "value must be empty when operator is Exists",
+                ".value",
+            ),
+            rule(
+                "(has(self.key) && self.key != '') || (has(self.operator) && self.operator == 'Exists')",
+                "operator must be Exists when key is empty",
+                ".operator",
+            ),
+            rule(
+                "!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')",
+                "effect must be NoExecute when tolerationSeconds is set",
+                ".tolerationSeconds",
+            ),
+        ]
     },
 )
 
@@ -303,6 +331,16 @@ RESOURCES = obj(
         "requests": _resource_list("Minimum resources the scheduler reserves, by resource name."),
         "limits": _resource_list("Maximum resources the container may use, by resource name."),
     },
+    **{
+        "x-kubernetes-validations": [
+            rule(
+                "!has(self.requests) || !has(self.limits) || self.requests.all(k, !(k in self.limits) || "
+                "quantity(string(self.requests[k])).compareTo(quantity(string(self.limits[k]))) <= 0)",
+                "every request must be less than or equal to its limit",
+                ".requests",
+            ),
+        ]
+    },
 )
 
 SPEC = obj(
@@ -351,6 +389,16 @@ SPEC = obj(
                 "guest is immutable while the VM runs; set runStrategy to Halted first (it then "
                 "starts afresh), or create a new ColoVM",
                 ".guest",
+            ),
+            rule(
+                "!has(self.resources) || !has(self.resources.limits) || "
+                "!('memory' in self.resources.limits) || !has(self.guest) || !has(self.guest.memory) || "
+                "!isQuantity(self.guest.memory) || "
+                "quantity(string(self.resources.limits['memory']))"
+                ".compareTo(quantity(self.guest.memory)) > 0",
+                "resources.limits.memory must be greater than guest.memory: the guest's RAM comes on top "
+                "of the agent's own",
+                ".resources.limits",
             ),
         ]
     },
@@ -418,7 +466,10 @@ STATUS = obj(
                     "Failover (the primary was lost) or Switchover (planned).",
                     enum=["Failover", "Switchover"],
                 ),
-                "cause": string("What started it (e.g. NodeLost, AgentUnreachable, Requested)."),
+                "cause": string(
+                    "What started it: PodGone, PodDeleted, PodFailed, NodeGone, NodeNotReady, NodeUnknown, "
+                    "AgentUnreachable (failovers); Switchover, NodeDrain, Upgrade (planned)."
+                ),
                 "from": string("Pod of the old primary."),
                 "to": string("Pod being promoted."),
                 "step": string(

@@ -105,15 +105,19 @@ def test_categories_put_colovms_in_kubectl_get_all() -> None:
 
 def test_cel_rules_present() -> None:
     failover = SPEC["properties"]["failover"]
-    (heartbeat,) = failover["x-kubernetes-validations"]
+    heartbeat, lease = failover["x-kubernetes-validations"]
     assert heartbeat["rule"].endswith("self.heartbeatTimeoutMs > self.heartbeatIntervalMs")
     assert heartbeat["fieldPath"] == ".heartbeatTimeoutMs"
+    assert lease["rule"].endswith("self.leaseDurationMs > self.heartbeatIntervalMs")
+    assert lease["fieldPath"] == ".leaseDurationMs"
     memory_rules = " ".join(
         r["rule"] for r in SPEC["properties"]["guest"]["properties"]["memory"]["x-kubernetes-validations"]
     )
     assert "quantity('4Mi')" in memory_rules and "quantity('1Gi')" in memory_rules
     # Guest immutability lives on spec: it may change while runStrategy stays Halted.
-    (guest,) = SPEC["x-kubernetes-validations"]
+    guest, memory_limit = SPEC["x-kubernetes-validations"]
+    assert memory_limit["fieldPath"] == ".resources.limits"
+    assert "quantity(self.guest.memory)" in memory_limit["rule"]
     assert guest["fieldPath"] == ".guest" and "self.guest == oldSelf.guest" in guest["rule"]
     assert (
         "oldSelf.runStrategy == 'Halted'" in guest["rule"] and "self.runStrategy == 'Halted'" in guest["rule"]
