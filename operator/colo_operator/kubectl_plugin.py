@@ -3,6 +3,8 @@
     kubectl colo list [-A]                   every ColoVM of the namespace (or of all): phase, nodes, lag
     kubectl colo status NAME                 roles, nodes, term, epoch, checkpoints/s, pause, lag, failovers
     kubectl colo switchover NAME             planned, zero-loss move of the primary to the secondary
+    kubectl colo upgrade NAME                start the rolling update to the current pod template
+    kubectl colo restart NAME                replace both agent pods by a rolling update
     kubectl colo checkpoints NAME --watch    one line per acknowledged checkpoint the operator reports
 
 `-o json` or `-o yaml` prints the ColoVM objects (list, status) or one object
@@ -315,6 +317,27 @@ async def cmd_switchover(kube: Kube, args: argparse.Namespace, console: Console)
     )
 
 
+async def cmd_upgrade(kube: Kube, args: argparse.Namespace, console: Console) -> int:
+    """`upgrade` approves the rolling update to the pod template called for now (updateStrategy
+    Manual); `restart` also changes the template (colo.dev/restartedAt), so both pods are
+    replaced even when up to date. The operator replaces the secondary, switches over, then the
+    old primary; nothing acknowledged is lost."""
+    await _get(kube, args.namespace, args.name)
+    requested = dt.datetime.now(dt.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    try:
+        if args.command == "restart":
+            await kube.annotate_vm(args.namespace, args.name, c.ANNOTATION_RESTARTED_AT, requested)
+        await kube.annotate_vm(args.namespace, args.name, c.ANNOTATION_UPGRADE, requested)
+    except KubeError as exc:
+        raise _explain(exc, args.namespace, args.name) from None
+    console.print(
+        f"{args.command} of {args.namespace}/{args.name} requested ({requested}); "
+        f"follow it with: kubectl get cvm {args.name} -n {args.namespace} -w (UP-TO-DATE)",
+        highlight=False,
+    )
+    return EXIT_OK
+
+
 async def cmd_checkpoints(kube: Kube, args: argparse.Namespace, console: Console) -> int:
     seen: object = None
     while True:
@@ -379,6 +402,11 @@ def build_parser() -> argparse.ArgumentParser:
     switch.add_argument("--no-wait", dest="wait", action="store_false", help="return once requested")
     switch.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the outcome")
     switch.add_argument("--force", action="store_true", help="ask even when the VM is not Protected")
+    for command, text in (
+        ("upgrade", "start the rolling update to the current pod template (updateStrategy Manual)"),
+        ("restart", "replace both agent pods by a rolling update, secondary first"),
+    ):
+        sub.add_parser(command, help=text).add_argument("name")
     checkpoints = sub.add_parser(
         "checkpoints", parents=[output], help="the last acknowledged checkpoint, or every new one"
     )
@@ -392,6 +420,8 @@ COMMANDS = {
     "list": cmd_list,
     "status": cmd_status,
     "switchover": cmd_switchover,
+    "upgrade": cmd_upgrade,
+    "restart": cmd_upgrade,
     "checkpoints": cmd_checkpoints,
 }
 

@@ -22,6 +22,7 @@ from colo_operator.kubectl_plugin import (
     cmd_checkpoints,
     cmd_status,
     cmd_switchover,
+    cmd_upgrade,
     condition_lines,
     lag,
     list_table,
@@ -212,3 +213,15 @@ async def test_checkpoints_once(kube: Kube) -> None:
     console = Console(record=True, width=200)
     assert await cmd_checkpoints(kube, args("checkpoints", "vm"), console) == 0
     assert "epoch 812" in console.export_text()
+
+
+async def test_upgrade_approves_and_restart_also_changes_the_template(kube: Kube) -> None:
+    await kube.create(vm())
+    assert await cmd_upgrade(kube, args("upgrade", "vm"), Console(record=True)) == 0
+    marks = ((await kube.get_vm("ns", "vm")) or {})["metadata"]["annotations"]
+    assert c.ANNOTATION_UPGRADE in marks and c.ANNOTATION_RESTARTED_AT not in marks
+    assert await cmd_upgrade(kube, args("restart", "vm"), Console(record=True)) == 0
+    after = ((await kube.get_vm("ns", "vm")) or {})["metadata"]["annotations"]
+    assert after[c.ANNOTATION_RESTARTED_AT] == after[c.ANNOTATION_UPGRADE] != marks[c.ANNOTATION_UPGRADE]
+    with pytest.raises(PluginError, match=r"kubectl get cvm -n ns"):
+        await cmd_upgrade(kube, args("restart", "nope"), Console(record=True))
