@@ -29,11 +29,11 @@ from colo_agent.api.models import (
     PromoteResult,
     ReplicationMode,
     Role,
-    StaleTerm,
     WrongRole,
 )
-from colo_agent.api.server import MAX_BODY_BYTES, arbiter_refusals, bound_port, create_app, serve
+from colo_agent.api.server import MAX_BODY_BYTES, bound_port, create_app, serve
 from colo_agent.arbiter.local import FileArbiter
+from colo_agent.engine.promotion import RoleChanges, arbiter_refusals
 
 SECRET = "s3cret-per-vm-key-0123456789"
 AUTH = {"Authorization": f"Bearer {SECRET}"}
@@ -48,6 +48,7 @@ class SmallAgent:
         self.term = term
         self.epoch = 0
         self.releasing = role is Role.PRIMARY
+        self.changes = RoleChanges()
         self.synced = True
         self.promotions: list[int] = []
         self.promote_delay = 0.0
@@ -68,8 +69,10 @@ class SmallAgent:
         return self.releasing if self.role is Role.PRIMARY else self.synced
 
     async def promote(self, term: int) -> PromoteResult:
-        if term <= self.term:
-            raise StaleTerm(f"term {term} is not above {self.term}")
+        # The engine's promote rules (retries, stale terms), as the real agent applies them.
+        return await self.changes.promote(lambda: (self.role, self.term), term, lambda: self._promote(term))
+
+    async def _promote(self, term: int) -> PromoteResult:
         if not self.synced:
             raise NotReady("no complete committed image to resume from")
         await asyncio.sleep(self.promote_delay)

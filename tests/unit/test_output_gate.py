@@ -37,7 +37,7 @@ def test_release_keeps_order_and_never_jumps_an_epoch(events, data) -> None:  # 
             if data.draw(st.booleans()):
                 acked = sealed
                 for c in gate.release_through(acked):
-                    released.append((c.conn_id, c.data, c.epoch))
+                    released.append((c.conn, c.data, c.epoch))
                     assert c.epoch <= acked
     assert released == produced[: len(released)]
     assert all(epoch > acked for _, _, epoch in produced[len(released):])
@@ -49,7 +49,7 @@ def test_drop_connection_forgets_its_output_only() -> None:
     gate.hold(2, b"bb", False)
     gate.drop_connection(1)
     assert gate.held_bytes == 2
-    assert [c.conn_id for c in gate.release_all()] == [2]
+    assert [c.conn for c in gate.release_all()] == [2]
 
 
 def test_hold_is_safe_from_another_thread() -> None:

@@ -19,10 +19,9 @@ Routes that change the agent need the per-VM secret as a bearer token.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import logging
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from aiohttp import web
@@ -33,7 +32,6 @@ from colo_agent.api.models import (
     API_VERSION,
     API_VERSION_HEADER,
     AgentStatus,
-    ArbiterConflict,
     CheckpointResult,
     ControlError,
     DemoteResult,
@@ -42,11 +40,7 @@ from colo_agent.api.models import (
     ModelError,
     PromoteRequest,
     PromoteResult,
-    Role,
-    StaleTerm,
-    Unavailable,
 )
-from colo_agent.arbiter.base import ArbiterError, StaleImage, TermTooLow
 
 log = logging.getLogger(__name__)
 
@@ -70,32 +64,15 @@ class AgentController(Protocol):
         """Primary: serving clients. Secondary: holds a complete committed image."""
 
     async def promote(self, term: int) -> PromoteResult:
-        """Take the arbiter with `term` (strictly above the current one), then become primary."""
+        """Take the arbiter with `term` (strictly above the current one), then become primary;
+        the rules (retries, stale terms, the arbiter's refusals) are the engine's
+        (`colo_agent.engine.promotion`)."""
 
     async def checkpoint(self) -> CheckpointResult:
         """Take a checkpoint now and return once the secondary acknowledged it."""
 
     async def demote(self) -> DemoteResult:
         """Stop releasing output and step down (planned switchover)."""
-
-
-@contextlib.contextmanager
-def arbiter_refusals() -> Iterator[None]:
-    """Turn the arbiter's refusals into control API errors, for the engine's `promote`:
-    a term the arbiter already passed is 409 StaleTerm, an unusable store 503.
-
-        with arbiter_refusals():
-            if not await arbiter.wait_acquire(term, timeout):
-                raise ArbiterConflict(...)
-    """
-    try:
-        yield
-    except TermTooLow as exc:
-        raise StaleTerm(str(exc)) from exc
-    except StaleImage as exc:
-        raise ArbiterConflict(str(exc)) from exc
-    except ArbiterError as exc:
-        raise Unavailable(f"the arbiter cannot be used: {exc}") from exc
 
 
 def _json_response(status: int, body: str) -> web.Response:
@@ -173,9 +150,6 @@ class _ControlApi:
     def __init__(self, controller: AgentController, token: bytes) -> None:
         self._controller = controller
         self._token = token
-        # Role changes run one at a time: a retried promote must see the first one's result.
-        self._role_change = asyncio.Lock()
-        self._last_promotion: PromoteResult | None = None
 
     def _authorize(self, request: web.Request) -> None:
         header = request.headers.get("Authorization")
@@ -211,24 +185,8 @@ class _ControlApi:
         except ModelError as exc:
             return error_response(400, ErrorReason.BAD_REQUEST, f"promote body: {exc}")
         # Shielded: a client that gives up must not leave a promotion half done.
-        result = await asyncio.shield(self._promote(wanted.term))
+        result = await asyncio.shield(self._controller.promote(wanted.term))
         return _json_response(200, result.to_json())
-
-    async def _promote(self, term: int) -> PromoteResult:
-        async with self._role_change:
-            current = self._controller.status()
-            if current.role is Role.PRIMARY and current.term == term:
-                # A retry of a promotion that already happened (the first reply was lost):
-                # answer as the first time, or plainly if the term came another way (boot).
-                last = self._last_promotion
-                if last is not None and last.term == term:
-                    return last
-                return PromoteResult(role=Role.PRIMARY, term=term)
-            if term <= current.term:
-                raise StaleTerm(f"term {term} is not above the current term {current.term}")
-            result = await self._controller.promote(term)
-            self._last_promotion = result
-            return result
 
     async def checkpoint(self, request: web.Request) -> web.Response:
         self._authorize(request)
@@ -239,12 +197,8 @@ class _ControlApi:
     async def demote(self, request: web.Request) -> web.Response:
         self._authorize(request)
         await self._body(request)
-        result = await asyncio.shield(self._demote())
+        result = await asyncio.shield(self._controller.demote())
         return _json_response(200, result.to_json())
-
-    async def _demote(self) -> DemoteResult:
-        async with self._role_change:
-            return await self._controller.demote()
 
     async def healthz(self, request: web.Request) -> web.Response:
         return _json_response(200, f'{{"apiVersion":"{API_VERSION}","status":"ok"}}')

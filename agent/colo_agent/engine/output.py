@@ -19,7 +19,7 @@ from dataclasses import dataclass
 @dataclass(frozen=True, slots=True)
 class OutputChunk:
     epoch: int
-    conn_id: int
+    conn: int
     data: bytes
     closed: bool
 
@@ -72,6 +72,6 @@ class OutputGate:
     def drop_connection(self, conn_id: int) -> None:
         """The client went away: its held output has nobody to go to."""
         with self._lock:
-            kept = deque(c for c in self._held if c.conn_id != conn_id)
+            kept = deque(c for c in self._held if c.conn != conn_id)
             self._held_bytes = sum(len(c.data) for c in kept)
             self._held = kept
