@@ -72,7 +72,7 @@ def test_crd_is_accepted_and_defaults_a_bare_colovm(cluster: Any, crd: None) -> 
     assert spec["failover"]["heartbeatTimeoutMs"] == 500 and spec["failover"]["autoReprotect"] is True
     assert spec["placement"]["topologyKey"] == "kubernetes.io/hostname"
     header = kubectl(cluster, "get", "cvm", "-n", NAMESPACE).stdout.splitlines()[0].split()
-    assert header == ["NAME", "PHASE", "PRIMARY", "SECONDARY", "TERM", "PAUSE-MS", "AGE"]
+    assert header == ["NAME", "PHASE", "PRIMARY", "SECONDARY", "TERM", "PAUSE-MS", "UP-TO-DATE", "AGE"]
     kubectl(cluster, "delete", "cvm", "defaults", "-n", NAMESPACE, "--wait=false")
 
 
@@ -97,6 +97,7 @@ INVALID = [
     ({"service": {"port": 70000}}, "spec.service.port", "less than or equal to 65535"),
     ({"service": {"type": "ExternalName"}}, "spec.service.type", "Unsupported value"),
     ({"placement": {"topologyKey": ""}}, "spec.placement.topologyKey", "at least 1 chars"),
+    ({"runStrategy": "Paused"}, "spec.runStrategy", "Unsupported value"),
 ]  # fmt: skip
 
 
@@ -124,3 +125,20 @@ def test_guest_is_immutable(cluster: Any, crd: None) -> None:
     kubectl(cluster, "patch", "cvm", "frozen", "-n", NAMESPACE, "--type=merge",
             "-p", '{"spec":{"replication":{"channels":4}}}')  # fmt: skip
     kubectl(cluster, "delete", "cvm", "frozen", "-n", NAMESPACE, "--wait=false")
+
+
+def test_guest_may_change_only_while_the_vm_stays_halted(cluster: Any, crd: None) -> None:
+    def patch(spec: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+        return kubectl(cluster, "patch", "cvm", "halted", "-n", NAMESPACE, "--type=merge",
+                       "-p", json.dumps({"spec": spec}), check=False)  # fmt: skip
+
+    spec = {"guest": {"memory": "32Mi"}, "runStrategy": "Halted"}
+    kubectl(cluster, "apply", "-n", NAMESPACE, "-f", "-", stdin=colovm("halted", spec))
+    assert patch({"guest": {"memory": "64Mi"}}).returncode == 0
+    # Starting and changing the guest in one step would let running pods disagree with the spec.
+    both = patch({"runStrategy": "Always", "guest": {"memory": "16Mi"}})
+    assert both.returncode != 0 and "spec.guest: " in both.stderr and "Halted" in both.stderr
+    assert patch({"runStrategy": "Always"}).returncode == 0
+    running = patch({"guest": {"memory": "16Mi"}})
+    assert running.returncode != 0 and "immutable while the VM runs" in running.stderr
+    kubectl(cluster, "delete", "cvm", "halted", "-n", NAMESPACE, "--wait=false")
