@@ -113,6 +113,7 @@ class PrimaryRole:
         self._checkpoint_done = asyncio.Condition()
         self._demoting = False
         self._releasing = True
+        self._lease_wait: list[_Output] = []  # may leave, waits for a renewal (`_release`)
         # Epoch floor (see `_unprotect`): wanted value for the renewal task, and
         # whether output may leave while no secondary is paired.
         self._floor_wanted = 0
@@ -176,29 +177,37 @@ class PrimaryRole:
             if not self.protected and self._floor_ok:
                 self._release(self.gate.release_all(), alone=True)
 
-    def _release(self, out: Sequence[_Output], *, alone: bool) -> bool:
-        """Hand output to its clients, oldest first; False if it had to be dropped.
+    def _release(self, out: Sequence[_Output], *, alone: bool) -> None:
+        """Hand output to its clients, oldest first.
 
         `alone`: released without a secondary that acknowledged or matched it.
+        While the lease is not valid by our clock (a renewal that is late on
+        a loaded machine or a slow store) output waits for the next successful
+        renewal instead of being dropped: a dropped reply hangs its client for
+        good, and a renewal that succeeds proves nobody took the term
+        meanwhile. Only a fenced agent drops it, never to show it.
         """
-        if not out:
-            return True
-        if not (self._releasing and self.parts.arbiter.is_valid()):
-            # Fenced: what the guest said is never shown, by this agent at least.
-            log.warning("lease not valid: dropping %d chunks of output", len(out))
+        if not self._releasing:
+            if out:
+                log.warning("fenced: dropping %d chunks of output", len(out))
+            return
+        self._lease_wait.extend(out)
+        if not self._lease_wait:
+            return
+        if not self.parts.arbiter.is_valid():
             self.parts.metrics.set_lease_valid(False)
-            return False
-        for o in out:
+            return
+        waiting, self._lease_wait = self._lease_wait, []
+        for o in waiting:
             self.bridge.deliver(o.conn, o.data, o.closed)
+            if isinstance(o, Release):
+                self.parts.metrics.lockstep_released(len(o.data), on_match=o.on_match)
         self.parts.metrics.set_output_held(self.gate.held_bytes)
-        return True
 
     def _release_mirrored(self, releases: list[Release], *, alone: bool = False) -> None:
         """The comparator's verdicts: matched by the secondary, or of an acknowledged epoch
         (or, `alone`, everything it held when the pairing ended)."""
-        if self._release(releases, alone=alone):
-            for r in releases:
-                self.parts.metrics.lockstep_released(len(r.data), on_match=r.on_match)
+        self._release(releases, alone=alone)
 
     # ------------------------------------------------------------------ the arbiter
 
@@ -218,10 +227,15 @@ class PrimaryRole:
             if not arbiter.holding and not self._demoting:
                 log.error("lost the arbiter: another agent took over; stopping the guest")
                 self._releasing = False
+                if self._lease_wait:
+                    log.warning("fenced: dropping %d chunks of output", len(self._lease_wait))
+                    self._lease_wait.clear()
                 self.tasks.fail("fenced: the arbiter was taken by another agent")
                 return
             if not ok:
-                log.warning("lease renewal failed; output stops if it stays so")
+                log.warning("lease renewal failed; output waits while it stays so")
+            elif self._lease_wait:
+                self._release([], alone=False)  # what waited for this renewal
             await asyncio.sleep(min(FLOOR_RETRY, arbiter.renew_interval) if self._floor_wanted
                                 else arbiter.renew_interval)
 
