@@ -2,7 +2,9 @@
 endpoint, `kubectl colo switchover` (or `kubectl drain` of the primary's node) moves the primary to
 the secondary after a final acknowledged checkpoint (term + 1); every write a client saw
 acknowledged is readable on the new primary, and the VM is Protected again with a fresh secondary
-(off the drained node)."""
+(off the drained node). A rolling update (a changed agent flag, or `kubectl colo restart` under
+updateStrategy Manual) moves the same way after replacing the secondary, so both pods are replaced
+and nothing acknowledged is lost."""
 
 from __future__ import annotations
 
@@ -222,3 +224,96 @@ def test_drain_of_the_primary_node_switches_over_without_losing_a_write(
         f"{len(writers.acknowledged)} writes acknowledged ({writers.acknowledged_at(old)} on the old "
         f"primary, {writers.acknowledged_at(new)} on the new), none lost"
     )
+
+
+def _agent_args(cluster: Any, pod: str) -> list[str]:
+    result = cluster.kubectl("get", "pod", pod, "-n", NAMESPACE, "-o", "json")
+    return list(json.loads(result.stdout)["spec"]["containers"][0]["args"])
+
+
+def _rolled(cluster: Any, name: str, old_pods: set[str]) -> dict[str, Any]:
+    def done() -> dict[str, Any] | None:
+        s = status(cluster, name)
+        replicas = {(s.get("primary") or {}).get("pod"), (s.get("secondary") or {}).get("pod")}
+        fresh = s.get("phase") == "Protected" and s.get("upToDate") == "2/2" and not replicas & old_pods
+        return s if fresh else None
+
+    return wait_for(done, 240, "both agent pods replaced and the VM Protected")
+
+
+def test_rolling_update_replaces_both_pods_without_losing_a_write(
+    cluster: Any, kube_api: Any, operator: None
+) -> None:
+    name = "ru"
+    before, old = _protected(cluster, kube_api, name)
+    old_pods = {before["primary"]["pod"], before["secondary"]["pod"]}
+    endpoint = _service_endpoint(kube_api, name)
+    writers = Writers(endpoint)
+    writers.start()
+    try:
+        wait_for(lambda: writers.acknowledged_at(old) >= 100, 60, "writes acknowledged by the primary")
+        started = time.monotonic()
+        # An agent flag: the local cluster runs agents as host processes, where an image tag means nothing.
+        cluster.kubectl("patch", "cvm", name, "-n", NAMESPACE, "--type=merge",
+                        "-p", '{"spec":{"replication":{"checkpointIntervalMs":50}}}')  # fmt: skip
+        after = _rolled(cluster, name, old_pods)
+        rolled_s = time.monotonic() - started
+        address = after["primary"]["address"]
+        new = wait_for(
+            lambda: (e := endpoint()) is not None and e[0] == address and e,
+            60,
+            "the Service on the new primary",
+        )
+        wait_for(lambda: writers.acknowledged_at(new) >= 100, 60, "writes acknowledged by the new primary")
+    finally:
+        writers.finish()
+
+    last = after["lastFailover"]
+    assert (last["kind"], last["cause"], last["from"]) == ("Switchover", "Upgrade", before["primary"]["pod"])
+    assert after["term"] == before["term"] + 1, "one switchover, term + 1"
+    assert after.get("failovers", 0) == before.get("failovers", 0)
+    assert next(c for c in after["conditions"] if c["type"] == "UpToDate")["status"] == "True"
+    for pod in (after["primary"]["pod"], after["secondary"]["pod"]):
+        args = _agent_args(cluster, pod)
+        assert args[args.index("--interval-ms") + 1] == "50", args
+    assert writers.acknowledged, "the client saw no write acknowledged"
+    lost = missing(new, writers.acknowledged)
+    assert not lost, f"{len(lost)} of {len(writers.acknowledged)} acknowledged writes lost: {lost[:10]}"
+    print(
+        f"\nrolling update: spec change -> both pods replaced and Protected in {rolled_s:.1f}s "
+        f"(switchover {last['durationMs']:.0f} ms); {len(writers.acknowledged)} writes acknowledged "
+        f"({writers.acknowledged_at(old)} on the old primary, {writers.acknowledged_at(new)} on the new), "
+        f"none lost"
+    )
+    cluster.kubectl("delete", "cvm", name, "-n", NAMESPACE, "--wait=true", "--timeout=120s")
+
+
+def test_manual_update_strategy_waits_for_kubectl_colo_restart(
+    cluster: Any, kube_api: Any, operator: None
+) -> None:
+    name = "mu"
+    vm = {"apiVersion": "colo.dev/v1alpha1", "kind": "ColoVM", "metadata": {"name": name},
+          "spec": {"guest": {"memory": "16Mi"}, "updateStrategy": "Manual"}}  # fmt: skip
+    _apply(cluster, vm)
+    before = wait_for(
+        lambda: (s := status(cluster, name)).get("phase") == "Protected" and s, 240, "Protected"
+    )
+    old_pods = {before["primary"]["pod"], before["secondary"]["pod"]}
+    cluster.kubectl("patch", "cvm", name, "-n", NAMESPACE, "--type=merge",
+                    "-p", '{"spec":{"replication":{"checkpointIntervalMs":50}}}')  # fmt: skip
+    pending = wait_for(
+        lambda: (s := status(cluster, name)).get("upToDate") == "0/2" and s, 60, "the update noticed"
+    )
+    condition = next(c for c in pending["conditions"] if c["type"] == "UpToDate")
+    assert (condition["status"], condition["reason"]) == ("False", "UpdatePending"), condition
+    time.sleep(3)
+    held = status(cluster, name)
+    assert {held["primary"]["pod"], held["secondary"]["pod"]} == old_pods, "Manual must not replace pods"
+    result = subprocess.run(
+        [str(KUBECTL_COLO), "--kubeconfig", str(cluster.kubeconfig), "-n", NAMESPACE, "restart", name],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    after = _rolled(cluster, name, old_pods)
+    assert after["term"] == before["term"] + 1 and after["lastFailover"]["cause"] == "Upgrade"
+    cluster.kubectl("delete", "cvm", name, "-n", NAMESPACE, "--wait=true", "--timeout=120s")
