@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import enum
+import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from .spec import PodSettings, SpecError, read_pod_settings
 
 
 class ConfigError(ValueError):
@@ -27,6 +30,9 @@ class OperatorConfig:
     agent_image_pull_policy: str = "IfNotPresent"
     kvm_mode: KvmMode = KvmMode.RESOURCE
     kvm_resource_name: str = "devices.kubevirt.io/kvm"
+    # The nodes' kvm group, added to kvm agents' supplementalGroups where
+    # /dev/kvm is not world-writable; None adds nothing.
+    kvm_group: int | None = None
     # How often each ColoVM is re-read and its agents polled when nothing happens.
     poll_interval_s: float = 1.0
     # Timeout of one agent control API request.
@@ -34,6 +40,9 @@ class OperatorConfig:
     # Liveness endpoint (kopf probes), host and port.
     liveness_host: str = "0.0.0.0"
     liveness_port: int = 8080
+    # Agent pod labels, annotations, priority class, pull secrets and affinity
+    # every ColoVM gets unless its spec.pod says otherwise (chart: agent.pod).
+    agent_pod: PodSettings = field(default_factory=PodSettings)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> OperatorConfig:
@@ -60,11 +69,18 @@ class OperatorConfig:
         pull = env.get("COLO_AGENT_IMAGE_PULL_POLICY") or defaults.agent_image_pull_policy
         if pull not in ("Always", "IfNotPresent", "Never"):
             raise ConfigError(f"COLO_AGENT_IMAGE_PULL_POLICY={pull!r} is not Always, IfNotPresent or Never")
+        pod_raw = env.get("COLO_AGENT_POD") or "{}"
+        try:
+            agent_pod = read_pod_settings(json.loads(pod_raw), "COLO_AGENT_POD")
+        except (ValueError, SpecError) as exc:
+            raise ConfigError(f"COLO_AGENT_POD is not valid agent pod settings (JSON): {exc}") from None
         return cls(
+            agent_pod=agent_pod,
             agent_image=env.get("COLO_AGENT_IMAGE") or defaults.agent_image,
             agent_image_pull_policy=pull,
             kvm_mode=kvm_mode,
             kvm_resource_name=env.get("COLO_KVM_RESOURCE") or defaults.kvm_resource_name,
+            kvm_group=int(number("COLO_KVM_GROUP", -1, -1, 2**31 - 1)) if env.get("COLO_KVM_GROUP") else None,
             poll_interval_s=number("COLO_POLL_INTERVAL_S", defaults.poll_interval_s, 0.05, 600),
             agent_timeout_s=number("COLO_AGENT_TIMEOUT_S", defaults.agent_timeout_s, 0.05, 60),
             liveness_host=env.get("COLO_LIVENESS_HOST") or defaults.liveness_host,

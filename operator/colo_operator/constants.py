@@ -51,3 +51,5 @@ SECRET_KEY: Final = "secret"
 
 
 AGENT_CONTAINER: Final = "agent"
+# The image's unprivileged user and group (Dockerfile), which agent pods run as.
+AGENT_UID: Final = 65532

@@ -320,13 +320,55 @@ SERVICE = obj(
             maximum=65535,
             default=6379,
         ),
+        "annotations": obj(
+            "Annotations of the Service (a cloud load balancer's settings, for example).",
+            maxProperties=64,
+            additionalProperties=string("Annotation value."),
+        ),
     },
     default={},
 )
 
+POD = obj(
+    "Settings of the agent pods beyond what the operator decides. Each field left out takes the "
+    "operator's default (chart value agent.pod); labels and annotations add to those defaults.",
+    {
+        "labels": obj(
+            "Extra labels of the agent pods; the operator's own labels (app.kubernetes.io/*, "
+            "colo.dev/*) cannot be overridden.",
+            maxProperties=64,
+            additionalProperties=string("Label value.", maxLength=63, pattern=LABEL_VALUE_PATTERN),
+        ),
+        "annotations": obj(
+            "Extra annotations of the agent pods.",
+            maxProperties=64,
+            additionalProperties=string("Annotation value."),
+        ),
+        "priorityClassName": string("PriorityClass of the agent pods.", maxLength=253),
+        "imagePullSecrets": {
+            "type": "array",
+            "description": "Secrets holding credentials to pull the agent image.",
+            "maxItems": 16,
+            "items": obj(
+                "A Secret of type kubernetes.io/dockerconfigjson in the ColoVM's namespace.",
+                {"name": string("Name of the Secret.", minLength=1, maxLength=253)},
+                required=["name"],
+            ),
+        },
+        "affinity": obj(
+            "A Pod affinity (nodeAffinity, podAffinity, podAntiAffinity) added to the operator's "
+            "own rules, which keep the primary and secondary apart and away from lost nodes; "
+            "checked by the API server when a pod is created.",
+            None,
+            **{"x-kubernetes-preserve-unknown-fields": True},
+        ),
+    },
+)
+
 RESOURCES = obj(
-    "Compute resources of the agent container. The guest's RAM comes on top of the agent's own, "
-    "so a memory limit must be above guest.memory.",
+    "Compute resources of the agent container. Unset: requests equal limits (Guaranteed QoS), "
+    "cpu 1 and memory twice guest.memory (the RAM file and the colo cache) plus the agent's own "
+    "192Mi. What is given here wins per resource; a request without its limit raises the limit.",
     {
         "requests": _resource_list("Minimum resources the scheduler reserves, by resource name."),
         "limits": _resource_list("Maximum resources the container may use, by resource name."),
@@ -351,6 +393,7 @@ SPEC = obj(
         "failover": FAILOVER,
         "placement": PLACEMENT,
         "service": SERVICE,
+        "pod": POD,
         "image": string("Agent image; the operator's default when empty.", maxLength=512),
         "imagePullPolicy": string(
             "Pull policy of the agent image; the operator's default when empty.",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,7 +113,82 @@ def agent_args(vm: VMView, role: str, peer: str | None) -> list[str]:
     return args
 
 
-def _affinity(vm: VMView, action: CreatePod) -> dict[str, Any]:
+# Where the pod puts guest RAM, the per-VM key and scratch files. A
+# container's /dev/shm is 64 MiB unless told otherwise, so guest RAM goes to
+# a memory-backed emptyDir sized from guest memory (COLO_RAM_DIR).
+RAM_VOLUME, RAM_DIR = "guest-ram", "/var/lib/colo/ram"
+KEY_VOLUME, KEY_DIR = "agent-key", "/var/run/secrets/colo"
+TMP_VOLUME, TMP_DIR = "tmp", "/tmp"
+# Room on top of the RAM file's exact size (tmpfs rounds to pages).
+RAM_SLACK_BYTES = 1 << 20
+# The agent's own memory beside guest RAM (interpreter, numpy, unicorn, the
+# channels' buffers), measured at 80-90 MiB resident (anonymous + file) for
+# 64-128 MiB guests in both modes; the rest is headroom.
+AGENT_OVERHEAD_BYTES = 192 << 20
+DEFAULT_CPU = "1"
+MEBIBYTE = 1 << 20
+
+
+def memory_bytes(vm: VMView) -> int:
+    """The agent container's memory request and limit when the spec sets none.
+
+    Guest RAM counts twice: once as the RAM file (a memory-backed emptyDir is
+    charged to the pod) and once for the colo cache (lockstep: a full mirror;
+    checkpoint: the epoch in flight and the primary's staging copy, at most
+    guest RAM) -- roles swap at failover, so both replicas get the same.
+    """
+    guest = vm.spec.guest.memory_bytes
+    total = 2 * guest + RAM_SLACK_BYTES + AGENT_OVERHEAD_BYTES
+    return -(-total // MEBIBYTE) * MEBIBYTE
+
+
+def agent_resources(vm: VMView) -> dict[str, dict[str, Any]]:
+    """Requests equal to limits (Guaranteed QoS) unless spec.resources says otherwise.
+
+    What spec.resources gives wins, per resource and per side; a request
+    below its limit (Burstable) is the user's choice to make.
+    """
+    memory = f"{memory_bytes(vm) // MEBIBYTE}Mi"
+    computed = {"cpu": DEFAULT_CPU, "memory": memory}
+    given = {k: dict(v) for k, v in vm.spec.resources.items() if isinstance(v, dict)}
+    given_requests, given_limits = given.get("requests", {}), given.get("limits", {})
+    # A request given without its limit raises the limit with it, so a
+    # request is never above its limit and the pod stays Guaranteed.
+    limits = {**computed, **given_requests, **given_limits}
+    requests = {**limits, **given_requests}
+    return {"requests": requests, "limits": limits}
+
+
+def _merge_affinity(ours: dict[str, Any], theirs: Mapping[str, Any]) -> dict[str, Any]:
+    """The operator's placement rules AND the user's: terms are added, never replaced."""
+    out = {k: v for k, v in theirs.items() if k not in ("podAntiAffinity", "nodeAffinity")}
+    anti = dict(theirs.get("podAntiAffinity") or {})
+    required = list(ours["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"])
+    required += list(anti.get("requiredDuringSchedulingIgnoredDuringExecution") or [])
+    anti["requiredDuringSchedulingIgnoredDuringExecution"] = required
+    out["podAntiAffinity"] = anti
+    node = dict(theirs.get("nodeAffinity") or {})
+    exclusion = ours.get("nodeAffinity", {}).get("requiredDuringSchedulingIgnoredDuringExecution")
+    user_required = node.get("requiredDuringSchedulingIgnoredDuringExecution")
+    if exclusion and user_required:
+        # Node selector terms are ORed: every one of the user's must also exclude.
+        (ours_term,) = exclusion["nodeSelectorTerms"]
+        terms = []
+        for term in user_required.get("nodeSelectorTerms") or []:
+            merged = dict(term)
+            for key in ("matchExpressions", "matchFields"):
+                if ours_term.get(key):
+                    merged[key] = [*(term.get(key) or []), *ours_term[key]]
+            terms.append(merged)
+        node["requiredDuringSchedulingIgnoredDuringExecution"] = {"nodeSelectorTerms": terms}
+    elif exclusion:
+        node["requiredDuringSchedulingIgnoredDuringExecution"] = exclusion
+    if node:
+        out["nodeAffinity"] = node
+    return out
+
+
+def _affinity(vm: VMView, action: CreatePod, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     key = vm.spec.placement.topology_key
     affinity: dict[str, Any] = {
         "podAntiAffinity": {
@@ -139,15 +215,76 @@ def _affinity(vm: VMView, action: CreatePod) -> dict[str, Any]:
         affinity["nodeAffinity"] = {
             "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [term]}
         }
-    return affinity
+    return _merge_affinity(affinity, extra) if extra else affinity
+
+
+def security_context(vm: VMView, config: OperatorConfig) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """(pod, container) security contexts.
+
+    Every agent runs as the image's unprivileged user with no capability, no
+    privilege escalation, a read-only root filesystem and the runtime's
+    default seccomp profile: the Pod Security Standard ``restricted``. The
+    agent needs nothing more for tcg guests (ports above 1024, mmap of its
+    own files). kvm guests need ``/dev/kvm`` opened read-write and nothing
+    else: with ``kvmMode: resource`` a device plugin (KubeVirt's) hands the
+    device to the container, which stays ``restricted``, with the node's kvm
+    group added through ``kvmGroup`` where /dev/kvm is not world-writable;
+    with ``kvmMode: hostPath`` the device comes through a hostPath volume,
+    which needs a privileged container (``privileged`` standard).
+    """
+    pod: dict[str, Any] = {
+        "runAsNonRoot": True,
+        "runAsUser": c.AGENT_UID,
+        "runAsGroup": c.AGENT_UID,
+        "fsGroup": c.AGENT_UID,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    if vm.spec.guest.accel == "kvm" and config.kvm_group is not None:
+        pod["supplementalGroups"] = [config.kvm_group]
+    if vm.spec.guest.accel == "kvm" and config.kvm_mode is KvmMode.HOST_PATH:
+        return pod, {"privileged": True, "readOnlyRootFilesystem": True}
+    container = {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+    }
+    return pod, container
 
 
 def agent_pod(vm: VMView, config: OperatorConfig, action: CreatePod) -> dict[str, Any]:
     spec = vm.spec
     names = Names(vm.name)
+    settings = spec.pod.over(config.agent_pod)
     meta = _meta(vm, action.name, "agent", action.role)
-    meta["annotations"] = {c.ANNOTATION_SERIAL: str(action.serial)}
-    resources: dict[str, Any] = {k: dict(v) for k, v in spec.resources.items() if isinstance(v, dict)}
+    # The operator's own labels win: selectors and the Service depend on them.
+    meta["labels"] = {**settings.labels, **meta["labels"]}
+    meta["annotations"] = {**settings.annotations, c.ANNOTATION_SERIAL: str(action.serial)}
+    resources = agent_resources(vm)
+    pod_security, container_security = security_context(vm, config)
+    mounts = [
+        {"name": RAM_VOLUME, "mountPath": RAM_DIR},
+        {"name": KEY_VOLUME, "mountPath": KEY_DIR, "readOnly": True},
+        {"name": TMP_VOLUME, "mountPath": TMP_DIR},
+    ]
+    volumes: list[dict[str, Any]] = [
+        {
+            "name": RAM_VOLUME,
+            "emptyDir": {
+                "medium": "Memory",
+                "sizeLimit": f"{-(-(spec.guest.memory_bytes + RAM_SLACK_BYTES) // MEBIBYTE)}Mi",
+            },
+        },
+        {
+            "name": KEY_VOLUME,
+            "secret": {
+                "secretName": names.secret,
+                "defaultMode": 0o440,
+                "items": [{"key": c.SECRET_KEY, "path": c.SECRET_KEY}],
+            },
+        },
+        {"name": TMP_VOLUME, "emptyDir": {"sizeLimit": "64Mi"}},
+    ]
     container: dict[str, Any] = {
         "name": c.AGENT_CONTAINER,
         "image": spec.image or config.agent_image,
@@ -156,16 +293,24 @@ def agent_pod(vm: VMView, config: OperatorConfig, action: CreatePod) -> dict[str
         "args": agent_args(vm, action.role, action.peer),
         "env": [
             {"name": "COLO_IDENTITY", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-            {
-                "name": "COLO_SECRET",
-                "valueFrom": {"secretKeyRef": {"name": names.secret, "key": c.SECRET_KEY}},
-            },
+            # A file, not an environment variable: it never shows in the pod
+            # spec's resolved env, `kubectl describe` or a child's environment.
+            {"name": "COLO_SECRET_FILE", "value": f"{KEY_DIR}/{c.SECRET_KEY}"},
+            {"name": "COLO_RAM_DIR", "value": RAM_DIR},
         ],
         "ports": [
             {"name": "client", "containerPort": c.CLIENT_PORT, "protocol": "TCP"},
             {"name": "control", "containerPort": c.CONTROL_PORT, "protocol": "TCP"},
             {"name": "replication", "containerPort": c.REPLICATION_PORT, "protocol": "TCP"},
         ],
+        # Until the control API answers (interpreter start, guest RAM allocated
+        # and booted), liveness is not checked; 60 s covers a loaded node.
+        "startupProbe": {
+            "httpGet": {"path": "/healthz", "port": "control"},
+            "periodSeconds": 1,
+            "timeoutSeconds": 1,
+            "failureThreshold": 60,
+        },
         # Primary: ready while it serves clients (the Service follows readiness
         # as well as the role label). Secondary: ready once synced.
         "readinessProbe": {
@@ -178,12 +323,15 @@ def agent_pod(vm: VMView, config: OperatorConfig, action: CreatePod) -> dict[str
         # a lost replica), so only a really stuck agent should be killed.
         "livenessProbe": {
             "httpGet": {"path": "/healthz", "port": "control"},
-            "initialDelaySeconds": 5,
             "periodSeconds": 5,
             "timeoutSeconds": 3,
             "failureThreshold": 6,
         },
+        "volumeMounts": mounts,
+        "resources": resources,
     }
+    if container_security is not None:
+        container["securityContext"] = container_security
     pod_spec: dict[str, Any] = {
         "serviceAccountName": names.service_account,
         # The guest lives in the agent's memory: a restarted container would come
@@ -191,24 +339,27 @@ def agent_pod(vm: VMView, config: OperatorConfig, action: CreatePod) -> dict[str
         "restartPolicy": "Never",
         "enableServiceLinks": False,
         "terminationGracePeriodSeconds": 10,
-        "affinity": _affinity(vm, action),
+        "securityContext": pod_security,
+        "affinity": _affinity(vm, action, settings.affinity),
         "containers": [container],
+        "volumes": volumes,
     }
+    if settings.priority_class_name:
+        pod_spec["priorityClassName"] = settings.priority_class_name
+    if settings.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": n} for n in settings.image_pull_secrets]
     if spec.placement.node_selector:
         pod_spec["nodeSelector"] = dict(spec.placement.node_selector)
     if spec.placement.tolerations:
         pod_spec["tolerations"] = [t.to_dict() for t in spec.placement.tolerations]
     if spec.guest.accel == "kvm":
         if config.kvm_mode is KvmMode.RESOURCE:
-            # Extended resources are set as limits; requests default to them.
-            limits = resources.setdefault("limits", {})
-            limits[config.kvm_resource_name] = 1
+            # Extended resources are set as limits, and requests must equal them.
+            resources["limits"][config.kvm_resource_name] = "1"
+            resources["requests"][config.kvm_resource_name] = "1"
         else:
-            container["securityContext"] = {"privileged": True}
-            container["volumeMounts"] = [{"name": "kvm", "mountPath": "/dev/kvm"}]
-            pod_spec["volumes"] = [{"name": "kvm", "hostPath": {"path": "/dev/kvm", "type": "CharDevice"}}]
-    if resources:
-        container["resources"] = resources
+            mounts.append({"name": "kvm", "mountPath": "/dev/kvm"})
+            volumes.append({"name": "kvm", "hostPath": {"path": "/dev/kvm", "type": "CharDevice"}})
     meta["annotations"][c.ANNOTATION_TEMPLATE] = _template_hash(vm, pod_spec)
     return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": pod_spec}
 
@@ -307,7 +458,10 @@ def client_service(vm: VMView) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": _meta(vm, Names(vm.name).service, "client"),
+        "metadata": {
+            **_meta(vm, Names(vm.name).service, "client"),
+            "annotations": dict(vm.spec.service.annotations),
+        },
         "spec": {
             "type": vm.spec.service.type,
             "selector": {c.LABEL_VM: vm.name, c.LABEL_ROLE: c.ROLE_PRIMARY},

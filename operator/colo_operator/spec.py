@@ -125,6 +125,39 @@ class PlacementSpec:
 class ServiceSpec:
     type: str = "ClusterIP"
     port: int = 6379
+    annotations: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class PodSettings:
+    """What the agent pods carry beyond what the operator decides (spec.pod, or the chart's defaults)."""
+
+    labels: Mapping[str, str] = field(default_factory=dict)
+    annotations: Mapping[str, str] = field(default_factory=dict)
+    priority_class_name: str | None = None
+    image_pull_secrets: tuple[str, ...] = ()
+    # A Pod affinity as the API takes it; combined with the operator's own terms.
+    affinity: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def read(cls, r: Reader) -> PodSettings:
+        return cls(
+            labels=r.strings("labels"),
+            annotations=r.strings("annotations"),
+            priority_class_name=r.optional_string("priorityClassName", empty_is_absent=True),
+            image_pull_secrets=tuple(item.string("name") for item in r.children("imagePullSecrets")),
+            affinity=r.anything("affinity"),
+        )
+
+    def over(self, defaults: PodSettings) -> PodSettings:
+        """These settings on top of ``defaults``: maps merge (these win), the rest replaces when set."""
+        return PodSettings(
+            labels={**defaults.labels, **self.labels},
+            annotations={**defaults.annotations, **self.annotations},
+            priority_class_name=self.priority_class_name or defaults.priority_class_name,
+            image_pull_secrets=self.image_pull_secrets or defaults.image_pull_secrets,
+            affinity=self.affinity or defaults.affinity,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +167,7 @@ class ColoVMSpec:
     failover: FailoverSpec = FailoverSpec()
     placement: PlacementSpec = PlacementSpec()
     service: ServiceSpec = ServiceSpec()
+    pod: PodSettings = PodSettings()
     image: str | None = None
     image_pull_policy: str | None = None
     # Passed through to the container as given (already validated by the API server).
@@ -202,10 +236,17 @@ class ColoVMSpec:
             service=ServiceSpec(
                 type=service.one_of("type", ("ClusterIP", "NodePort", "LoadBalancer"), "ClusterIP"),
                 port=service.integer("port", 6379, minimum=1, maximum=65535),
+                annotations=service.strings("annotations"),
             ),
+            pod=PodSettings.read(r.section("pod")),
             image=r.optional_string("image", empty_is_absent=True),
             image_pull_policy=r.optional_one_of("imagePullPolicy", ("Always", "IfNotPresent", "Never")),
             resources=resources,
             run_strategy=r.one_of("runStrategy", RUN_STRATEGIES, "Always"),
             update_strategy=r.one_of("updateStrategy", UPDATE_STRATEGIES, "Automatic"),
         )
+
+
+def read_pod_settings(data: object, where: str) -> PodSettings:
+    """Agent pod settings from a JSON object (the operator's defaults); errors name ``where``."""
+    return PodSettings.read(Reader(data, where, _spec_error))

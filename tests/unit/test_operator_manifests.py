@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 
 from support.operator_world import vm
 
@@ -47,7 +48,17 @@ def test_pod_runs_colo_agent_with_the_contract_flags() -> None:
     assert flag(args, "--heartbeat-timeout-ms") == "500"
     env = {e["name"]: e for e in container["env"]}
     assert env["COLO_IDENTITY"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
-    assert env["COLO_SECRET"]["valueFrom"]["secretKeyRef"] == {"name": "vm-agent-key", "key": "secret"}
+    # The key is a file from the Secret, never an environment variable.
+    assert "COLO_SECRET" not in env
+    assert env["COLO_SECRET_FILE"]["value"] == "/var/run/secrets/colo/secret"
+    volumes = {v["name"]: v for v in p["spec"]["volumes"]}
+    assert volumes["agent-key"]["secret"]["secretName"] == "vm-agent-key"
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    assert mounts["agent-key"] == {
+        "name": "agent-key",
+        "mountPath": "/var/run/secrets/colo",
+        "readOnly": True,
+    }
     assert container["image"] == "img:1"
     assert p["spec"]["restartPolicy"] == "Never"
     assert p["spec"]["serviceAccountName"] == "vm-agent"
@@ -116,17 +127,139 @@ def test_labels_and_owner_reference_on_everything() -> None:
 
 def test_kvm_only_when_asked_for() -> None:
     tcg = agent_pod(vm(spec={"guest": {"accel": "auto"}}), OperatorConfig(), SECONDARY)
-    assert "resources" not in tcg["spec"]["containers"][0] and "volumes" not in tcg["spec"]
+    limits = tcg["spec"]["containers"][0]["resources"]["limits"]
+    assert set(limits) == {"cpu", "memory"}
+    assert all("hostPath" not in v for v in tcg["spec"]["volumes"])
     kvm = vm(spec={"guest": {"accel": "kvm"}, "resources": {"limits": {"cpu": "1"}}})
-    by_resource = agent_pod(kvm, OperatorConfig(kvm_resource_name="example.com/kvm"), SECONDARY)
-    assert by_resource["spec"]["containers"][0]["resources"]["limits"] == {"cpu": "1", "example.com/kvm": 1}
+    by_resource = agent_pod(kvm, OperatorConfig(kvm_resource_name="example.com/kvm", kvm_group=36), SECONDARY)
+    resources = by_resource["spec"]["containers"][0]["resources"]
+    assert resources["limits"]["example.com/kvm"] == resources["requests"]["example.com/kvm"] == "1"
+    # Through a device plugin, kvm stays unprivileged; the node's kvm group opens /dev/kvm.
+    assert by_resource["spec"]["containers"][0]["securityContext"]["allowPrivilegeEscalation"] is False
+    assert by_resource["spec"]["securityContext"]["supplementalGroups"] == [36]
     by_path = agent_pod(kvm, OperatorConfig(kvm_mode=KvmMode.HOST_PATH), SECONDARY)
-    assert by_path["spec"]["volumes"][0]["hostPath"] == {"path": "/dev/kvm", "type": "CharDevice"}
-    assert by_path["spec"]["containers"][0]["securityContext"] == {"privileged": True}
+    kvm_volume = next(v for v in by_path["spec"]["volumes"] if v["name"] == "kvm")
+    assert kvm_volume["hostPath"] == {"path": "/dev/kvm", "type": "CharDevice"}
+    assert by_path["spec"]["containers"][0]["securityContext"]["privileged"] is True
+
+
+def test_guest_ram_lives_in_a_memory_emptydir_sized_from_guest_memory() -> None:
+    p = agent_pod(vm(spec={"guest": {"memory": "128Mi"}}), OperatorConfig(), SECONDARY)
+    container = p["spec"]["containers"][0]
+    ram = next(v for v in p["spec"]["volumes"] if v["name"] == "guest-ram")
+    assert ram["emptyDir"] == {"medium": "Memory", "sizeLimit": "129Mi"}
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert env["COLO_RAM_DIR"] == mounts["guest-ram"]
+
+
+def test_resources_are_guaranteed_from_guest_memory_and_overridable() -> None:
+    small = agent_pod(vm(spec={"guest": {"memory": "64Mi"}}), OperatorConfig(), SECONDARY)
+    large = agent_pod(vm(spec={"guest": {"memory": "512Mi"}}), OperatorConfig(), SECONDARY)
+    for p in (small, large):
+        resources = p["spec"]["containers"][0]["resources"]
+        assert resources["requests"] == resources["limits"], "Guaranteed QoS by default"
+    mem = [int(p["spec"]["containers"][0]["resources"]["limits"]["memory"][:-2]) for p in (small, large)]
+    # RAM file plus cache: two MiB of limit per MiB of guest, on top of a fixed overhead.
+    assert mem[1] - mem[0] == 2 * (512 - 64)
+    assert mem[0] > 2 * 64
+    burst = vm(spec={"resources": {"requests": {"cpu": "250m"}, "limits": {"cpu": "2"}}})
+    resources = agent_pod(burst, OperatorConfig(), SECONDARY)["spec"]["containers"][0]["resources"]
+    assert resources["requests"]["cpu"] == "250m" and resources["limits"]["cpu"] == "2"
+    assert resources["requests"]["memory"] == resources["limits"]["memory"]
+    # A request alone raises its limit with it: never a request above its limit.
+    raised = vm(spec={"resources": {"requests": {"memory": "2Gi"}}})
+    resources = agent_pod(raised, OperatorConfig(), SECONDARY)["spec"]["containers"][0]["resources"]
+    assert resources["limits"]["memory"] == resources["requests"]["memory"] == "2Gi"
+
+
+def test_security_context_is_restricted_with_a_startup_probe() -> None:
+    p = agent_pod(vm(spec={"guest": {"accel": "tcg"}}), OperatorConfig(), SECONDARY)
+    pod_sc = p["spec"]["securityContext"]
+    assert pod_sc["runAsNonRoot"] is True and pod_sc["runAsUser"] == 65532
+    assert pod_sc["seccompProfile"] == {"type": "RuntimeDefault"}
+    container = p["spec"]["containers"][0]
+    assert container["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+    }
+    assert container["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "control"}
+    assert "initialDelaySeconds" not in container["livenessProbe"]
+
+
+def test_pod_settings_from_the_operator_and_the_spec() -> None:
+    from colo_operator.spec import PodSettings
+
+    defaults = PodSettings(
+        labels={"team": "a", "tier": "db"},
+        annotations={"a": "1"},
+        priority_class_name="colo-high",
+        image_pull_secrets=("regcred",),
+        affinity={"podAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": []}},
+    )
+    user_node_term = {"matchExpressions": [{"key": "disk", "operator": "In", "values": ["ssd"]}]}
+    view = vm(
+        spec={
+            "pod": {
+                "labels": {"tier": "cache", c.LABEL_VM: "spoof"},
+                "annotations": {"b": "2"},
+                "imagePullSecrets": [{"name": "mine"}],
+                "affinity": {
+                    "nodeAffinity": {
+                        "requiredDuringSchedulingIgnoredDuringExecution": {
+                            "nodeSelectorTerms": [user_node_term]
+                        }
+                    }
+                },
+            }
+        }
+    )
+    p = agent_pod(view, OperatorConfig(agent_pod=defaults), SECONDARY)
+    labels = p["metadata"]["labels"]
+    assert labels["team"] == "a" and labels["tier"] == "cache"
+    assert labels[c.LABEL_VM] == "vm", "the operator's own labels cannot be overridden"
+    assert p["metadata"]["annotations"]["a"] == "1" and p["metadata"]["annotations"]["b"] == "2"
+    assert p["spec"]["priorityClassName"] == "colo-high"
+    assert p["spec"]["imagePullSecrets"] == [{"name": "mine"}]
+    affinity = p["spec"]["affinity"]
+    # The user's node term must also keep out the excluded nodes (terms are ORed).
+    (term,) = affinity["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    assert term["matchExpressions"][0] == user_node_term["matchExpressions"][0]
+    assert {"key": "kubernetes.io/hostname", "operator": "NotIn", "values": ["n1", "n2"]} in term[
+        "matchExpressions"
+    ]
+    assert len(term["matchFields"]) == 2
+    assert affinity["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0][
+        "topologyKey"
+    ] == ("kubernetes.io/hostname")
+
+
+def test_operator_pod_defaults_come_from_the_environment() -> None:
+    import pytest
+
+    from colo_operator.config import ConfigError
+
+    config = OperatorConfig.from_env(
+        {
+            "COLO_AGENT_POD": json.dumps(
+                {"priorityClassName": "p", "imagePullSecrets": [{"name": "r"}], "labels": {"x": "y"}}
+            )
+        }
+    )
+    assert config.agent_pod.priority_class_name == "p"
+    assert config.agent_pod.image_pull_secrets == ("r",)
+    assert config.agent_pod.labels == {"x": "y"}
+    with pytest.raises(ConfigError, match="COLO_AGENT_POD"):
+        OperatorConfig.from_env({"COLO_AGENT_POD": '{"labels": {"x": 1}}'})
 
 
 def test_service_selects_the_primary_only() -> None:
-    svc = client_service(vm(spec={"service": {"type": "NodePort", "port": 16379}}))
+    svc = client_service(
+        vm(spec={"service": {"type": "NodePort", "port": 16379, "annotations": {"lb.example.com/x": "1"}}})
+    )
+    assert svc["metadata"]["annotations"] == {"lb.example.com/x": "1"}
     assert svc["spec"]["selector"] == {"colo.dev/vm": "vm", "colo.dev/role": "primary"}
     assert svc["spec"]["ports"] == [
         {"name": "resp", "port": 16379, "targetPort": "client", "protocol": "TCP"}

@@ -20,6 +20,9 @@ What it does, per tick (``TICK`` seconds):
   process inside that namespace; the token directory is bind-mounted onto
   ``/var/run/secrets/kubernetes.io/serviceaccount`` in a private mount
   namespace, where in-cluster config looks for it, as in a real pod;
+  ``secret`` volumes are written into the pod's directory and bind-mounted
+  the same way, an ``emptyDir`` is a directory of the pod's (a tmpfs of
+  ``sizeLimit`` when its medium is Memory, as the kubelet makes it);
 - runs startup, readiness and liveness probes (httpGet, tcpSocket, exec),
   restarts exited containers per ``restartPolicy`` (backoff 1 s doubling
   to 10 s, shorter than a kubelet's so tests do not wait minutes), and
@@ -29,7 +32,8 @@ What it does, per tick (``TICK`` seconds):
 
 Not supported, and reported as such where it matters: images (the command
 must exist on the host; ``.venv/bin`` is on PATH), volumes other than the
-service-account token, init and ephemeral containers, resource limits.
+service-account token, ``secret`` and ``emptyDir``, init and ephemeral
+containers, resource limits, securityContext (processes run as root).
 """
 
 from __future__ import annotations
@@ -202,6 +206,8 @@ class PodRun:
     containers: list[Container]
     env: dict[str, dict[str, str]] = field(default_factory=dict)  # per container
     token_dir: Path | None = None
+    # Volume name -> ("bind", host directory) or ("tmpfs", size in bytes).
+    volumes: dict[str, tuple[str, str]] = field(default_factory=dict)
     token_refresh_at: float = 0.0
     terminating_deadline: float | None = None
     started_at: str = field(default_factory=now_rfc3339)
@@ -237,7 +243,9 @@ class NodeRunner:
                 "lastTransitionTime": stamp,
             }
 
-        resources = {"cpu": "4", "memory": "8Gi", "pods": "110", "ephemeral-storage": "20Gi"}
+        # Roomy: process nodes enforce no limits, and the scale benchmarks place
+        # dozens of Guaranteed agent pods (1 CPU each by default) on three nodes.
+        resources = {"cpu": "64", "memory": "256Gi", "pods": "110", "ephemeral-storage": "20Gi"}
         resources.update(self.spec.extra_resources)
         return {
             "capacity": resources,
@@ -370,6 +378,7 @@ class NodeRunner:
             self._setup_network(run)
             if pod["spec"].get("automountServiceAccountToken", True) is not False:
                 self._write_token(run, pod)
+            self._prepare_volumes(run, pod)
             run.env = self._pod_env(run, pod)
         except (ApiError, netns.NetnsError, OSError, ValueError, KeyError) as exc:
             # Often transient: the Node authorizer learns of a new pod's
@@ -415,6 +424,34 @@ class NodeRunner:
         run.token_dir = directory
         # Refresh at 80 % of the lifetime, as the kubelet does.
         run.token_refresh_at = time.monotonic() + 0.8 * TOKEN_SECONDS
+
+    def _prepare_volumes(self, run: PodRun, pod: JSON) -> None:
+        for volume in pod["spec"].get("volumes") or []:
+            name = volume["name"]
+            if "secret" in volume:
+                source = volume["secret"]
+                obj = self.kube.get(f"/api/v1/namespaces/{run.namespace}/secrets/{source['secretName']}")
+                directory = run.directory / "volumes" / name
+                directory.mkdir(parents=True, exist_ok=True)
+                data = obj.get("data") or {}
+                items = source.get("items") or [{"key": k, "path": k} for k in data]
+                mode = int(source.get("defaultMode", 0o644))
+                for item in items:
+                    target = directory / item["path"]
+                    tmp = directory / f".{item['path']}.tmp"
+                    tmp.write_bytes(base64.b64decode(data[item["key"]]))
+                    tmp.chmod(int(item.get("mode", mode)))
+                    os.replace(tmp, target)
+                run.volumes[name] = ("bind", str(directory))
+            elif "emptyDir" in volume:
+                empty = volume["emptyDir"] or {}
+                if empty.get("medium") == "Memory":
+                    limit = empty.get("sizeLimit")
+                    run.volumes[name] = ("tmpfs", str(_quantity_bytes(limit) if limit else 0))
+                else:
+                    directory = run.directory / "volumes" / name
+                    directory.mkdir(parents=True, exist_ok=True)
+                    run.volumes[name] = ("bind", str(directory))
 
     def _lookup(self, kind: str, namespace: str, ref: JSON) -> str | None:
         name, key = ref.get("name"), ref.get("key")
@@ -517,11 +554,28 @@ class NodeRunner:
                 )
             command[0] = found
         argv = ["ip", "netns", "exec", run.netns]
+        # `ip netns exec` gives the child a private mount namespace, so these
+        # mounts are seen by the pod alone (and a tmpfs goes with it).
+        steps = []
         if run.token_dir is not None:
-            # `ip netns exec` gives the child a private mount namespace, so
-            # this bind mount is seen by the pod alone.
-            script = f'mount --bind "$0" {SA_MOUNT} && mount -o remount,bind,ro {SA_MOUNT} && exec "$@"'
-            argv += ["sh", "-c", script, str(run.token_dir)]
+            steps += [
+                f"mount --bind {shlex.quote(str(run.token_dir))} {SA_MOUNT}",
+                f"mount -o remount,bind,ro {SA_MOUNT}",
+            ]
+        for mount in container.spec.get("volumeMounts") or []:
+            kind, source = run.volumes.get(mount["name"], ("", ""))
+            target = shlex.quote(mount["mountPath"])
+            if kind == "bind":
+                steps += [f"mkdir -p {target}", f"mount --bind {shlex.quote(source)} {target}"]
+            elif kind == "tmpfs":
+                size = f",size={source}" if source != "0" else ""
+                steps += [f"mkdir -p {target}", f"mount -t tmpfs -o mode=1777{size} tmpfs {target}"]
+            else:
+                continue
+            if mount.get("readOnly"):
+                steps.append(f"mount -o remount,bind,ro {target}")
+        if steps:
+            argv += ["sh", "-c", " && ".join([*steps, 'exec "$@"']), "sh"]
         return argv + command + args
 
     def _start(self, run: PodRun, container: Container) -> None:
@@ -868,6 +922,27 @@ class NodeRunner:
 
 
 _VAR = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
+
+
+_QUANTITY = re.compile(r"^([0-9]+)(Ki|Mi|Gi|Ti|k|M|G|T)?$")
+_FACTORS = {
+    None: 1,
+    "Ki": 1 << 10,
+    "Mi": 1 << 20,
+    "Gi": 1 << 30,
+    "Ti": 1 << 40,
+    "k": 10**3,
+    "M": 10**6,
+    "G": 10**9,
+    "T": 10**12,
+}
+
+
+def _quantity_bytes(text: str) -> int:
+    match = _QUANTITY.match(str(text))
+    if match is None:
+        raise ValueError(f"quantity {text!r} is not a whole number with an optional binary or decimal suffix")
+    return int(match.group(1)) * _FACTORS[match.group(2)]
 
 
 def _expand(text: str, env: dict[str, str]) -> str:
