@@ -183,3 +183,39 @@ def test_rendered_chart() -> None:
         "args"
     ]
     assert "--standalone" in args
+
+
+def _readme_cluster_commands() -> list[list[str]]:
+    """The commands of the README's "Run on a cluster" block, continuation lines joined."""
+    import re
+    import shlex
+
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Run on a cluster", 1)[1]
+    block = re.search(r"```sh\n(.*?)```", section, re.DOTALL)
+    assert block is not None
+    joined = block.group(1).replace("\\\n", " ")
+    lines = (line.split("#", 1)[0] for line in joined.splitlines())
+    return [shlex.split(line) for line in lines if line.strip()]
+
+
+@needs_helm
+def test_the_readme_install_points_the_operator_and_its_agents_at_the_image_it_built() -> None:
+    commands = _readme_cluster_commands()
+    build = next(c for c in commands if c[:2] == ["docker", "build"])
+    image = build[build.index("-t") + 1]
+    load = next(c for c in commands if c[:2] == ["kind", "load"])
+    assert load[-1] == image
+    install = next(c for c in commands if c[:2] == ["helm", "install"])
+    assert install[3] == "charts/colo-operator"
+    namespace = install[install.index("--namespace") + 1]
+    sets = [install[i + 1] for i, arg in enumerate(install) if arg == "--set"]
+    docs = _render(*(a for s in sets for a in ("--set", s)))
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == image
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["COLO_AGENT_IMAGE"] == image
+    assert json.loads(env["COLO_AGENT_POD"]) == VALUES["agent"]["pod"]
+    assert namespace == "colo-system"
+    assert any(c[:2] == ["kubectl", "apply"] and (ROOT / c[-1]).is_file() for c in commands)
