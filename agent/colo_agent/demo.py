@@ -33,6 +33,7 @@ from rich.live import Live
 from rich.table import Table
 
 from colo_agent.api.models import AgentStatus, PromoteRequest
+from colo_agent.constants import CHANNELS, CHECKPOINT_INTERVAL_MS, LOCKSTEP_CHECKPOINT_INTERVAL_MS
 
 SECRET_BYTES = 32
 
@@ -49,9 +50,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="accelerator for both agents (default: %(default)s)")
     p.add_argument("--mode", default="checkpoint", choices=["checkpoint", "lockstep"],
                    help="replication mode (default: %(default)s)")
-    p.add_argument("--channels", type=int, default=2, help="multifd data channels (default: %(default)s)")
+    p.add_argument("--channels", type=int, default=CHANNELS,
+                   help="multifd data channels (default: %(default)s)")
     p.add_argument("--interval-ms", type=int, default=None,
-                   help="checkpoint interval (default: 100, or 2000 in lockstep mode)")
+                   help=f"checkpoint interval (default: {CHECKPOINT_INTERVAL_MS}, "
+                   f"or {LOCKSTEP_CHECKPOINT_INTERVAL_MS} in lockstep mode)")
     p.add_argument("--writes-for", type=float, default=5.0, metavar="SECONDS",
                    help="how long the client writes before the primary is killed (default: %(default)s)")
     p.add_argument("--clients", type=int, default=4, help="concurrent writing clients (default: %(default)s)")
