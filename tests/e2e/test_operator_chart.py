@@ -156,3 +156,29 @@ def test_colovm_is_reconciled_then_deleted_without_leftovers(cluster: Any, relea
             f"no {kind} left",
         )
         assert left
+
+
+def test_every_operator_replica_serves_its_metrics(cluster: Any, release: None) -> None:
+    import urllib.request
+
+    pods = get_json(
+        cluster, "pods", "-n", RELEASE_NAMESPACE, "-l", f"app.kubernetes.io/instance={RELEASE}"
+    )
+    items = (pods or {}).get("items", [])
+    addresses = [p["status"]["podIP"] for p in items if p.get("status", {}).get("podIP")]
+    assert addresses
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    def scrape(address: str) -> str | None:
+        try:
+            with opener.open(f"http://{address}:9090/metrics", timeout=5) as response:
+                return str(response.read().decode())
+        except OSError:
+            return None
+
+    for address in addresses:
+        text = wait_for(lambda a=address: scrape(a), 60, f"/metrics of the operator at {address}")
+        assert 'colo_operator_vms{phase="Protected"}' in text
+        assert "colo_operator_reconcile_errors_total" in text and "process_cpu_seconds_total" in text
+    service = get_json(cluster, "service", "colo-colo-operator-metrics", "-n", RELEASE_NAMESPACE)
+    assert service["spec"]["ports"][0]["port"] == 9090
