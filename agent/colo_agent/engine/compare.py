@@ -144,10 +144,6 @@ class OutputComparator:
             v.extend(self.secondary_output(gen, conn, offset, data, closed))
         return v
 
-    def forget(self, conn: int) -> None:
-        """The client went away: nothing of it will ever be released."""
-        self._streams.pop(conn, None)
-
     def release_all(self) -> list[Release]:
         """No secondary any more: everything pending may go (the lease still decides)."""
         out = [Release(c, bytes(s.pending), s.closed, False) for c, s in self._streams.items()

@@ -28,7 +28,7 @@ from colo_agent.replication.mirror import (
     Output,
     encode,
 )
-from colo_agent.replication.transport import Connection
+from colo_agent.replication.transport import Connection, ThreadSafeLink
 
 log = logging.getLogger(__name__)
 
@@ -59,77 +59,37 @@ class OutputOffsets:
 
 
 class _Link:
-    """Frames to and from one mirror connection.
+    """Mirror messages to and from one mirror connection.
 
-    A frame is sent at once from the thread that produced it (the vCPU
-    thread, for mirrored input and the secondary's output) with a
-    non-blocking send: a hop through the event loop would add two thread
-    wake-ups to every request. Only what the socket does not take waits in
-    the outbox for the loop's writer; nothing is sent directly while the
-    outbox is not empty or the writer is sending, so frames never reorder.
+    Sends go through the transport's `ThreadSafeLink` straight from the
+    thread that produced them (the vCPU thread, for mirrored input and the
+    secondary's output); this class only encodes, decodes and dispatches.
     """
 
     def __init__(self, conn: Connection, on_message: Callable[[MirrorMessage], None], name: str) -> None:
-        self.conn = conn
+        self._io = ThreadSafeLink(conn, name)
         self._on_message = on_message
-        self._lock = threading.Lock()
-        self._outbox: list[bytes | memoryview] = []
-        self._writing = False
-        self._wake = asyncio.Event()
-        self._loop = asyncio.get_running_loop()
-        self.failed: str | None = None
-        self._tasks = [
-            asyncio.ensure_future(self._reader()),
-            asyncio.ensure_future(self._writer()),
-        ]
+        self._failed: str | None = None
+        self._tasks = [asyncio.ensure_future(self._reader())]
         for t in self._tasks:
             t.set_name(name)
             t.add_done_callback(self._finished)
 
+    @property
+    def failed(self) -> str | None:
+        if self._failed is not None:
+            return self._failed
+        return f"mirror {self._io.failed}" if self._io.failed is not None else None
+
     def _finished(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
             exc = task.exception()
-            self.failed = f"mirror link failed: {exc!r}"
-            log.error("%s", self.failed, exc_info=exc)
+            self._failed = f"mirror link failed: {exc!r}"
+            log.error("%s", self._failed, exc_info=exc)
 
     def send_threadsafe(self, msg: MirrorMessage) -> None:
         """Send from any thread, in the order of the calls."""
-        data: bytes | memoryview = encode(msg)
-        with self._lock:
-            if not self._outbox and not self._writing and self.failed is None:
-                try:
-                    sent = self.conn.sock.send(data)
-                except (BlockingIOError, InterruptedError):
-                    sent = 0
-                except OSError as exc:
-                    self.failed = f"mirror send failed: {exc}"
-                    return
-                if sent == len(data):
-                    return
-                data = memoryview(data)[sent:]
-            self._outbox.append(data)
-        with contextlib.suppress(RuntimeError):  # loop closed: shutting down
-            self._loop.call_soon_threadsafe(self._wake.set)
-
-    send = send_threadsafe
-
-    async def _writer(self) -> None:
-        try:
-            while True:
-                await self._wake.wait()
-                self._wake.clear()
-                while True:
-                    with self._lock:
-                        batch, self._outbox = self._outbox, []
-                        self._writing = bool(batch)
-                    if not batch:
-                        break
-                    await self.conn.sendmsg(batch)
-        except OSError as exc:
-            self.failed = f"mirror send failed: {exc}"
-        finally:
-            with self._lock:
-                self._writing = False
+        self._io.send_threadsafe(encode(msg))
 
     async def _reader(self) -> None:
         decoder = MirrorDecoder()
@@ -137,19 +97,19 @@ class _Link:
         view = memoryview(buf)
         try:
             while True:
-                n = await self._loop.sock_recv_into(self.conn.sock, view)
+                n = await self._io.recv_into(view)
                 if n == 0:
-                    self.failed = "mirror connection closed by the peer"
+                    self._failed = "mirror connection closed by the peer"
                     return
                 decoder.receive(view[:n])
                 while (msg := decoder.next_message()) is not None:
                     self._on_message(msg)
         except MirrorProtocolError as exc:
-            self.failed = f"mirror protocol error: {exc}"
-            log.error("%s; dropping the mirror link", self.failed)
-            self.conn.close()
+            self._failed = f"mirror protocol error: {exc}"
+            log.error("%s; dropping the mirror link", self._failed)
+            self._io.abort(self._failed)
         except OSError as exc:
-            self.failed = f"mirror receive failed: {exc}"
+            self._failed = f"mirror receive failed: {exc}"
 
     async def close(self) -> None:
         for t in self._tasks:
@@ -157,6 +117,7 @@ class _Link:
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
+        self._io.close()
 
 
 class PrimaryMirror:

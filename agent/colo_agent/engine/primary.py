@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -40,7 +39,7 @@ from colo_agent.replication.cache import StagingBuffer, image_digest, page_view
 from colo_agent.replication.handshake import AuthRefused
 from colo_agent.replication.mirror import pack_state
 from colo_agent.replication.protocol import RemoteProtocolError
-from colo_agent.replication.transport import CheckpointSender, EpochResult, PeerLostError
+from colo_agent.replication.transport import CheckpointSender, EpochResult, Listener, PeerLostError
 
 log = logging.getLogger(__name__)
 
@@ -257,9 +256,8 @@ class PrimaryRole:
         the next secondary has synced.
         """
         s = self.parts.settings
-        listener = socket.create_server((s.listen_host, s.replication_port), backlog=64, reuse_port=False)
-        listener.setblocking(False)
-        log.info("waiting for a secondary on %s:%d", s.listen_host, listener.getsockname()[1])
+        listener = Listener(s.listen_host, s.replication_port)
+        log.info("waiting for a secondary on %s:%d", s.listen_host, listener.port)
         try:
             while True:
                 try:

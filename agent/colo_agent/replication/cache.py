@@ -192,11 +192,6 @@ class ColoCache:
         return self._mirror
 
     @property
-    def pending_pages(self) -> int:
-        """Pages of the epoch in flight (landed or not)."""
-        return len(self.incoming)
-
-    @property
     def free_slots(self) -> int:
         return self.capacity - self._used if self.mode is CacheMode.CHECKPOINT else self.capacity
 

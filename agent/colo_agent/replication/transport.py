@@ -28,6 +28,7 @@ import logging
 import secrets
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
@@ -235,6 +236,101 @@ class Connection:
             self.sock.close()
 
 
+class ThreadSafeLink:
+    """Bytes to and from one connection, sent from any thread.
+
+    For a peer that must not wait on the event loop (lockstep's mirror: the
+    vCPU thread sends mirrored input and the secondary's output as it
+    produces them). A send goes out at once with a non-blocking send: a hop
+    through the loop would add two thread wake-ups to every request. Only
+    what the socket does not take waits in the outbox for the loop's writer;
+    nothing is sent directly while the outbox is not empty or the writer is
+    sending, so sends never reorder. Receiving happens on the loop.
+    """
+
+    def __init__(self, conn: Connection, name: str) -> None:
+        self.conn = conn
+        self.failed: str | None = None
+        self._lock = threading.Lock()
+        self._outbox: list[bytes | memoryview] = []
+        self._writing = False
+        self._wake = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        self._writer_task = asyncio.ensure_future(self._writer())
+        self._writer_task.set_name(f"{name} writer")
+
+    def send_threadsafe(self, data: bytes) -> None:
+        """Send `data` after everything sent before, from any thread."""
+        out: bytes | memoryview = data
+        with self._lock:
+            if self.failed is not None:
+                return
+            if not self._outbox and not self._writing:
+                try:
+                    sent = self.conn.sock.send(out)
+                except (BlockingIOError, InterruptedError):
+                    sent = 0
+                except OSError as exc:
+                    self.failed = f"send failed: {exc}"
+                    return
+                if sent == len(out):
+                    return
+                out = memoryview(out)[sent:]
+            self._outbox.append(out)
+        with contextlib.suppress(RuntimeError):  # loop closed: shutting down
+            self._loop.call_soon_threadsafe(self._wake.set)
+
+    async def recv_into(self, buf: memoryview) -> int:
+        """Loop only: receive what is there (0 at the end of the stream)."""
+        return await self.conn._recv_into(buf)
+
+    async def _writer(self) -> None:
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                while True:
+                    with self._lock:
+                        batch, self._outbox = self._outbox, []
+                        self._writing = bool(batch)
+                    if not batch:
+                        break
+                    await self.conn.sendmsg(batch)
+        except OSError as exc:
+            self.failed = f"send failed: {exc}"
+        finally:
+            with self._lock:
+                self._writing = False
+
+    def close(self) -> None:
+        """Stop sending; the connection stays its pairing's to close."""
+        with self._lock:
+            self.failed = self.failed or "closed"
+        self._writer_task.cancel()
+
+    def abort(self, reason: str) -> None:
+        """The peer misbehaved: stop, and shut the connection down."""
+        with self._lock:
+            self.failed = self.failed or reason
+        self._writer_task.cancel()
+        self.conn.close()
+
+
+class Listener:
+    """The primary's replication port (for `CheckpointSender.accept`)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.sock = socket.create_server((host, port), backlog=64, reuse_port=False)
+        self.sock.setblocking(False)
+
+    @property
+    def port(self) -> int:
+        return int(self.sock.getsockname()[1])
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 async def _open(host: str, port: int, timeout: float) -> socket.socket:
     loop = asyncio.get_running_loop()
     infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
@@ -420,7 +516,7 @@ class CheckpointSender:
 
     @classmethod
     async def accept(
-        cls, listener: socket.socket, *, join_timeout: float = 5.0, **options: Any
+        cls, listener: Listener | socket.socket, *, join_timeout: float = 5.0, **options: Any
     ) -> CheckpointSender:
         """Wait on `listener` for a secondary to dial in (`CheckpointReceiver.dial`) and pair.
 
@@ -435,14 +531,15 @@ class CheckpointSender:
         """
         loop = asyncio.get_running_loop()
         peer = "secondary"
+        server = listener.sock if isinstance(listener, Listener) else listener
 
         async def opener(channel: Channel) -> socket.socket:
             nonlocal peer
             if channel == CONTROL:
-                sock, addr = await loop.sock_accept(listener)
+                sock, addr = await loop.sock_accept(server)
                 peer = _address(addr)
             else:
-                sock, _ = await asyncio.wait_for(loop.sock_accept(listener), join_timeout)
+                sock, _ = await asyncio.wait_for(loop.sock_accept(server), join_timeout)
             return sock
 
         return await cls._pair(opener, lambda: peer, retry_refused=True, tls_server=True, **options)
@@ -761,7 +858,6 @@ class CheckpointReceiver:
         self._listener: socket.socket | None = None
         self._accept_task: asyncio.Task[None] | None = None
         self._handshakes: set[asyncio.Task[None]] = set()
-        self._commit_waiters: list[tuple[int, asyncio.Future[None]]] = []
         self.synced = asyncio.Event()
         self.refusals: list[Refused] = []
         self.lost_reasons: list[str] = []
@@ -795,14 +891,6 @@ class CheckpointReceiver:
     @property
     def lost(self) -> str | None:
         return self._pairing.lost if self._pairing is not None else None
-
-    async def wait_committed(self, epoch: int, timeout: float | None = None) -> None:
-        """Until `epoch` of the current pairing is committed (and acknowledged)."""
-        if self.committed_epoch >= epoch:
-            return
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._commit_waiters.append((epoch, fut))
-        await asyncio.wait_for(fut, timeout)
 
     async def wait_lost(self) -> str:
         while self._pairing is None:
@@ -950,21 +1038,11 @@ class CheckpointReceiver:
                 else:
                     self.cache.commit(a.term, a.epoch, a.device_state)
                 self._run(session.commit_done(a.term, a.epoch, self.clock()))
-                self._notify(a.epoch)
             elif isinstance(a, SyncComplete):
                 self.synced.set()
             elif isinstance(a, Yank | PeerLost | Closed):
                 self._end(a.reason)
         pairing.poke.set()
-
-    def _notify(self, epoch: int) -> None:
-        keep = []
-        for want, fut in self._commit_waiters:
-            if want > epoch:
-                keep.append((want, fut))
-            elif not fut.done():
-                fut.set_result(None)
-        self._commit_waiters = keep
 
     def _end(self, reason: str) -> None:
         pairing = self._pairing
@@ -1040,5 +1118,7 @@ __all__ = [
     "CheckpointSender",
     "Connection",
     "EpochResult",
+    "Listener",
     "PeerLostError",
+    "ThreadSafeLink",
 ]
