@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -99,6 +100,16 @@ def test_colo_agent_honours_the_log_level_and_format_from_its_environment(tmp_pa
                                env={"COLO_LOG_LEVEL": "info", "COLO_LOG_FORMAT": "json"})  # fmt: skip
         for agent in (quiet, loud):
             agent.wait_for("serving as primary", lambda s: s.role == "primary")
+        # A primary without a secondary: its ack age runs from becoming primary, in status and metrics.
+        status = loud.wait_for("reporting its ack age", lambda s: (s.ack_age_ms or 0) > 0)
+        assert status.ack_age_ms is not None
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(f"{loud.control_url}/metrics", timeout=10) as response:
+            metrics = response.read().decode()
+        ack_age = next(line for line in metrics.splitlines() if line.startswith("colo_ack_age_seconds "))
+        assert float(ack_age.split()[1]) > 0
+        assert 'colo_checkpoints_total{cause="mismatch"} 0.0' in metrics
+        assert "process_resident_memory_bytes" in metrics
     finally:
         for group in groups:
             group.close()
