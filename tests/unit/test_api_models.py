@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -95,6 +96,18 @@ def test_status_round_trip_with_optional_parts_absent() -> None:
     assert again == status
     assert again.last_checkpoint is None
     assert again.peer.address is None
+
+
+def test_failover_possible_is_optional_and_round_trips() -> None:
+    assert "failoverPossible" not in sample_status().to_dict()
+    assert AgentStatus.from_json(sample_status().to_json()).failover_possible is None
+    for possible in (True, False):
+        status = dataclasses.replace(sample_status(), failover_possible=possible)
+        assert status.to_dict()["failoverPossible"] is possible
+        assert AgentStatus.from_json(status.to_json()) == status
+    doc = sample_status().to_dict() | {"failoverPossible": "yes"}
+    with pytest.raises(ModelError, match="failoverPossible"):
+        AgentStatus.from_dict(doc)
 
 
 def test_every_response_round_trips() -> None:

@@ -117,6 +117,13 @@ class AgentMetrics:
             "1 while this agent holds a valid arbiter lease and may release output.",
             registry=registry,
         )
+        self.failover_possible = Gauge(
+            "colo_failover_possible",
+            "1 while a failover could happen now: the VM is protected (primary) or promotable "
+            "(secondary) and this agent reaches the arbiter. 0 during an arbiter (API server) "
+            "outage: protected VMs keep serving, but nobody can take the lease.",
+            registry=registry,
+        )
         self.ack_age_seconds = Gauge(
             "colo_ack_age_seconds",
             "Primary: seconds since the last acknowledged epoch (since becoming primary before the "

@@ -304,6 +304,10 @@ class AgentStatus(_Document):
     # the first one); how much guest execution a failover now would roll back. None on a
     # secondary. (Added within v1.)
     ack_age_ms: float | None = None
+    # Whether a failover could happen now: protected (primary) or promotable (secondary), and
+    # the arbiter answers. False through an API server outage, when protected VMs keep serving
+    # but nobody can take the Lease. None from agents that do not say. (Added within v1.)
+    failover_possible: bool | None = None
     api_version: str = API_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -312,6 +316,8 @@ class AgentStatus(_Document):
             out["lockstep"] = self.lockstep.to_dict()
         if self.ack_age_ms is not None:
             out["ackAgeMs"] = self.ack_age_ms
+        if self.failover_possible is not None:
+            out["failoverPossible"] = self.failover_possible
         return out
 
     def _to_dict(self) -> dict[str, Any]:
@@ -335,6 +341,7 @@ class AgentStatus(_Document):
         return cls(
             lockstep=None if lockstep is None else LockstepFigures._parse(lockstep),
             ack_age_ms=r.optional_number("ackAgeMs"),
+            failover_possible=r.boolean("failoverPossible") if r.has("failoverPossible") else None,
             api_version=r.string("apiVersion"),
             role=r.choice("role", Role),
             term=r.integer("term"),

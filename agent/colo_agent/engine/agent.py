@@ -75,6 +75,7 @@ class Agent:
         self.stopping = asyncio.Event()
         self.failed: str | None = None
         self.role: AgentRole = _Starting(settings.role)
+        metrics.failover_possible.set_function(lambda: self.role.view(time.monotonic()).failover_possible)
         self._role_changes = RoleChanges()
 
     # ------------------------------------------------------------------ lifecycle
@@ -151,6 +152,7 @@ class Agent:
             synced=view.synced,
             lockstep=view.lockstep,
             ack_age_ms=self.metrics.ack_age_ms(),
+            failover_possible=view.failover_possible,
         )
 
     def ready(self) -> bool:

@@ -3,9 +3,12 @@
 Output rules (checkpoint mode): while a secondary is paired, output the
 guest produced before a pause is released only once the epoch closed by
 that pause is acknowledged. Lockstep: output also leaves once the
-secondary's guest produced the same bytes. Without a secondary the guest
-runs unprotected and output leaves at once, but only under a valid lease
-and once the epoch floor is written (`_unprotect`).
+secondary's guest produced the same bytes. Such output leaves whether or
+not the lease is valid: the secondary that acknowledged (or matched) it is
+the only agent that can be promoted, and it holds the state that produced
+it (docs/architecture.md, "Output and the Lease"). Without a secondary the
+guest runs unprotected and output leaves at once, but only under a valid
+lease and once the epoch floor is written (`_unprotect`).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -112,7 +116,8 @@ class PrimaryRole:
         self._checkpoint_done = asyncio.Condition()
         self._demoting = False
         self._releasing = True
-        self._lease_wait: list[_Output] = []  # may leave, waits for a renewal (`_release`)
+        # Output that may leave, in order; what left alone waits for a renewal (`_release`).
+        self._lease_wait: deque[tuple[_Output, bool]] = deque()
         # Epoch floor (see `_unprotect`): wanted value for the renewal task, and
         # whether output may leave while no secondary is paired.
         self._floor_wanted = 0
@@ -180,24 +185,34 @@ class PrimaryRole:
         """Hand output to its clients, oldest first.
 
         `alone`: released without a secondary that acknowledged or matched it.
-        While the lease is not valid by our clock (a renewal that is late on
-        a loaded machine or a slow store) output waits for the next successful
-        renewal instead of being dropped: a dropped reply hangs its client for
-        good, and a renewal that succeeds proves nobody took the term
-        meanwhile. Only a fenced agent drops it, never to show it.
+        Such output needs a valid lease; acknowledged output does not (the
+        module docstring says why). While the lease is not valid by our clock
+        (a renewal that is late on a loaded machine or a slow store) output
+        released alone waits for the next successful renewal instead of being
+        dropped: a dropped reply hangs its client for good, and a renewal that
+        succeeds proves nobody took the term meanwhile. Whatever follows it
+        waits behind it, so no connection's output is reordered. Only a fenced
+        agent drops output, never to show it.
         """
         if not self._releasing:
             if out:
                 log.warning("fenced: dropping %d chunks of output", len(out))
             return
-        self._lease_wait.extend(out)
-        if not self._lease_wait:
-            return
-        if not self.parts.arbiter.is_valid():
-            self.parts.metrics.set_lease_valid(False)
-            return
-        waiting, self._lease_wait = self._lease_wait, []
-        for o in waiting:
+        self._lease_wait.extend((o, alone) for o in out)
+        self._deliver_waiting()
+
+    def _deliver_waiting(self) -> None:
+        waiting = self._lease_wait
+        lease_valid: bool | None = None
+        while waiting:
+            o, alone = waiting[0]
+            if alone:
+                if lease_valid is None:
+                    lease_valid = self.parts.arbiter.is_valid()
+                if not lease_valid:
+                    self.parts.metrics.set_lease_valid(False)
+                    break
+            waiting.popleft()
             self.bridge.deliver(o.conn, o.data, o.closed)
             if isinstance(o, Release):
                 self.parts.metrics.lockstep_released(len(o.data), on_match=o.on_match)
@@ -234,7 +249,7 @@ class PrimaryRole:
             if not ok:
                 log.warning("lease renewal failed; output waits while it stays so")
             elif self._lease_wait:
-                self._release([], alone=False)  # what waited for this renewal
+                self._deliver_waiting()  # what waited for this renewal
             await asyncio.sleep(min(FLOOR_RETRY, arbiter.renew_interval) if self._floor_wanted
                                 else arbiter.renew_interval)
 
@@ -462,11 +477,17 @@ class PrimaryRole:
             on_match, on_ack = self.parts.metrics.released_bytes
             queue = self.mirror.comparator.pending_bytes if self.mirror is not None else 0
             lockstep = LockstepFigures(on_match, on_ack, queue)
-        return RoleView(Role.PRIMARY, peer, self.protected, self.last_acked_epoch, self.last_checkpoint,
-                        lockstep)
+        return RoleView(Role.PRIMARY, peer, self.protected, self.last_acked_epoch, self.failover_possible(),
+                        self.last_checkpoint, lockstep)
 
     def ready(self) -> bool:
-        return self.parts.arbiter.is_valid()
+        """Serving: protected (acknowledged output leaves without the lease) or under the lease."""
+        return self.protected or self.parts.arbiter.is_valid()
+
+    def failover_possible(self) -> bool:
+        """A synced secondary exists and the arbiter answers (a renewal within the lease),
+        so the secondary could take the lease if this primary died now."""
+        return self.protected and self.parts.arbiter.is_valid()
 
     async def checkpoint(self, timeout: float) -> int | None:
         """Take a checkpoint now; the acknowledged epoch, or None if the secondary was lost first.

@@ -73,6 +73,7 @@ class RoleView:
     peer: PeerStatus
     synced: bool  # primary: protected; secondary: holds a committed image (promotable)
     last_acked_epoch: int
+    failover_possible: bool = False
     last_checkpoint: CheckpointFigures | None = None
     lockstep: LockstepFigures | None = None
 

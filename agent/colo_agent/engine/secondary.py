@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from colo_agent.api.models import PeerState, PeerStatus, Role
+from colo_agent.arbiter.base import ArbiterError
 from colo_agent.engine.lockstep import SecondaryMirror
 from colo_agent.engine.roles import Parts, RoleView, Tasks
 from colo_agent.replication.cache import CacheMode, ColoCache, default_capacity, image_digest
@@ -58,10 +59,11 @@ class SecondaryRole:
         self.peer_lost: str | None = None
         self.guest_started = False
         self._promoted = False
+        self._arbiter_read_at = -float("inf")  # monotonic time of the last successful read
 
     async def start(self) -> None:
         self.parts.metrics.set_role(Role.SECONDARY, 0)
-        self.tasks.spawn(self.parts.arbiter.keep_observing(), "arbiter observation")
+        self.tasks.spawn(self._observe_arbiter(), "arbiter observation")
         self.tasks.spawn(self._follow(), "replication")
 
     async def close(self) -> None:
@@ -80,6 +82,25 @@ class SecondaryRole:
         """(term, epoch) of the committed image a promotion would resume from."""
         committed = self.cache.committed
         return None if committed is None else committed.epoch
+
+    async def _observe_arbiter(self) -> None:
+        """Read the record every renew interval, so the clock on the primary's last renewal
+        is already running when a promotion comes, and so status can say whether a
+        promotion could take the arbiter at all. Store errors are retried: observing
+        is advisory."""
+        arbiter = self.parts.arbiter
+        while True:
+            try:
+                await arbiter.observe()
+                self._arbiter_read_at = time.monotonic()
+            except ArbiterError as exc:
+                log.debug("arbiter: observation failed: %s", exc)
+            await asyncio.sleep(arbiter.renew_interval)
+
+    def failover_possible(self) -> bool:
+        """A committed image exists and the arbiter answered within the last lease duration."""
+        recent = time.monotonic() - self._arbiter_read_at < self.parts.arbiter.lease_duration
+        return self.promotable and recent
 
     # ------------------------------------------------------------------ following the primary
 
@@ -207,7 +228,8 @@ class SecondaryRole:
         return self.promotable
 
     def view(self, now: float) -> RoleView:
-        return RoleView(Role.SECONDARY, self._peer_status(now), self.promotable, self.last_acked_epoch)
+        return RoleView(Role.SECONDARY, self._peer_status(now), self.promotable, self.last_acked_epoch,
+                        self.failover_possible())
 
     def _peer_status(self, now: float) -> PeerStatus:
         session = self.receiver.session

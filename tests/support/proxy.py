@@ -1,0 +1,85 @@
+"""A TCP proxy on loopback that a test can cut and restore: a network partition for one peer.
+
+While cut, established connections are dropped and new ones are accepted and
+then left silent (no bytes either way), as a peer behind a partition looks:
+requests time out rather than being refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+
+
+class CuttableProxy:
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target = (target_host, target_port)
+        self.cut_now = False
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="cuttable-proxy", daemon=True)
+        self._thread.start()
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.port = asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(10)
+
+    async def _start(self) -> int:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def _handle(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        self._writers.add(w)
+        if self.cut_now:
+            return  # held open and silent until restore() closes it
+        try:
+            tr, tw = await asyncio.open_connection(*self.target)
+        except OSError:
+            self._close(w)
+            return
+        self._writers.add(tw)
+        for src, dst in ((r, tw), (tr, w)):
+            task = asyncio.ensure_future(self._pipe(src, dst))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _pipe(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            while data := await r.read(1 << 16):
+                w.write(data)
+                await w.drain()
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self._close(w)
+
+    def _close(self, w: asyncio.StreamWriter) -> None:
+        self._writers.discard(w)
+        with contextlib.suppress(Exception):
+            w.close()
+
+    def _set(self, cut: bool) -> None:
+        self.cut_now = cut
+        for w in list(self._writers):
+            self._close(w)
+
+    async def _aset(self, cut: bool) -> None:
+        self._set(cut)
+
+    def cut(self) -> None:
+        """Drop every connection; new ones hang until `restore()`."""
+        asyncio.run_coroutine_threadsafe(self._aset(True), self.loop).result(10)
+
+    def restore(self) -> None:
+        """Forward again (the connections held while cut are closed)."""
+        asyncio.run_coroutine_threadsafe(self._aset(False), self.loop).result(10)
+
+    def close(self) -> None:
+        def stop() -> None:
+            if self._server is not None:
+                self._server.close()
+            self._set(False)
+            self.loop.stop()
+
+        self.loop.call_soon_threadsafe(stop)
+        self._thread.join(10)
