@@ -1,0 +1,33 @@
+# Devices of the qemu backend's QEMU (x86_64-softmmu): the i440fx PC with
+# e1000 and virtio NICs and virtio-blk, and nothing the COLO tests do not
+# use, which halves the build. Copied into configs/devices/x86_64-softmmu/
+# by .ci/qemu-build and chosen with --with-devices-x86_64=colo.
+CONFIG_I440FX=y
+CONFIG_ISAPC=n
+CONFIG_Q35=n
+CONFIG_MICROVM=n
+CONFIG_NITRO_ENCLAVE=n
+CONFIG_PCI_DEVICES=n
+CONFIG_E1000_PCI=y
+CONFIG_VIRTIO_PCI=y
+CONFIG_VIRTIO_NET=y
+CONFIG_VIRTIO_BLK=y
+CONFIG_VIRTIO_SERIAL=y
+CONFIG_AMD_IOMMU=n
+CONFIG_APPLESMC=n
+CONFIG_HYPERV=n
+CONFIG_ISA_DEBUG=n
+CONFIG_ISA_IPMI_BT=n
+CONFIG_ISA_IPMI_KCS=n
+CONFIG_PCI_IPMI_KCS=n
+CONFIG_PCI_IPMI_BT=n
+CONFIG_IPMI_SSIF=n
+CONFIG_QXL=n
+CONFIG_SEV=n
+CONFIG_SGX=n
+CONFIG_TEST_DEVICES=n
+CONFIG_TPM_CRB=n
+CONFIG_TPM_TIS_ISA=n
+CONFIG_VTD=n
+CONFIG_VMPORT=n
+CONFIG_VMMOUSE=n
