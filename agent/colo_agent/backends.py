@@ -15,6 +15,7 @@ from colo_agent.guest import Guest, GuestOptions
 # name -> module with `create_guest(options: GuestOptions) -> Guest`
 BACKENDS: dict[str, str] = {
     "microvm": "colo_agent.microvm.backend",
+    "qemu": "colo_agent.qemu.backend",
 }
 DEFAULT_BACKEND = "microvm"
 

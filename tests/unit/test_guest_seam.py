@@ -49,7 +49,7 @@ def test_a_stream_backend_may_serve_clients_itself() -> None:
 
 
 def test_unknown_backend_names_the_known_ones() -> None:
-    with pytest.raises(ValueError, match="unknown backend 'vmware'; known: microvm"):
+    with pytest.raises(ValueError, match="unknown backend 'vmware'; known: microvm, qemu"):
         create_guest("vmware", GuestOptions(4 << 20))
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from colo_agent.backends import create_guest
 from colo_agent.guest import Capabilities, GuestOptions
 from colo_agent.qemu.backend import QemuGuest, QemuSettings, parse_secondary
 from colo_agent.qemu.command import NicModel
@@ -49,3 +50,13 @@ def test_the_seam_sees_a_stream_backend_without_a_client_nic() -> None:
     caps = Capabilities.of(guest)
     assert caps.stream is guest and caps.pages is None and caps.clients is None and caps.mirror is None
     assert guest.ram_size == 256 * 1024 * 1024 and guest.accelerator == "tcg" and not guest.running
+
+
+def test_chosen_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in BASE.items():
+        monkeypatch.setenv(name, value)
+    guest = create_guest("qemu", OPTIONS)
+    assert isinstance(guest, QemuGuest) and guest.settings.disk == Path(BASE["COLO_QEMU_DISK"])
+    monkeypatch.delenv("COLO_QEMU_KERNEL")
+    with pytest.raises(ValueError, match="COLO_QEMU_KERNEL"):
+        create_guest("qemu", OPTIONS)
