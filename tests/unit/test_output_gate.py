@@ -68,3 +68,14 @@ def test_hold_is_safe_from_another_thread() -> None:
     assert [c.data[0] for c in chunks] == [i % 256 for i in range(2000)]
     assert [c.epoch for c in chunks] == sorted(c.epoch for c in chunks)
     assert sealed == list(range(1, 51))
+
+
+def test_hold_says_when_an_epoch_starts_waiting() -> None:
+    gate = OutputGate()
+    assert gate.hold(1, b"a", False) is True
+    assert gate.hold(2, b"b", False) is False
+    gate.seal()
+    assert gate.hold(1, b"c", False) is True
+    gate.seal()
+    gate.release_all()
+    assert gate.hold(1, b"d", False) is True

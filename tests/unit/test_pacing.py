@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from colo_agent.engine.pacing import MIN_INTERVAL, CheckpointPacer
+from colo_agent.engine.pacing import MIN_INTERVAL, OUTPUT_MIN_RUN, CheckpointPacer
 
 
 def test_idle_guest_waits_the_interval() -> None:
@@ -41,3 +41,9 @@ def test_a_guest_that_outruns_the_stream_is_held_until_the_acknowledgement() -> 
     p.observe(pages=1000, seconds=0.1)  # 10k pages/s
     assert not p.hold_during_stream(0.05)  # 500 pages while streaming: fits
     assert p.hold_during_stream(0.2)  # 2000 pages while streaming: would overflow the next epoch
+
+
+def test_output_lets_the_guest_run_as_long_as_the_last_checkpoint_took() -> None:
+    pacer = CheckpointPacer(interval=0.1, cache_pages=1000)
+    assert pacer.output_wait(0.004) == 0.004
+    assert pacer.output_wait(0.0) == OUTPUT_MIN_RUN > 0

@@ -77,6 +77,7 @@ class CheckpointCause(enum.StrEnum):
     MISMATCH = "mismatch"  # lockstep: outputs differed
     TIMEOUT = "timeout"  # lockstep: output unmatched too long, or too much of it
     REQUESTED = "requested"  # POST /v1/checkpoint
+    OUTPUT = "output"  # checkpoint mode: output waited for an epoch
     INITIAL_SYNC = "initial-sync"
 
 

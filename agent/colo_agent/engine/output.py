@@ -32,6 +32,7 @@ class OutputGate:
         self._open_epoch = first_epoch
         self._held: deque[OutputChunk] = deque()
         self._held_bytes = 0
+        self._open_has_output = False
 
     @property
     def open_epoch(self) -> int:
@@ -42,17 +43,21 @@ class OutputGate:
     def held_bytes(self) -> int:
         return self._held_bytes
 
-    def hold(self, conn_id: int, data: bytes, closed: bool) -> None:
-        """Called by the guest's NIC (any thread) for every chunk of output."""
+    def hold(self, conn_id: int, data: bytes, closed: bool) -> bool:
+        """Called by the guest's NIC (any thread) for every chunk of output.
+        True for the first chunk of the open epoch: from now on output waits for a seal."""
         with self._lock:
             self._held.append(OutputChunk(self._open_epoch, conn_id, data, closed))
             self._held_bytes += len(data)
+            first, self._open_has_output = not self._open_has_output, True
+            return first
 
     def seal(self) -> int:
         """Close the open epoch (the guest is paused) and return its number."""
         with self._lock:
             sealed = self._open_epoch
             self._open_epoch += 1
+            self._open_has_output = False
             return sealed
 
     def release_through(self, epoch: int) -> list[OutputChunk]:

@@ -108,10 +108,11 @@ class PrimaryRole:
         self.protected = False
         self.last_acked_epoch = 0
         self.last_checkpoint: CheckpointFigures | None = None
-        self.fenced: str | None = None
         self.offsets = OutputOffsets()  # lockstep: output offsets per connection (vCPU thread)
         self._lockstep_active = False  # output goes through the comparator
         self._checkpoint_now = asyncio.Event()
+        self._output_waiting = False  # checkpoint mode: output of the open epoch is held
+        self._trigger = asyncio.Event()  # a checkpoint request or waiting output
         self._checkpoint_cause: CheckpointCause | None = None
         self._checkpoint_done = asyncio.Condition()
         self._demoting = False
@@ -159,10 +160,17 @@ class PrimaryRole:
                 with contextlib.suppress(RuntimeError):
                     self._loop.call_soon_threadsafe(self._lockstep_output, conn_id, data, closed)
                 return
-        self.gate.hold(conn_id, data, closed)
+        first = self.gate.hold(conn_id, data, closed)
         if not self.protected:
             with contextlib.suppress(RuntimeError):
                 self._loop.call_soon_threadsafe(self._release_event.set)
+        elif first and not self.lockstep:
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._output_arrived)
+
+    def _output_arrived(self) -> None:
+        self._output_waiting = True
+        self._trigger.set()
 
     def _lockstep_output(self, conn_id: int, data: bytes, closed: bool) -> None:
         if self.mirror is not None:
@@ -313,7 +321,7 @@ class PrimaryRole:
                 self._checkpoint_done.notify_all()
             if keep_paused:
                 return
-            cause = await self._wait_for_trigger(pairing, capture.started)
+            cause = await self._wait_for_trigger(pairing, capture.started, time.monotonic() - capture.started)
 
     async def _first_sync(self, sender: CheckpointSender) -> _Pairing:
         self.sender = sender
@@ -355,6 +363,7 @@ class PrimaryRole:
                 self._lockstep_active = True
             digest = image_digest(self.ram_pages) if self.parts.settings.debug_digests else None
             sealed = self.gate.seal()
+            self._output_waiting = False  # paused: nothing of the new epoch can be waiting yet
             # From the first epoch on, output waits for acknowledgements.
             self.protected = True
         except BaseException:
@@ -401,16 +410,31 @@ class PrimaryRole:
         metrics.checkpoint_acknowledged(figures)
         metrics.set_peer(up=True, synced=True)
 
-    async def _wait_for_trigger(self, pairing: _Pairing, started: float) -> CheckpointCause:
-        """Until the next checkpoint is due; returns why it is."""
+    async def _wait_for_trigger(self, pairing: _Pairing, started: float, took: float) -> CheckpointCause:
+        """Until the next checkpoint is due; returns why it is.
+
+        Due: on request, when the pace (interval or dirty rate) says so, or,
+        checkpoint mode, once output waits and the guest ran for `took` (what
+        the last checkpoint cost) since its acknowledgement."""
         pace = pairing.pacer.next_wait()
         cause = CheckpointCause.DIRTY_THRESHOLD if pace < pairing.pacer.interval else CheckpointCause.INTERVAL
-        wait = pace - (time.monotonic() - started)
-        if not self._checkpoint_now.is_set():
+        due = started + pace
+        output_at = time.monotonic() + pairing.pacer.output_wait(took)
+        while True:
+            now = time.monotonic()
+            if self._checkpoint_now.is_set():
+                cause = self._checkpoint_cause or CheckpointCause.REQUESTED
+                break
+            if now >= due:
+                break
+            if self._output_waiting and now >= output_at:
+                cause = CheckpointCause.OUTPUT
+                break
+            # Every setter runs in this thread, so nothing is lost between the checks and the clear.
+            self._trigger.clear()
+            until = min(due, output_at) if self._output_waiting else due
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._checkpoint_now.wait(), max(0.0, wait))
-        if self._checkpoint_now.is_set():
-            cause = self._checkpoint_cause or CheckpointCause.REQUESTED
+                await asyncio.wait_for(self._trigger.wait(), until - now)
         self._checkpoint_now.clear()
         self._checkpoint_cause = None
         return cause
@@ -419,6 +443,7 @@ class PrimaryRole:
         if self._checkpoint_cause is None:
             self._checkpoint_cause = CheckpointCause(cause.value)
         self._checkpoint_now.set()
+        self._trigger.set()
 
     async def _step_down(self) -> None:
         """Planned switchover: the guest stays paused at the final acknowledged epoch, this agent
@@ -494,6 +519,7 @@ class PrimaryRole:
         TimeoutError if nothing was acknowledged within `timeout`."""
         target = self.last_acked_epoch + 1
         self._checkpoint_now.set()
+        self._trigger.set()
         async with self._checkpoint_done:
             await asyncio.wait_for(
                 self._checkpoint_done.wait_for(lambda: self.last_acked_epoch >= target or not self.protected),
