@@ -14,6 +14,11 @@ Promotion follows CloudNativePG's shape: the operator first records
 agent to promote with `term + 1`; the agent takes the Lease with that term by
 compare-and-swap before it starts serving, so a wrong decision can never make
 two primaries. Only then are the pods relabelled, which moves the Service.
+
+The rest of a VM's life is decided here too: `runStrategy: Halted` stops it
+(pods deleted, a fresh guest on the next start), and a rolling update
+replaces an outdated secondary and then switches over to it, so it needs no
+step of its own: the switchover retires the old primary.
 """
 
 from __future__ import annotations
