@@ -20,13 +20,15 @@ RUN apt-get update \
 ENV VIRTUAL_ENV=/opt/colo/venv PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv "$VIRTUAL_ENV"
 WORKDIR /src
-# Dependencies first, in their own layer: a source edit reuses it.
-COPY pyproject.toml README.md ./
+# Dependencies first, in their own layer: a source or README edit reuses it
+# (pyproject.toml names the README, so an empty one stands in here).
+COPY pyproject.toml ./
 RUN mkdir -p agent/colo_agent operator/colo_operator \
-    && touch agent/colo_agent/__init__.py operator/colo_operator/__init__.py \
+    && touch README.md agent/colo_agent/__init__.py operator/colo_operator/__init__.py \
     && "$VIRTUAL_ENV/bin/pip" install . \
     && "$VIRTUAL_ENV/bin/pip" uninstall -y colo-operator \
-    && rm -rf agent operator build
+    && rm -rf agent operator build README.md
+COPY README.md ./
 COPY agent ./agent
 COPY operator ./operator
 RUN "$VIRTUAL_ENV/bin/pip" install --no-deps . \
