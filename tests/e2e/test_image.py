@@ -63,6 +63,9 @@ def test_the_runtime_image_has_no_compiler_and_its_firmware_is_prebuilt(engine: 
         "from colo_agent.microvm.machine import default_firmware; print(len(default_firmware().image))",
     )  # fmt: skip
     assert loaded.returncode == 0 and int(loaded.stdout) > 0, loaded.stderr[-2000:]
+    # The chart's Deployment runs the other entry point of the same image.
+    operator = run(engine, TAG, "colo-operator", "--help")
+    assert operator.returncode == 0 and "--peering" in operator.stdout, operator.stderr[-2000:]
 
 
 def test_guest_ram_larger_than_a_containers_dev_shm_needs_colo_ram_dir(engine: engines.Engine) -> None:
