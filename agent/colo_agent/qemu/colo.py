@@ -126,8 +126,7 @@ class ColoPrimary:
         try:
             await q.run_plan(plan.primary_proxy(self.ports, self.run, self.has_rewriter))
             since = time.monotonic()
-            cmd = plan.primary_disk_sync(secondary.nbd)
-            await q.execute(cmd.name, dict(cmd.args))
+            await self._start_disk_sync(secondary, timeout)
             await q.wait_event("BLOCK_JOB_READY", since, timeout,
                                lambda e: e.data.get("device") == plan.RESYNC_JOB)
             await q.execute("stop")
@@ -145,6 +144,22 @@ class ColoPrimary:
             raise
         self.protected = True
         log.info("protected in %.1fs", time.monotonic() - started)
+
+    async def _start_disk_sync(self, secondary: SecondaryPorts, timeout: float) -> None:
+        # A promoted secondary's replication driver still merges its active and
+        # hidden disks for a while after the failover, in a job QMP does not
+        # list; the disk copy can start only once that job is done.
+        cmd = plan.primary_disk_sync(secondary.nbd)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                await self.qemu.execute(cmd.name, dict(cmd.args))
+                return
+            except QemuError as exc:
+                if "is busy" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                log.info("disk busy after the failover; copy waits: %s", exc)
+                await asyncio.sleep(0.5)
 
     async def _in_colo(self) -> bool:
         info = await self.qemu.execute("query-migrate")
