@@ -198,6 +198,9 @@ class QemuProcess:
             if self._proc.poll() is None:
                 self.kill_now()
                 await asyncio.to_thread(self._proc.wait)
+        if self.returncode is not None:
+            for sock in (self.run.qmp, self.run.qmp_sync, self.run.compare_in, self.run.compare_out):
+                sock.unlink(missing_ok=True)
 
 
 async def qemu_img_create(qemu_img: str, path: Path, size: int) -> None:
