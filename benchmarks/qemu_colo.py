@@ -12,10 +12,11 @@ QEMU guests under KVM):
    promoted secondary (the backend's `take_over`, the agent's detection
    delay not included), repeated `--runs` times with re-protection between.
 
-    .venv/bin/python benchmarks/qemu.py [--runs 3] [--requests 2000]
+    .venv/bin/python benchmarks/qemu_colo.py [--runs 3] [--requests 2000]
 
 Needs `.ci/qemu-build` and `.ci/qemu-guest` (cached). Prints a table and
-writes benchmarks/results/qemu.json. COLO runs single-stream (multifd with
+writes benchmarks/results/qemu.json. (Not `qemu.py`: that name would shadow
+the `qemu.qmp` package.) COLO runs single-stream (multifd with
 x-colo does not work in QEMU 10.0).
 """
 
@@ -63,7 +64,6 @@ async def _pauses_under_load(primary: QemuGuest, client: Endpoint, value_bytes: 
     """Checkpoint pauses while one client writes values of `value_bytes` as fast as it can."""
     assert primary.primary is not None
     await primary.primary.refresh()
-    seen = len(primary.primary.figures.recent)
     count0 = primary.primary.figures.checkpoints
     stop = asyncio.Event()
     writer = Writer(client, f"load{value_bytes}")
@@ -75,7 +75,8 @@ async def _pauses_under_load(primary: QemuGuest, client: Endpoint, value_bytes: 
     await task
     elapsed = time.monotonic() - started
     figures = await primary.primary.refresh()
-    new = figures.recent[seen:]
+    fresh = min(figures.checkpoints - count0, len(figures.recent))  # `recent` keeps the last 256
+    new = figures.recent[len(figures.recent) - fresh:]
     pauses = [c.pause * 1000 for c in new]
     return {
         "value_bytes": value_bytes,
