@@ -1,8 +1,11 @@
 """The chart's monitoring: ServiceMonitor, PodMonitor, PrometheusRule and Grafana dashboard.
 
-The dashboard is validated against a JSON Schema of Grafana's dashboard model,
-and every metric a rule or a panel names must exist in the agent's or the
-operator's registry.
+The alert rules are checked and unit-tested with Prometheus's own promtool
+(`bash .ci/promtool` builds it; `.ci/run` does so before the tests): each alert
+fires on the series that should fire it and stays quiet otherwise. The
+dashboard is validated against a JSON Schema of Grafana's dashboard model, its
+queries are parsed by promtool, and every metric a rule or a panel names must
+exist in the agent's or the operator's registry.
 """
 
 from __future__ import annotations
@@ -44,7 +47,12 @@ def _tool(name: str, cache: str) -> str | None:
 
 
 HELM = _tool("helm", "colo-e2e")
+PROMTOOL = os.environ.get("PROMTOOL") or _tool("promtool", "colo-promtool")
 needs_helm = pytest.mark.skipif(HELM is None, reason="no helm binary (bash .ci/e2e-tools builds one)")
+# Under CI (.ci/run builds promtool first) a missing promtool fails instead of skipping.
+needs_promtool = pytest.mark.skipif(
+    PROMTOOL is None and not os.environ.get("CI"), reason="no promtool (bash .ci/promtool builds one)"
+)
 
 
 def render(*args: str) -> list[dict[str, Any]]:
@@ -54,6 +62,11 @@ def render(*args: str) -> list[dict[str, Any]]:
         capture_output=True, text=True, check=True, timeout=120,
     )  # fmt: skip
     return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
+
+
+def promtool(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    assert PROMTOOL is not None, "no promtool: bash .ci/promtool"
+    return subprocess.run([PROMTOOL, *args], cwd=cwd, capture_output=True, text=True, timeout=120)
 
 
 # --------------------------------------------------------------------------- metric names
@@ -123,6 +136,23 @@ def test_the_schema_rejects_what_grafana_would() -> None:
     broken["panels"][2]["targets"][0].pop("refId")
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(broken, DASHBOARD_SCHEMA)
+
+
+@needs_promtool
+def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
+    # Grafana's variables, as Grafana substitutes them.
+    rules = [
+        {
+            "record": f"dashboard:query{i}",
+            "expr": e.replace("$__rate_interval", "1m").replace("$namespace", ".*"),
+        }
+        for i, e in enumerate(dashboard_exprs())
+    ]
+    (tmp_path / "dashboard.rules.yaml").write_text(
+        yaml.safe_dump({"groups": [{"name": "d", "rules": rules}]})
+    )
+    result = promtool("check", "rules", "dashboard.rules.yaml", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 # --------------------------------------------------------------------------- the chart
@@ -215,3 +245,130 @@ def test_alert_rules_name_only_real_metrics_and_take_thresholds_from_the_values(
     rules = {r["alert"]: r for g in custom["groups"] for r in g["rules"]}
     assert rules["ColoVMNotProtected"]["for"] == "2m"
     assert rules["ColoCheckpointPauseHigh"]["expr"].endswith("> 0.2")
+
+
+@needs_helm
+@needs_promtool
+def test_alert_rules_pass_promtool_check(tmp_path: Path) -> None:
+    rules_file(tmp_path)
+    result = promtool("check", "rules", "alerts.yaml", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# Each alert against series that must fire it and series that must not.
+ALERT_TESTS = """
+rule_files: [alerts.yaml]
+evaluation_interval: 1m
+tests:
+  - interval: 1m
+    input_series:
+      - series: 'colo_operator_vm_phase{namespace="a", name="syncing", phase="Syncing"}'
+        values: '1x10'
+      - series: 'colo_operator_vm_phase{namespace="a", name="syncing", phase="Protected"}'
+        values: '0x10'
+      - series: 'colo_operator_vm_phase{namespace="a", name="ok", phase="Protected"}'
+        values: '1x10'
+      - series: 'colo_operator_vm_phase{namespace="a", name="halted", phase="Stopped"}'
+        values: '1x10'
+      - series: 'colo_operator_vm_phase{namespace="a", name="brief", phase="Degraded"}'
+        values: '1 1 0 0 0 0 0 0 0 0 0'
+    alert_rule_test:
+      - eval_time: 4m
+        alertname: ColoVMNotProtected
+        exp_alerts: []
+      - eval_time: 6m
+        alertname: ColoVMNotProtected
+        exp_alerts:
+          - exp_labels: {severity: warning, namespace: a, name: syncing}
+            exp_annotations:
+              summary: ColoVM a/syncing has no synced secondary
+              description: >-
+                ColoVM a/syncing has not been Protected for 5m: losing its primary's node now would
+                lose the VM. kubectl colo status -n a syncing shows why.
+  - interval: 1m
+    input_series:
+      - series: 'colo_operator_transitions_total{kind="Failover", cause="NodeNotReady"}'
+        values: '0 0 0 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1'
+      - series: 'colo_operator_transitions_total{kind="Switchover", cause="Switchover"}'
+        values: '0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25'
+    alert_rule_test:
+      - eval_time: 2m
+        alertname: ColoVMFailedOver
+        exp_alerts: []
+      - eval_time: 5m
+        alertname: ColoVMFailedOver
+        exp_alerts:
+          - exp_labels: {severity: warning, cause: NodeNotReady}
+            exp_annotations:
+              summary: A ColoVM failed over (NodeNotReady)
+              description: >-
+                1 failover(s) caused by NodeNotReady in the last 15m; the promoted secondary serves and
+                a new one is being synced. kubectl get cvm -A and kubectl get events --field-selector
+                reason=Promoted -A say which.
+      - eval_time: 25m
+        alertname: ColoVMFailedOver
+        exp_alerts: []
+  - interval: 1m
+    input_series:
+      # 60 pauses a minute, all in the 0.1 s bucket: p99 about 0.1 s.
+      - series: 'colo_checkpoint_pause_seconds_bucket{namespace="a", pod="slow-0", le="0.05"}'
+        values: '0x30'
+      - series: 'colo_checkpoint_pause_seconds_bucket{namespace="a", pod="slow-0", le="0.1"}'
+        values: '0+60x30'
+      - series: 'colo_checkpoint_pause_seconds_bucket{namespace="a", pod="slow-0", le="+Inf"}'
+        values: '0+60x30'
+      # All under 1 ms.
+      - series: 'colo_checkpoint_pause_seconds_bucket{namespace="a", pod="fast-0", le="0.001"}'
+        values: '0+60x30'
+      - series: 'colo_checkpoint_pause_seconds_bucket{namespace="a", pod="fast-0", le="0.05"}'
+        values: '0+60x30'
+      - series: 'colo_checkpoint_pause_seconds_bucket{namespace="a", pod="fast-0", le="0.1"}'
+        values: '0+60x30'
+      - series: 'colo_checkpoint_pause_seconds_bucket{namespace="a", pod="fast-0", le="+Inf"}'
+        values: '0+60x30'
+    alert_rule_test:
+      - eval_time: 25m
+        alertname: ColoCheckpointPauseHigh
+        exp_alerts:
+          - exp_labels: {severity: warning, namespace: a, pod: slow-0}
+            exp_annotations:
+              summary: Checkpoint pauses of a/slow-0 are long
+              description: >-
+                The p99 guest pause for a checkpoint is 99.5ms (threshold 0.05s): the guest dirties
+                much memory per epoch, or the node is overloaded.
+  - interval: 1m
+    input_series:
+      - series: 'colo_lease_valid{namespace="a", pod="cut-0"}'
+        values: '1 1 0 0 0 0 0'
+      - series: 'colo_role{namespace="a", pod="cut-0", colo_role="primary"}'
+        values: '1x6'
+      - series: 'colo_lease_valid{namespace="a", pod="standby-1"}'
+        values: '0x6'
+      - series: 'colo_role{namespace="a", pod="standby-1", colo_role="primary"}'
+        values: '0x6'
+      - series: 'colo_role{namespace="a", pod="standby-1", colo_role="secondary"}'
+        values: '1x6'
+    alert_rule_test:
+      - eval_time: 2m
+        alertname: ColoLeaseNotRenewable
+        exp_alerts: []
+      - eval_time: 4m
+        alertname: ColoLeaseNotRenewable
+        exp_alerts:
+          - exp_labels: {severity: critical, namespace: a, pod: cut-0}
+            exp_annotations:
+              summary: Primary a/cut-0 cannot renew its Lease
+              description: >-
+                The primary agent has held no valid Lease for 1m (API server unreachable or
+                overloaded). It serves only output its secondary acknowledged; a failover is
+                impossible meanwhile.
+"""
+
+
+@needs_helm
+@needs_promtool
+def test_alerts_fire_on_what_they_describe_and_only_then(tmp_path: Path) -> None:
+    rules_file(tmp_path)
+    (tmp_path / "alerts.test.yaml").write_text(ALERT_TESTS)
+    result = promtool("test", "rules", "alerts.test.yaml", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
