@@ -353,3 +353,46 @@ async def test_an_intruder_dialling_alongside_does_not_keep_the_rightful_seconda
         accepting.cancel()
         await rx.close()
         listener.close()
+
+
+async def test_a_half_open_pairing_the_secondary_gave_up_on_does_not_keep_it_out() -> None:
+    """A secondary whose first dial stops after the control connection (it timed the
+    half-open pairing out on a loaded machine) dials again and again: the primary must
+    give the stale pairing up within its join timeout rather than take every new
+    connection as one of its channels (once, the pair never paired again)."""
+    guest = Guest(8)
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)
+    port = listener.getsockname()[1]
+
+    async def accept_until_paired() -> CheckpointSender:
+        while True:
+            with contextlib.suppress(AuthRefused, OSError, p.RemoteProtocolError, TimeoutError):
+                return await CheckpointSender.accept(
+                    listener, join_timeout=1.0, secret=SECRET, vm=VM, term=1, page_count=PAGES, channels=2
+                )
+
+    accepting = asyncio.create_task(accept_until_paired())
+    # The control connection of a pairing, whose dialer then goes away.
+    stale = CheckpointReceiver(ColoCache(bytearray(PAGES * PAGE), capacity=64), secret=SECRET, vm=VM, term=1)
+    loop = asyncio.get_running_loop()
+    sock = await loop.run_in_executor(None, socket.create_connection, ("127.0.0.1", port))
+    await stale._handshake(sock, "stale", tls_server=False)
+    await stale.close()
+    mem = bytearray(PAGES * PAGE)
+    rx = CheckpointReceiver(ColoCache(mem, capacity=512), secret=SECRET, vm=VM, term=1)
+    deadline = time.monotonic() + 15
+    while not accepting.done():
+        assert time.monotonic() < deadline, "the secondary never paired again"
+        with contextlib.suppress(AuthRefused, OSError, p.RemoteProtocolError, TimeoutError):
+            await asyncio.wait_for(rx.dial("127.0.0.1", port), 3)
+        await asyncio.sleep(0.2)
+    sender = await accepting
+    try:
+        await sender.sync(guest.ram, guest.collect_dirty)
+        epoch, digest = await guest.checkpoint(sender, sender.take_sync_remainder())
+        assert image_digest(mem) == digest and rx.committed_epoch == epoch
+    finally:
+        await sender.close()
+        await rx.close()
+        listener.close()

@@ -771,6 +771,10 @@ class SecondarySession:
             raise LocalProtocolError("only resumable errors can be reported; close the connection otherwise")
         return self._dispatch(_S.CORRUPT, True, channel, error.reason)
 
+    def heard(self, now: float) -> None:
+        """The primary said something outside the session (a handshake of this pairing)."""
+        self._live.heard(now)
+
     def commit_done(self, term: int, epoch: int, now: float) -> list[Action]:
         """The engine committed the epoch of the last CommitEpoch action."""
         return self._dispatch(_S.COMMIT_DONE, False, term, epoch)

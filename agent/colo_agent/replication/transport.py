@@ -521,7 +521,7 @@ class CheckpointSender:
         """Wait on `listener` for a secondary to dial in (`CheckpointReceiver.dial`) and pair.
 
         The first connection may take any time (a secondary joins when it
-        likes); the rest of the pairing must follow within `join_timeout`.
+        likes); the rest of the pairing must follow within `join_timeout` of it.
         Channels are assigned in the order connections arrive; the HELLO
         tells the secondary which is which. A connection whose handshake
         fails (a wrong secret, another secondary refusing a channel of a
@@ -532,14 +532,19 @@ class CheckpointSender:
         loop = asyncio.get_running_loop()
         peer = "secondary"
         server = listener.sock if isinstance(listener, Listener) else listener
+        # One deadline for the whole pairing, not one per connection: a
+        # secondary that gave up on a half-open pairing dials again, and its
+        # new connections must not keep the stale one alive forever.
+        deadline = 0.0
 
         async def opener(channel: Channel) -> socket.socket:
-            nonlocal peer
+            nonlocal peer, deadline
             if channel == CONTROL:
                 sock, addr = await loop.sock_accept(server)
                 peer = _address(addr)
+                deadline = loop.time() + join_timeout
             else:
-                sock, _ = await asyncio.wait_for(loop.sock_accept(server), join_timeout)
+                sock, _ = await asyncio.wait_for(loop.sock_accept(server), max(0.0, deadline - loop.time()))
             return sock
 
         return await cls._pair(opener, lambda: peer, retry_refused=True, tls_server=True, **options)
@@ -1017,6 +1022,10 @@ class CheckpointReceiver:
         if channel in pairing.conns or pairing.lost is not None:
             conn.close()
             return
+        assert self.session is not None
+        # A handshake is word from the primary: its heartbeats start only once
+        # every connection is open, which may take a while on a loaded machine.
+        self.session.heard(self.clock())
         pairing.add(channel, conn)
         if channel.kind is ChannelKind.MIRROR:
             self.mirror = conn  # the lockstep engine reads and writes it
