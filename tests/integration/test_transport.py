@@ -204,7 +204,9 @@ async def test_corrupted_data_frame_is_rejected_resent_and_never_half_applied() 
 
 async def test_a_peer_that_stops_reading_is_yanked_within_the_timeout() -> None:
     guest = Guest(3)
-    rx, port, _ = await receiver(capacity=PAGES)
+    # The secondary waits longer than the primary, so that it is the primary's own
+    # deadline that ends the pairing, not the secondary hanging up first.
+    rx, port, _ = await receiver(capacity=PAGES, heartbeat_timeout=5.0)
     proxy = Proxy(port)
     sender = await paired(await proxy.start(), guest, heartbeat_interval=0.05, heartbeat_timeout=0.4)
     try:
