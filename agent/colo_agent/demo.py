@@ -130,7 +130,8 @@ class Demo:
             argv += ["--interval-ms", str(a.interval_ms)]
         if peer is not None:
             argv += ["--peer", f"127.0.0.1:{peer.replication_port}"]
-        env = dict(os.environ, COLO_SECRET=self.secret)
+        # Both agents on this machine's loopback: the demo opts out of TLS explicitly.
+        env = dict(os.environ, COLO_SECRET=self.secret, COLO_INSECURE_CLEAR="true")
         with agent.log_path.open("wb") as log:
             agent.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env,
                                           start_new_session=True)

@@ -14,6 +14,7 @@ import signal
 import socket
 import sys
 
+from colo_agent.api.identity import OPERATOR_IDENTITY
 from colo_agent.api.models import ReplicationMode, Role
 from colo_agent.arbiter import parse_spec as parse_arbiter
 from colo_agent.backends import BACKENDS, DEFAULT_BACKEND
@@ -31,6 +32,7 @@ from colo_agent.constants import (
 )
 from colo_agent.microvm.cli import _accel, _arg_type, _port
 from colo_agent.microvm.config import parse_memory, validate_dirty_rate
+from colo_agent.tls import PeerTls, TlsFiles
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,29 @@ def _channels(text: str) -> int:
     if not text.isdigit() or not 1 <= int(text) <= MAX_CHANNELS:
         raise ValueError(f"channels must be between 1 and {MAX_CHANNELS}, got {text!r}")
     return int(text)
+
+
+def _flag(text: str) -> bool:
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no", ""):
+        return False
+    raise ValueError(f"{text!r} is not true or false")
+
+
+def _tls(args: argparse.Namespace) -> TlsFiles | None:
+    """The certificate directory, or None for the explicit clear opt-out."""
+    if args.tls_dir and args.insecure_clear:
+        raise ValueError("give --tls-dir or --insecure-clear, not both")
+    if args.tls_dir:
+        return TlsFiles(args.tls_dir)
+    if not args.insecure_clear:
+        raise ValueError(
+            "TLS is required: give --tls-dir DIR (tls.crt, tls.key, ca.crt), or --insecure-clear true "
+            "to send guest memory in clear"
+        )
+    log.warning("TLS is off (--insecure-clear): guest memory and control requests cross the network in clear")
+    return None
 
 
 def _vm(text: str) -> str:
@@ -77,6 +102,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     env_arg(who, "--secret-file", "COLO_SECRET_FILE", default=None, metavar="PATH",
             help="file holding the per-VM secret (agent authentication and control API token); "
             "else the secret is read from COLO_SECRET")
+    env_arg(who, "--tls-dir", "COLO_TLS_DIR", default=None, metavar="DIR",
+            help="directory holding tls.crt, tls.key and ca.crt (the VM's certificate Secret): mutual "
+            "TLS 1.3 on the replication and control ports; read again at every pairing, so a renewed "
+            "certificate is used without a restart. Required unless --insecure-clear")
+    env_arg(who, "--insecure-clear", "COLO_INSECURE_CLEAR", default="false", type=_arg_type(_flag),
+            metavar="{true,false}", help="explicit opt-out: replicate guest memory and serve the control "
+            "API without TLS, readable by anyone on the path (default: false)")
 
     guest = p.add_argument_group("guest")
     env_arg(guest, "--backend", "COLO_BACKEND", default=DEFAULT_BACKEND, choices=sorted(BACKENDS),
@@ -136,6 +168,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def run_command(args: argparse.Namespace) -> int:
     try:
         secret = read_secret(args.secret_file)
+        tls = _tls(args)
         FailoverTimings(args.heartbeat_interval_ms, args.heartbeat_timeout_ms, args.lease_duration_ms)
         parse_arbiter(args.arbiter)
         if args.role == "secondary" and args.peer is None:
@@ -144,10 +177,10 @@ def run_command(args: argparse.Namespace) -> int:
         print(f"colo-agent run: {exc}", file=sys.stderr)
         return 2
     identity = args.identity or os.environ.get("HOSTNAME") or socket.gethostname()
-    return asyncio.run(_main(args, secret, identity))
+    return asyncio.run(_main(args, secret, identity, tls))
 
 
-async def _main(args: argparse.Namespace, secret: bytes, identity: str) -> int:
+async def _main(args: argparse.Namespace, secret: bytes, identity: str, tls: TlsFiles | None) -> int:
     from prometheus_client import CollectorRegistry
 
     from colo_agent import arbiter as arbiters
@@ -167,6 +200,7 @@ async def _main(args: argparse.Namespace, secret: bytes, identity: str) -> int:
         client_host=args.host, client_port=args.port,
         debug_digests=os.environ.get("COLO_DEBUG_DIGESTS") == "1",
         compare_timeout=args.compare_timeout_ms, max_queue=args.max_queue,
+        tls=None if tls is None else PeerTls.for_vm(tls, args.vm),
     )
     try:
         arbiter = arbiters.from_spec(args.arbiter, identity, args.lease_duration_ms)
@@ -182,7 +216,12 @@ async def _main(args: argparse.Namespace, secret: bytes, identity: str) -> int:
         log.error("cannot start: %s", exc)
         guest.stop()
         return 1
-    runner = await serve(create_app(agent, secret, registry), args.listen, args.control_port)
+    if tls is None:
+        app = create_app(agent, secret, registry)
+        runner = await serve(app, args.listen, args.control_port)
+    else:
+        app = create_app(agent, secret, registry, peers=frozenset({OPERATOR_IDENTITY}))
+        runner = await serve(app, args.listen, args.control_port, ssl_context=tls.http_server_context())
     log.info("%s agent %s of %s; control API on %s:%d", args.role, identity, args.vm, args.listen,
              bound_port(runner))
     loop = asyncio.get_running_loop()

@@ -188,7 +188,10 @@ async def wait_ready(sock: socket.socket, *, write: bool) -> None:
     try:
         await fut
     finally:
-        (loop.remove_writer if write else loop.remove_reader)(fd)
+        # Only while the descriptor is still this socket's: once closed, its
+        # number may already belong to a new connection with its own waiter.
+        if sock.fileno() == fd:
+            (loop.remove_writer if write else loop.remove_reader)(fd)
 
 
 async def establish(

@@ -23,6 +23,7 @@ import secrets
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -250,6 +251,8 @@ class AgentProcess:
     proc: subprocess.Popen[bytes]
     netns: Netns | None = None
     ram_files: set[Path] = field(default_factory=set)
+    # Over TLS: the client context (the operator's certificate) for the control API.
+    tls: ssl.SSLContext | None = None
 
     # -- network, from the right namespace
 
@@ -258,13 +261,13 @@ class AgentProcess:
 
     @property
     def control_url(self) -> str:
-        return f"http://{self.host}:{self.control_port}"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.control_port}"
 
     def status(self) -> AgentStatus | None:
         """`GET /v1/status`, or None while the API does not answer."""
         def get() -> AgentStatus | None:
             try:
-                r = httpx.get(f"{self.control_url}/v1/status", timeout=5.0)
+                r = httpx.get(f"{self.control_url}/v1/status", timeout=5.0, verify=self.tls or True)
                 r.raise_for_status()
                 return AgentStatus.from_json(r.text)
             except (httpx.HTTPError, ValueError):
@@ -291,7 +294,7 @@ class AgentProcess:
             return httpx.post(
                 f"{self.control_url}/v1/promote", content=PromoteRequest(term=term).to_json(),
                 headers={"Authorization": f"Bearer {secret}", "Content-Type": "application/json"},
-                timeout=timeout)
+                timeout=timeout, verify=self.tls or True)
         return self._in_ns(post)
 
     def client(self, timeout: float = 30.0) -> RespClient:
@@ -369,6 +372,8 @@ class AgentGroup:
         env: dict[str, str] | None = None,
         netns: Netns | None = None,
         host: str = "127.0.0.1",
+        tls_dir: Path | None = None,
+        tls_client: ssl.SSLContext | None = None,
     ) -> AgentProcess:
         """Start one agent. Its ports listen on `host` (the namespace's address, if any).
 
@@ -393,11 +398,16 @@ class AgentGroup:
             argv += ["--peer", f"{peer_host or peer.host}:{peer.replication_port}"]
         if netns is not None:
             argv = netns.command() + argv
-        full_env = {**os.environ, "COLO_SECRET": secret or self.secret, **(env or {})}
+        if tls_dir is not None:
+            argv += ["--tls-dir", str(tls_dir)]
+        # Without a certificate directory, the explicit opt-out (tests of everything but TLS).
+        clear = {"COLO_INSECURE_CLEAR": "true"} if tls_dir is None else {}
+        full_env = {**os.environ, "COLO_SECRET": secret or self.secret, **clear, **(env or {})}
         with log_path.open("wb") as out:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                     env=full_env, start_new_session=True)
-        agent = AgentProcess(name, role, host, *agent_ports, log_path=log_path, proc=proc, netns=netns)
+        agent = AgentProcess(name, role, host, *agent_ports, log_path=log_path, proc=proc, netns=netns,
+                             tls=tls_client)
         self.agents.append(agent)
         return agent
 

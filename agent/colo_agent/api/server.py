@@ -14,6 +14,11 @@ Every response carries the `X-Colo-Api-Version` header and JSON bodies carry
 wrong. Reading routes need no token: the kubelet probes them and Prometheus
 scrapes them, and they reveal nothing a pod's neighbours could not see.
 Routes that change the agent need the per-VM secret as a bearer token.
+
+Over TLS (`serve(..., ssl_context=...)`, on by default in a cluster) the
+`/v1/` routes also need the caller's client certificate to name the operator
+(`colo_agent.api.identity.OPERATOR_IDENTITY`); probes and scrapes offer no
+certificate and reach only the reading routes outside `/v1/`.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
@@ -41,6 +47,7 @@ from colo_agent.api.models import (
     PromoteRequest,
     PromoteResult,
 )
+from colo_agent.tls import PeerNotAllowed, check_peer
 
 log = logging.getLogger(__name__)
 
@@ -147,11 +154,34 @@ async def _errors_and_version(request: web.Request, handler: Handler) -> web.Str
 
 
 class _ControlApi:
-    def __init__(self, controller: AgentController, token: bytes) -> None:
+    def __init__(
+        self, controller: AgentController, token: bytes, peers: frozenset[str] = frozenset()
+    ) -> None:
         self._controller = controller
         self._token = token
+        self._peers = peers
+
+    def _check_peer(self, request: web.Request) -> None:
+        """Over TLS, only a caller whose certificate names an admitted peer (the operator)."""
+        if not self._peers:
+            return
+        transport = request.transport
+        tls = transport.get_extra_info("ssl_object") if transport is not None else None
+        if not isinstance(tls, ssl.SSLObject):
+            raise _RequestRefused(
+                403, ErrorReason.FORBIDDEN, "this route needs TLS with a client certificate"
+            )
+        if tls.getpeercert() is None:
+            raise _RequestRefused(
+                403, ErrorReason.FORBIDDEN, "this route needs the operator's client certificate"
+            )
+        try:
+            check_peer(tls, self._peers)
+        except PeerNotAllowed as exc:
+            raise _RequestRefused(403, ErrorReason.FORBIDDEN, str(exc)) from exc
 
     def _authorize(self, request: web.Request) -> None:
+        self._check_peer(request)
         header = request.headers.get("Authorization")
         challenge = {"WWW-Authenticate": 'Bearer realm="colo-agent"'}
         if header is None:
@@ -176,6 +206,7 @@ class _ControlApi:
         return await request.read()
 
     async def status(self, request: web.Request) -> web.Response:
+        self._check_peer(request)
         return _json_response(200, self._controller.status().to_json())
 
     async def promote(self, request: web.Request) -> web.Response:
@@ -210,13 +241,18 @@ class _ControlApi:
 
 
 def create_app(
-    controller: AgentController, token: str | bytes, registry: CollectorRegistry
+    controller: AgentController,
+    token: str | bytes,
+    registry: CollectorRegistry,
+    *,
+    peers: frozenset[str] = frozenset(),
 ) -> web.Application:
-    """The control API application. `token` is the per-VM secret the mutating routes require."""
+    """The control API application. `token` is the per-VM secret the mutating routes require;
+    `peers`, when served over TLS, the certificate names admitted to the `/v1/` routes."""
     secret = token.encode() if isinstance(token, str) else bytes(token)
     if not secret.strip():
         raise ValueError("the control API needs a non-empty bearer token (the per-VM secret)")
-    api = _ControlApi(controller, secret)
+    api = _ControlApi(controller, secret, peers)
 
     async def metrics(request: web.Request) -> web.Response:
         encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
@@ -237,14 +273,16 @@ def create_app(
     return app
 
 
-async def serve(app: web.Application, host: str, port: int) -> web.AppRunner:
+async def serve(
+    app: web.Application, host: str, port: int, *, ssl_context: ssl.SSLContext | None = None
+) -> web.AppRunner:
     """Listen on `host:port` (port 0: any free port; see `bound_port`). Stop with `runner.cleanup()`.
 
     No access log: the kubelet probes and Prometheus scrapes would drown the agent's own log.
     """
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=True)
+    site = web.TCPSite(runner, host, port, reuse_address=True, ssl_context=ssl_context)
     try:
         await site.start()
     except BaseException:

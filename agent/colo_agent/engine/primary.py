@@ -288,7 +288,7 @@ class PrimaryRole:
                         listener, secret=s.secret, vm=s.vm, term=self.term,
                         page_count=self.parts.pages.page_count, channels=s.channels,
                         heartbeat_interval=s.heartbeat_interval, heartbeat_timeout=s.heartbeat_timeout,
-                        first_epoch=self.last_acked_epoch + 1, mirror=s.lockstep,
+                        first_epoch=self.last_acked_epoch + 1, mirror=s.lockstep, tls=s.tls,
                     )
                 except (OSError, AuthRefused, RemoteProtocolError, TimeoutError) as exc:
                     log.warning("a secondary failed to pair: %s", exc)

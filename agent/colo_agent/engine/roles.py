@@ -13,6 +13,7 @@ from colo_agent.api.metrics import AgentMetrics
 from colo_agent.api.models import CheckpointFigures, LockstepFigures, PeerStatus, ReplicationMode, Role
 from colo_agent.arbiter.base import Arbiter
 from colo_agent.guest import ClientNic, Guest, MirroredNic, PageLog
+from colo_agent.tls import PeerTls
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,8 @@ class AgentSettings:
     # max_queue bytes, forces a checkpoint.
     compare_timeout: float = 0.1
     max_queue: int = 1 << 20
+    # Mutual TLS on every replication connection (None: the explicit clear opt-out).
+    tls: PeerTls | None = None
 
     @property
     def lockstep(self) -> bool:

@@ -52,7 +52,7 @@ class SecondaryRole:
         self.receiver = CheckpointReceiver(
             self.cache, secret=s.secret, vm=s.vm, term=parts.arbiter.term,
             heartbeat_interval=s.heartbeat_interval, heartbeat_timeout=s.heartbeat_timeout,
-            on_commit=self._on_commit,
+            on_commit=self._on_commit, tls=s.tls,
         )
         self.mirror: SecondaryMirror | None = None  # lockstep, while paired
         self.last_acked_epoch = 0

@@ -88,6 +88,7 @@ MIRROR = Channel(ChannelKind.MIRROR)
 Clock = Callable[[], float]
 HANDSHAKE_TIMEOUT = 5.0
 _SCRATCH = 1 << 16
+_YIELD_EVERY = 1 << 20
 
 
 class PeerLostError(ConnectionError):
@@ -119,6 +120,7 @@ class Connection:
         self._loop = asyncio.get_running_loop()
         self._closed = False
         self._tls = isinstance(sock, ssl.SSLSocket)
+        self._unyielded = 0
 
     async def send(self, msg: Message) -> None:
         await self.sendmsg([self.encoder.encode(msg)])
@@ -151,20 +153,7 @@ class Connection:
                     n = 0
 
     async def _writable(self) -> None:
-        fd = self.sock.fileno()
-        if fd < 0:
-            raise ConnectionError(f"{self.name}: socket closed")
-        fut = self._loop.create_future()
-
-        def ready() -> None:
-            if not fut.done():
-                fut.set_result(None)
-
-        self._loop.add_writer(fd, ready)
-        try:
-            await fut
-        finally:
-            self._loop.remove_writer(fd)
+        await wait_ready(self.sock, write=True)
 
     async def _recv_into(self, buf: memoryview) -> int:
         if self._tls:
@@ -188,6 +177,12 @@ class Connection:
             except ssl.SSLZeroReturnError:
                 return 0
             self.bytes_received += n
+            self._unyielded += n
+            if self._unyielded >= _YIELD_EVERY:
+                # A stream that never runs dry would never suspend this task:
+                # let the heartbeat and the other channels run.
+                self._unyielded = 0
+                await asyncio.sleep(0)
             return n
 
     async def next_event(
@@ -233,6 +228,11 @@ class Connection:
         if not self._closed:
             self._closed = True
             self.yank()
+            if self._tls and (fd := self.sock.fileno()) >= 0:
+                # Drop our waiters' registrations with the descriptor, which a
+                # new connection may reuse as soon as it is closed.
+                self._loop.remove_reader(fd)
+                self._loop.remove_writer(fd)
             self.sock.close()
 
 

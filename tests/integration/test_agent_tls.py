@@ -1,0 +1,128 @@
+"""Agents as processes with mutual TLS: only their own VM's peer and the operator get in,
+and a renewed certificate is used from the next pairing on."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from agents import AgentGroup, wait_protected
+from cryptography import x509
+from tls_certs import now, operator_dir, vm_dir
+
+from colo_agent.tls import TlsFiles
+from colo_operator import certs
+
+VM = "test/colo-vm"
+
+
+@pytest.fixture
+def ca() -> certs.KeyPair:
+    return certs.new_ca(now())
+
+
+@pytest.fixture
+def group(tmp_path: Path) -> Iterator[AgentGroup]:
+    g = AgentGroup(tmp_path, vm=VM)
+    try:
+        yield g
+    finally:
+        g.close()
+
+
+def presented_serial(port: int, client_dir: Path) -> int:
+    """The serial of the certificate an agent's replication port presents."""
+    ctx = TlsFiles(client_dir).client_context()
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, ctx.wrap_socket(raw) as s:
+        der = s.getpeercert(binary_form=True)
+    assert der is not None
+    return int(x509.load_der_x509_certificate(der).serial_number)
+
+
+def serial(path: Path) -> int:
+    return int(x509.load_pem_x509_certificate((path / "tls.crt").read_bytes()).serial_number)
+
+
+def test_only_the_vms_own_secondary_pairs_and_only_the_operator_controls(
+    group: AgentGroup, tmp_path: Path, ca: certs.KeyPair
+) -> None:
+    op = TlsFiles(operator_dir(tmp_path / "operator", ca)).client_context()
+    primary = group.spawn("agent-a", "primary", tls_dir=vm_dir(tmp_path / "a", ca, VM), tls_client=op)
+    primary.wait_for("serving as primary", lambda s: s.role == "primary")
+
+    # A secondary holding another VM's certificate (same CA, same secret even) is refused.
+    other = vm_dir(tmp_path / "x", ca, "test/other")
+    intruder = group.spawn("intruder", "secondary", peer=primary, tls_dir=other)
+    deadline = time.monotonic() + 30
+    while "not admitted" not in primary.log() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "spiffe://colo.dev/ns/test/colovm/other is not admitted" in primary.log()
+    st = primary.status()
+    assert st is not None and not st.synced and st.last_acked_epoch == 0  # nothing streamed to it
+    intruder.kill()
+
+    # Its own secondary pairs.
+    own = vm_dir(tmp_path / "b", ca, VM)
+    secondary = group.spawn("agent-b", "secondary", peer=primary, tls_dir=own, tls_client=op)
+    term = wait_protected(primary, secondary)
+
+    # The control API: the operator's certificate is admitted, anything else is not.
+    url = f"https://127.0.0.1:{primary.control_port}"
+    other_vm = TlsFiles(vm_dir(tmp_path / "y", ca, "test/other")).client_context()
+    r = httpx.get(f"{url}/v1/status", verify=other_vm, timeout=5)
+    assert r.status_code == 403 and "not admitted" in r.json()["error"]
+    r = httpx.post(f"{url}/v1/demote", verify=other_vm, timeout=5,
+                   headers={"Authorization": f"Bearer {group.secret}"})
+    assert r.status_code == 403
+    no_cert = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # trusts the CA, offers no certificate
+    no_cert.check_hostname = False
+    no_cert.load_verify_locations(cafile=str(tmp_path / "y" / "ca.crt"))
+    r = httpx.get(f"{url}/v1/status", verify=no_cert, timeout=5)
+    assert r.status_code == 403 and "operator's client certificate" in r.json()["error"]
+    r = httpx.post(f"{url}/v1/promote", json={"term": 99}, verify=no_cert, timeout=5,
+                   headers={"Authorization": f"Bearer {group.secret}"})
+    assert r.status_code == 403
+    # Probes carry no certificate and still work.
+    assert httpx.get(f"{url}/healthz", verify=no_cert, timeout=5).status_code == 200
+    # Clear HTTP to the TLS port gets nothing.
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"http://127.0.0.1:{primary.control_port}/v1/status", timeout=5)
+    st = primary.status()
+    assert st is not None and st.role == "primary" and st.term == term and st.synced  # nothing changed
+
+
+def test_a_renewed_certificate_is_used_from_the_next_pairing(
+    group: AgentGroup, tmp_path: Path, ca: certs.KeyPair
+) -> None:
+    op = TlsFiles(operator_dir(tmp_path / "operator", ca)).client_context()
+    pdir = vm_dir(tmp_path / "primary-tls", ca, VM)
+    probe_dir = vm_dir(tmp_path / "probe", ca, VM)
+    primary = group.spawn("agent-a", "primary", tls_dir=pdir, tls_client=op)
+    primary.wait_for("serving as primary", lambda s: s.role == "primary")
+    first = serial(pdir)
+    # A waiting primary answers on its replication port (a paired one leaves dialers in the backlog).
+    assert presented_serial(primary.replication_port, probe_dir) == first
+    secondary = group.spawn("agent-b", "secondary", peer=primary, tls_dir=vm_dir(tmp_path / "b", ca, VM),
+                            tls_client=op)
+    wait_protected(primary, secondary)
+
+    vm_dir(pdir, ca, VM)  # the operator renews the Secret; the kubelet updates the files
+    renewed = serial(pdir)
+    assert renewed != first
+    mark = primary.status()
+    assert mark is not None
+    primary.wait_for("still protected on the old certificate",
+                     lambda s: s.synced and s.last_acked_epoch > mark.last_acked_epoch + 3)  # fmt: skip
+
+    # The next pairing runs on the renewed certificate.
+    secondary.kill()
+    primary.wait_for("unprotected", lambda s: not s.synced)
+    assert presented_serial(primary.replication_port, probe_dir) == renewed
+    replacement = group.spawn("agent-c", "secondary", peer=primary, tls_dir=vm_dir(tmp_path / "c", ca, VM),
+                              tls_client=op)
+    wait_protected(primary, replacement)
