@@ -11,9 +11,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from agents import AgentGroup, wait_protected
 from cryptography import x509
-from tls_certs import now, operator_dir, vm_dir
+from support.agents import AgentGroup, wait_protected
+from support.tls_certs import now, operator_dir, vm_dir
 
 from colo_agent.tls import TlsFiles
 from colo_operator import certs

@@ -228,9 +228,10 @@ class Connection:
         if not self._closed:
             self._closed = True
             self.yank()
-            if self._tls and (fd := self.sock.fileno()) >= 0:
-                # Drop our waiters' registrations with the descriptor, which a
-                # new connection may reuse as soon as it is closed.
+            if (fd := self.sock.fileno()) >= 0:
+                # Drop the waiters' registrations before the descriptor goes:
+                # a new connection may get its number at once, and a stale
+                # registration would make the loop fail on it (ENOENT).
                 self._loop.remove_reader(fd)
                 self._loop.remove_writer(fd)
             self.sock.close()
