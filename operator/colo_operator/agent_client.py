@@ -10,6 +10,7 @@ Every response's API version is checked before anything else is read.
 
 from __future__ import annotations
 
+import ssl
 from typing import Any, TypeVar
 
 import httpx
@@ -45,8 +46,9 @@ class AgentError(RuntimeError):
         super().__init__(message)
 
 
-def base_url(ip: str, port: int) -> str:
-    return f"http://[{ip}]:{port}" if ":" in ip else f"http://{ip}:{port}"
+def base_url(ip: str, port: int, secure: bool = False) -> str:
+    scheme = "https" if secure else "http"
+    return f"{scheme}://[{ip}]:{port}" if ":" in ip else f"{scheme}://{ip}:{port}"
 
 
 class AgentClient:
@@ -56,13 +58,24 @@ class AgentClient:
         timeout_s: float = 1.0,
         attempts: int = 2,
         transport: httpx.AsyncBaseTransport | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self._attempts = attempts
         # No proxies from the environment: agents are pod addresses, never behind a proxy.
         self._http = httpx.AsyncClient(timeout=timeout_s, trust_env=False, transport=transport)
+        # Over TLS the operator presents its client certificate and trusts only the cluster CA.
+        self._https = (
+            None if tls is None
+            else httpx.AsyncClient(timeout=timeout_s, trust_env=False, transport=transport, verify=tls)
+        )  # fmt: skip
+
+    def _base(self, ip: str, port: int, secure: bool | None) -> str:
+        return base_url(ip, port, self._https is not None if secure is None else secure)
 
     async def aclose(self) -> None:
         await self._http.aclose()
+        if self._https is not None:
+            await self._https.aclose()
 
     async def _send(
         self, method: str, url: str, *, attempts: int | None = None, **kwargs: Any
@@ -74,6 +87,10 @@ class AgentClient:
             reraise=True,
         ):
             with attempt:
+                if url.startswith("https:"):
+                    if self._https is None:
+                        raise AgentError(f"{method} {url}: the operator has no TLS client certificate")
+                    return await self._https.request(method, url, **kwargs)
                 return await self._http.request(method, url, **kwargs)
         raise AssertionError("unreachable: tenacity re-raises the last error")
 
@@ -106,38 +123,46 @@ class AgentClient:
                 f"{method} {url}: malformed {kind.__name__}: {exc}", response.status_code
             ) from None
 
-    async def status(self, ip: str, port: int, *, suspect: bool = False) -> AgentReport:
+    async def status(
+        self, ip: str, port: int, *, suspect: bool = False, secure: bool | None = None
+    ) -> AgentReport:
         """Poll one agent. `suspect`: its node is not Ready, so one short try is
         enough; a dead agent must not hold up the decision for several timeouts."""
         extra: dict[str, Any] = {"attempts": 1, "timeout": SUSPECT_TIMEOUT_S} if suspect else {}
         try:
             return AgentReport(
-                status=await self._call(AgentStatus, "GET", f"{base_url(ip, port)}/v1/status", **extra)
+                status=await self._call(
+                    AgentStatus, "GET", f"{self._base(ip, port, secure)}/v1/status", **extra
+                )
             )
         except AgentError as exc:
             return AgentReport(status=None, error=str(exc))
 
-    async def promote(self, ip: str, port: int, token: str, term: int) -> PromoteResult:
+    async def promote(
+        self, ip: str, port: int, token: str, term: int, *, secure: bool | None = None
+    ) -> PromoteResult:
         return await self._call(
             PromoteResult,
             "POST",
-            f"{base_url(ip, port)}/v1/promote",
+            f"{self._base(ip, port, secure)}/v1/promote",
             content=PromoteRequest(term=term).to_json(),
             headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
         )
 
-    async def checkpoint(self, ip: str, port: int, token: str) -> CheckpointResult:
+    async def checkpoint(
+        self, ip: str, port: int, token: str, *, secure: bool | None = None
+    ) -> CheckpointResult:
         return await self._call(
             CheckpointResult,
             "POST",
-            f"{base_url(ip, port)}/v1/checkpoint",
+            f"{self._base(ip, port, secure)}/v1/checkpoint",
             headers={"Authorization": f"Bearer {token}"},
         )
 
-    async def demote(self, ip: str, port: int, token: str) -> DemoteResult:
+    async def demote(self, ip: str, port: int, token: str, *, secure: bool | None = None) -> DemoteResult:
         return await self._call(
             DemoteResult,
             "POST",
-            f"{base_url(ip, port)}/v1/demote",
+            f"{self._base(ip, port, secure)}/v1/demote",
             headers={"Authorization": f"Bearer {token}"},
         )

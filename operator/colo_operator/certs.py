@@ -24,9 +24,12 @@ what the stream pays for, not the signature.
 from __future__ import annotations
 
 import datetime as dt
+import ssl
 from dataclasses import dataclass
+from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -146,4 +149,34 @@ def needs_renewal(cert_pem: bytes, now: dt.datetime, ca: KeyPair | None = None) 
     start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
     if now >= end - (end - start) * RENEW_FRACTION:
         return True
-    return ca is not None and cert.issuer != ca.cert.subject
+    if ca is None:
+        return False
+    try:
+        cert.verify_directly_issued_by(ca.cert)
+    except (ValueError, TypeError, InvalidSignature):
+        return True
+    return False
+
+
+def client_context(directory: Path) -> ssl.SSLContext:
+    """The operator's TLS 1.3 client context for the agents' control API: its own
+    certificate from `directory` (tls.crt, tls.key, ca.crt), the CA as the only trust.
+    Agents are reached by pod address, so their name is not checked against a host name."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.load_cert_chain(directory / "tls.crt", directory / "tls.key")
+    ctx.load_verify_locations(cafile=str(directory / "ca.crt"))
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def write_dir(directory: Path, ca: KeyPair, leaf: KeyPair) -> Path:
+    """A certificate directory in the layout of a kubernetes.io/tls Secret."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    (directory / "tls.crt").write_bytes(leaf.cert_pem)
+    key = directory / "tls.key"
+    key.touch(mode=0o600)
+    key.write_bytes(leaf.key_pem)
+    (directory / "ca.crt").write_bytes(ca.cert_pem)
+    return directory

@@ -43,6 +43,24 @@ class OperatorConfig:
     # Agent pod labels, annotations, priority class, pull secrets and affinity
     # every ColoVM gets unless its spec.pod says otherwise (chart: agent.pod).
     agent_pod: PodSettings = field(default_factory=PodSettings)
+    # Namespace of the operator itself: where the cluster CA's Secret lives.
+    namespace: str = "colo-system"
+    # cert-manager issuer of the agents' certificates, "Issuer/NAME" or
+    # "ClusterIssuer/NAME"; empty: the operator issues them from its own CA.
+    cert_issuer: str = ""
+    # With cert-manager: the operator's own client certificate (tls.crt, tls.key, ca.crt).
+    tls_dir: str = ""
+    # Labels of the operator's own pods: the agents' NetworkPolicy admits them to the control port.
+    operator_labels: Mapping[str, str] = field(
+        default_factory=lambda: {"app.kubernetes.io/name": "colo-operator"}
+    )
+
+    @property
+    def issuer_ref(self) -> dict[str, str] | None:
+        if not self.cert_issuer:
+            return None
+        kind, _, name = self.cert_issuer.partition("/")
+        return {"group": "cert-manager.io", "kind": kind, "name": name}
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> OperatorConfig:
@@ -85,4 +103,27 @@ class OperatorConfig:
             agent_timeout_s=number("COLO_AGENT_TIMEOUT_S", defaults.agent_timeout_s, 0.05, 60),
             liveness_host=env.get("COLO_LIVENESS_HOST") or defaults.liveness_host,
             liveness_port=int(number("COLO_LIVENESS_PORT", defaults.liveness_port, 1, 65535)),
+            namespace=env.get("COLO_OPERATOR_NAMESPACE") or defaults.namespace,
+            cert_issuer=_issuer(env.get("COLO_CERT_ISSUER", "")),
+            tls_dir=env.get("COLO_TLS_DIR", ""),
+            operator_labels=_labels(env.get("COLO_OPERATOR_POD_LABELS", "")) or defaults.operator_labels,
         )
+
+
+def _labels(raw: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in raw.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise ConfigError(f"COLO_OPERATOR_POD_LABELS: {item!r} is not KEY=VALUE")
+        out[key] = value
+    return out
+
+
+def _issuer(raw: str) -> str:
+    if not raw:
+        return ""
+    kind, slash, name = raw.partition("/")
+    if not slash or kind not in ("Issuer", "ClusterIssuer") or not name or "/" in name:
+        raise ConfigError(f"COLO_CERT_ISSUER={raw!r} is not Issuer/NAME or ClusterIssuer/NAME")
+    return raw

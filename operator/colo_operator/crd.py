@@ -180,6 +180,12 @@ REPLICATION = obj(
             maximum=MAX_CHANNELS,
             default=CHANNELS,
         ),
+        "insecureClear": boolean(
+            "Opt out of mutual TLS: the agents replicate guest memory and serve their control API "
+            "in clear, readable and alterable by anyone on the pod network. Off by default; the "
+            "operator records a Warning event on a ColoVM that sets it.",
+            default=False,
+        ),
     },
     default={},
 )

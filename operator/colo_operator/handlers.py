@@ -24,8 +24,8 @@ from typing import Any
 
 import kopf
 
+from . import certs, manifests, pki
 from . import constants as c
-from . import manifests
 from .agent_client import AgentClient, AgentError
 from .config import OperatorConfig
 from .decide import (
@@ -88,6 +88,10 @@ class Runtime:
     summaries: dict[VMKey, str] = field(default_factory=dict)
     failures: dict[VMKey, str] = field(default_factory=dict)
     metrics: OperatorMetrics = field(default_factory=OperatorMetrics)
+    # The cluster CA (None with a cert-manager issuer), and when each VM's certificate is next checked.
+    ca: certs.KeyPair | None = None
+    tls_checked: dict[VMKey, float] = field(default_factory=dict)
+    warned_clear: set[VMKey] = field(default_factory=set)
 
     def kick_event(self, key: VMKey) -> asyncio.Event:
         return self.kicks.setdefault(key, asyncio.Event())
@@ -98,8 +102,9 @@ class Runtime:
             event.set()
 
     def forget(self, key: VMKey) -> None:
-        for cache in (self.kicks, self.tokens, self.summaries, self.failures):
+        for cache in (self.kicks, self.tokens, self.summaries, self.failures, self.tls_checked):
             cache.pop(key, None)
+        self.warned_clear.discard(key)
         self.metrics.forget(key)
 
     async def close(self) -> None:
@@ -196,7 +201,7 @@ async def _token(rt: Runtime, vm: VMView) -> str:
 
 
 async def _poll(
-    rt: Runtime, pods: tuple[PodView, ...], nodes: Mapping[str, NodeView]
+    rt: Runtime, pods: tuple[PodView, ...], nodes: Mapping[str, NodeView], secure: bool = True
 ) -> dict[str, AgentReport]:
     live = [p for p in pods if p.ip and p.phase == "Running" and not p.deleting]
 
@@ -205,7 +210,7 @@ async def _poll(
         return node is None or node.health is not NodeHealth.READY
 
     reports = await asyncio.gather(
-        *(rt.agents.status(p.ip or "", rt.control_port, suspect=suspect(p)) for p in live)
+        *(rt.agents.status(p.ip or "", rt.control_port, suspect=suspect(p), secure=secure) for p in live)
     )
     out = {p.name: UNPOLLED for p in pods}
     out.update({p.name: r for p, r in zip(live, reports, strict=True)})
@@ -222,7 +227,7 @@ async def read_world(rt: Runtime, namespace: str, name: str) -> tuple[dict[str, 
     )
     pods = tuple(pod_view(p) for p in raw_pods)
     nodes = await _nodes(rt, pods)  # the watch cache, listed only when it lacks a node
-    agents = await _poll(rt, pods, nodes)
+    agents = await _poll(rt, pods, nodes, secure=not vm.spec.replication.insecure_clear)
     snapshot = Snapshot(
         vm=vm,
         pods=pods,
@@ -239,12 +244,34 @@ async def ensure_objects(rt: Runtime, vm: VMView) -> None:
     names = manifests.Names(vm.name)
     if await rt.kube.get("Secret", vm.namespace, names.secret) is None:
         await rt.kube.create(manifests.secret(vm, secrets.token_urlsafe(32)))
+    await _ensure_tls(rt, vm, force=True)
+    await rt.kube.create(manifests.network_policy(vm, rt.config.namespace, rt.config.operator_labels))
     for obj in manifests.base_objects(vm):
         created = await rt.kube.create(obj)
         if not created and obj["kind"] == "Service":
             # Type and port follow the spec; the selector never changes.
             spec = {"type": obj["spec"]["type"], "ports": obj["spec"]["ports"]}
             await rt.kube.patch("Service", vm.namespace, names.service, {"spec": spec}, missing_ok=True)
+
+
+INSECURE_CLEAR_WARNING = (
+    "spec.replication.insecureClear is set: guest memory and control requests cross the pod "
+    "network in clear, readable and alterable by anyone on the path"
+)
+
+# How often a VM's certificate is checked for renewal (it is renewed with a third of its life left).
+TLS_CHECK_S = 600.0
+
+
+async def _ensure_tls(rt: Runtime, vm: VMView, *, force: bool = False) -> None:
+    if vm.spec.replication.insecure_clear:
+        return
+    key = (vm.namespace, vm.name)
+    now = asyncio.get_running_loop().time()
+    if not force and rt.tls_checked.get(key, 0.0) > now:
+        return
+    await pki.ensure_vm_tls(rt.kube, rt.config, rt.ca, vm)
+    rt.tls_checked[key] = now + TLS_CHECK_S
 
 
 async def apply(rt: Runtime, s: Snapshot, action: Action) -> None:
@@ -263,12 +290,13 @@ async def apply(rt: Runtime, s: Snapshot, action: Action) -> None:
         if pod is None or pod.ip is None:
             raise AgentError(f"pod {action.pod} has no address")
         token = await _token(rt, vm)
+        secure = not vm.spec.replication.insecure_clear
         if isinstance(action, PromoteAgent):
-            await rt.agents.promote(pod.ip, rt.control_port, token, action.term)
+            await rt.agents.promote(pod.ip, rt.control_port, token, action.term, secure=secure)
         elif isinstance(action, CheckpointAgent):
-            await rt.agents.checkpoint(pod.ip, rt.control_port, token)
+            await rt.agents.checkpoint(pod.ip, rt.control_port, token, secure=secure)
         elif isinstance(action, DemoteAgent):
-            await rt.agents.demote(pod.ip, rt.control_port, token)
+            await rt.agents.demote(pod.ip, rt.control_port, token, secure=secure)
 
 
 async def reconcile(rt: Runtime, namespace: str, name: str, logger: Any = log) -> bool:
@@ -285,6 +313,13 @@ async def reconcile(rt: Runtime, namespace: str, name: str, logger: Any = log) -
     body, snapshot = world
     if snapshot.vm.deleting:
         return False
+    if snapshot.vm.spec.replication.insecure_clear and key not in rt.warned_clear:
+        rt.post_event(body, EventNote("Warning", "InsecureClear", INSECURE_CLEAR_WARNING))
+        rt.warned_clear.add(key)
+    try:
+        await _ensure_tls(rt, snapshot.vm)
+    except KubeError as exc:
+        logger.warning("%s/%s: certificate renewal failed, retried later: %s", namespace, name, exc)
     plan = decide(snapshot)
     if rt.summaries.get(key) != plan.summary:
         logger.info("%s/%s: %s", namespace, name, plan.summary)
@@ -355,7 +390,11 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     kube = await asyncio.to_thread(Kube.connect, _settings["kubeconfig"])
     if _settings["peering"]:
         await ensure_peering(kube, _settings["peering"], _settings["namespaces"])
-    _runtime = Runtime(config=config, kube=kube, agents=AgentClient(timeout_s=config.agent_timeout_s))
+    ca = None if config.cert_issuer else await pki.load_or_create_ca(kube, config.namespace)
+    tls = pki.operator_context(config, ca)
+    _runtime = Runtime(
+        config=config, kube=kube, agents=AgentClient(timeout_s=config.agent_timeout_s, tls=tls), ca=ca
+    )
     if _settings["metrics_port"]:
         from prometheus_client import start_http_server
 

@@ -62,6 +62,8 @@ _PATHS = {
     "Role": "/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/roles",
     "RoleBinding": "/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/rolebindings",
     "PodDisruptionBudget": "/apis/policy/v1/namespaces/{ns}/poddisruptionbudgets",
+    "NetworkPolicy": "/apis/networking.k8s.io/v1/namespaces/{ns}/networkpolicies",
+    "Certificate": "/apis/cert-manager.io/v1/namespaces/{ns}/certificates",
     c.KIND: f"/apis/{c.GROUP}/{c.VERSION}/namespaces/{{ns}}/{c.PLURAL}",
 }
 
@@ -264,6 +266,8 @@ class Kube:
             ("Role", names.role),
             ("ServiceAccount", names.service_account),
             ("Secret", names.secret),
+            ("NetworkPolicy", names.network_policy),
+            ("Secret", names.tls_secret),
         ):
             await self.delete(kind, namespace, name)
         return 0

@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from colo_agent.api.identity import vm_identity
+
 from . import constants as c
 from .config import KvmMode, OperatorConfig
 from .decide import CreatePod
@@ -35,6 +37,14 @@ class Names:
     @property
     def secret(self) -> str:
         return f"{self.vm}-agent-key"
+
+    @property
+    def tls_secret(self) -> str:
+        return f"{self.vm}-agent-tls"
+
+    @property
+    def network_policy(self) -> str:
+        return f"{self.vm}-agents"
 
     @property
     def lease(self) -> str:
@@ -87,6 +97,10 @@ def _meta(vm: VMView, name: str, component: str, role: str | None = None) -> dic
     }
 
 
+# Where the agent pod mounts its VM's certificate Secret (tls.crt, tls.key, ca.crt).
+TLS_MOUNT = "/var/run/colo/tls"
+
+
 def agent_args(vm: VMView, role: str, peer: str | None) -> list[str]:
     """`colo-agent run` flags from the spec, per the agent's command-line contract."""
     spec = vm.spec
@@ -110,6 +124,10 @@ def agent_args(vm: VMView, role: str, peer: str | None) -> list[str]:
     ]  # fmt: skip
     if peer is not None:
         args += ["--peer", peer]
+    if spec.replication.insecure_clear:
+        args += ["--insecure-clear", "true"]
+    else:
+        args += ["--tls-dir", TLS_MOUNT]
     return args
 
 
@@ -118,6 +136,7 @@ def agent_args(vm: VMView, role: str, peer: str | None) -> list[str]:
 # a memory-backed emptyDir sized from guest memory (COLO_RAM_DIR).
 RAM_VOLUME, RAM_DIR = "guest-ram", "/var/lib/colo/ram"
 KEY_VOLUME, KEY_DIR = "agent-key", "/var/run/secrets/colo"
+TLS_VOLUME = "agent-tls"
 TMP_VOLUME, TMP_DIR = "tmp", "/tmp"
 # Room on top of the RAM file's exact size (tmpfs rounds to pages).
 RAM_SLACK_BYTES = 1 << 20
@@ -261,6 +280,7 @@ def agent_pod(vm: VMView, config: OperatorConfig, action: CreatePod) -> dict[str
     meta["labels"] = {**settings.labels, **meta["labels"]}
     meta["annotations"] = {**settings.annotations, c.ANNOTATION_SERIAL: str(action.serial)}
     resources = agent_resources(vm)
+    scheme = "HTTP" if spec.replication.insecure_clear else "HTTPS"
     pod_security, container_security = security_context(vm, config)
     mounts = [
         {"name": RAM_VOLUME, "mountPath": RAM_DIR},
@@ -285,6 +305,12 @@ def agent_pod(vm: VMView, config: OperatorConfig, action: CreatePod) -> dict[str
         },
         {"name": TMP_VOLUME, "emptyDir": {"sizeLimit": "64Mi"}},
     ]
+    if not spec.replication.insecure_clear:
+        # A Secret volume (not subPath), so a renewed certificate reaches the running agent.
+        mounts.append({"name": TLS_VOLUME, "mountPath": TLS_MOUNT, "readOnly": True})
+        volumes.append(
+            {"name": TLS_VOLUME, "secret": {"secretName": names.tls_secret, "defaultMode": 0o440}}
+        )
     container: dict[str, Any] = {
         "name": c.AGENT_CONTAINER,
         "image": spec.image or config.agent_image,
@@ -306,7 +332,7 @@ def agent_pod(vm: VMView, config: OperatorConfig, action: CreatePod) -> dict[str
         # Until the control API answers (interpreter start, guest RAM allocated
         # and booted), liveness is not checked; 60 s covers a loaded node.
         "startupProbe": {
-            "httpGet": {"path": "/healthz", "port": "control"},
+            "httpGet": {"path": "/healthz", "port": "control", "scheme": scheme},
             "periodSeconds": 1,
             "timeoutSeconds": 1,
             "failureThreshold": 60,
@@ -314,7 +340,7 @@ def agent_pod(vm: VMView, config: OperatorConfig, action: CreatePod) -> dict[str
         # Primary: ready while it serves clients (the Service follows readiness
         # as well as the role label). Secondary: ready once synced.
         "readinessProbe": {
-            "httpGet": {"path": "/readyz", "port": "control"},
+            "httpGet": {"path": "/readyz", "port": "control", "scheme": scheme},
             "periodSeconds": 1,
             "timeoutSeconds": 1,
             "failureThreshold": 2,
@@ -322,7 +348,7 @@ def agent_pod(vm: VMView, config: OperatorConfig, action: CreatePod) -> dict[str
         # Generous: a restart loses the guest (restartPolicy Never turns it into
         # a lost replica), so only a really stuck agent should be killed.
         "livenessProbe": {
-            "httpGet": {"path": "/healthz", "port": "control"},
+            "httpGet": {"path": "/healthz", "port": "control", "scheme": scheme},
             "periodSeconds": 5,
             "timeoutSeconds": 3,
             "failureThreshold": 6,
@@ -398,6 +424,69 @@ def secret(vm: VMView, key: str) -> dict[str, Any]:
         "type": "Opaque",
         "immutable": True,
         "data": {c.SECRET_KEY: base64.b64encode(key.encode()).decode()},
+    }
+
+
+def tls_secret(vm: VMView, cert_pem: bytes, key_pem: bytes, ca_pem: bytes) -> dict[str, Any]:
+    """The certificate both agents of the VM present, issued by the operator's CA."""
+
+    def b64(data: bytes) -> str:
+        return base64.b64encode(data).decode()
+
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": _meta(vm, Names(vm.name).tls_secret, "agent-tls"),
+        "type": "kubernetes.io/tls",
+        "data": {"tls.crt": b64(cert_pem), "tls.key": b64(key_pem), "ca.crt": b64(ca_pem)},
+    }
+
+
+def certificate(vm: VMView, issuer_ref: dict[str, str]) -> dict[str, Any]:
+    """The same certificate asked of cert-manager, which writes the Secret and renews it."""
+    names = Names(vm.name)
+    return {
+        "apiVersion": "cert-manager.io/v1",
+        "kind": "Certificate",
+        "metadata": _meta(vm, names.tls_secret, "agent-tls"),
+        "spec": {
+            "secretName": names.tls_secret,
+            "secretTemplate": {"labels": labels(vm, "agent-tls")},
+            "commonName": vm.name[:64],
+            "uris": [vm_identity(vm.namespace, vm.name)],
+            "duration": "720h",
+            "renewBefore": "240h",
+            "privateKey": {"algorithm": "ECDSA", "size": 256, "rotationPolicy": "Always"},
+            "usages": ["digital signature", "server auth", "client auth"],
+            "issuerRef": dict(issuer_ref),
+        },
+    }
+
+
+def network_policy(vm: VMView, operator_namespace: str, operator_labels: Mapping[str, str]) -> dict[str, Any]:
+    """Who may reach the VM's agent pods: the operator the control port, the VM's own
+    agents the replication port, anyone the client port (the Service's clients)."""
+    agents = {"matchLabels": {c.LABEL_VM: vm.name, c.LABEL_COMPONENT: "agent"}}
+    operator = {
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": operator_namespace}},
+        "podSelector": {"matchLabels": dict(operator_labels)},
+    }
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _meta(vm, Names(vm.name).network_policy, "agent"),
+        "spec": {
+            "podSelector": agents,
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {"from": [operator], "ports": [{"protocol": "TCP", "port": c.CONTROL_PORT}]},
+                {
+                    "from": [{"podSelector": agents}],
+                    "ports": [{"protocol": "TCP", "port": c.REPLICATION_PORT}],
+                },
+                {"ports": [{"protocol": "TCP", "port": c.CLIENT_PORT}]},
+            ],
+        },
     }
 
 

@@ -75,6 +75,8 @@ class ReplicationSpec:
     mode: str = "checkpoint"
     checkpoint_interval_ms: int = CHECKPOINT_INTERVAL_MS
     channels: int = CHANNELS
+    # The explicit opt-out of mutual TLS between the agents and to their control API.
+    insecure_clear: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,6 +223,7 @@ class ColoVMSpec:
                     "checkpointIntervalMs", CHECKPOINT_INTERVAL_MS, minimum=1, maximum=60000
                 ),
                 channels=replication.integer("channels", CHANNELS, minimum=1, maximum=MAX_CHANNELS),
+                insecure_clear=replication.boolean("insecureClear", False),
             ),
             failover=FailoverSpec(
                 heartbeat_interval_ms=interval,

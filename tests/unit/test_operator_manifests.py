@@ -185,7 +185,7 @@ def test_security_context_is_restricted_with_a_startup_probe() -> None:
         "readOnlyRootFilesystem": True,
         "runAsNonRoot": True,
     }
-    assert container["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "control"}
+    assert container["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "control", "scheme": "HTTPS"}
     assert "initialDelaySeconds" not in container["livenessProbe"]
 
 
