@@ -9,6 +9,12 @@ RAM and then streams epochs of random dirty pages, each timed from
 commit are included). iperf3 measures the same path in the same run with as
 many parallel streams; the ratio is the figure of merit.
 
+Each run is made twice, in clear and over mutual TLS 1.3 (certificates
+issued as the operator issues them), one right after the other, so the
+encrypted/clear ratio compares like with like. The cipher's own speed on
+this machine (`openssl speed` and the `cryptography` AES-GCM) is measured
+in the same run: it is the ceiling of one encrypting core.
+
 The pause-side cost is the copy of N dirty pages into the staging buffer
 (what the guest waits for) against a plain numpy copy of as many bytes.
 
@@ -25,6 +31,7 @@ import json
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path as FsPath
 from typing import Any
@@ -44,6 +51,14 @@ PAGE = 4096
 # -- workers (run as separate processes, possibly inside a namespace) -------------------------
 
 
+def _tls(args: argparse.Namespace) -> Any:
+    if not args.tls_dir:
+        return None
+    from colo_agent.tls import PeerTls, TlsFiles
+
+    return PeerTls.for_vm(TlsFiles(args.tls_dir), VM)
+
+
 async def _receiver(args: argparse.Namespace) -> None:
     from colo_agent.replication.cache import ColoCache
     from colo_agent.replication.session import CommitEpoch
@@ -61,7 +76,9 @@ async def _receiver(args: argparse.Namespace) -> None:
         if a.epoch == 1:  # the empty epoch that closes the sync: epochs start now
             cpu_at_sync.append(time.process_time())
 
-    rx = CheckpointReceiver(cache, secret=SECRET, vm=VM, term=1, on_commit=timed_commit)
+    # Heartbeat timings as the sender's: a busy machine must not end a run early.
+    rx = CheckpointReceiver(cache, secret=SECRET, vm=VM, term=1, on_commit=timed_commit, tls=_tls(args),
+                            heartbeat_interval=0.5, heartbeat_timeout=5.0)  # fmt: skip
     port = await rx.start(args.host, args.port)
     print(port, flush=True)
     loop = asyncio.get_running_loop()
@@ -84,6 +101,7 @@ async def _sender(args: argparse.Namespace) -> None:
     sender = await CheckpointSender.connect(
         args.host, args.port, secret=SECRET, vm=VM, term=1, page_count=pages, channels=args.channels,
         batch_pages=args.batch_pages, heartbeat_timeout=5.0, heartbeat_interval=0.5, ack_timeout=60.0,
+        tls=_tls(args),
     )  # fmt: skip
     t0 = time.perf_counter()
     await sender.sync(ram, lambda: np.empty(0, dtype=np.int64))
@@ -115,10 +133,10 @@ async def _sender(args: argparse.Namespace) -> None:
 # -- orchestration ------------------------------------------------------------------------------
 
 
-def run_stream(path: Path, channels: int, args: argparse.Namespace) -> dict[str, Any]:
+def run_stream(path: Path, channels: int, args: argparse.Namespace, tls_dir: str = "") -> dict[str, Any]:
     common = [
         "--ram-mib", str(args.ram_mib), "--epoch-mib", str(args.epoch_mib), "--epochs", str(args.epochs),
-        "--batch-pages", str(args.batch_pages), "--channels", str(channels),
+        "--batch-pages", str(args.batch_pages), "--channels", str(channels), "--tls-dir", tls_dir,
     ]  # fmt: skip
     me = [sys.executable, __file__]
     rx = subprocess.Popen(
@@ -228,18 +246,24 @@ def measure_path(path: Path, args: argparse.Namespace) -> dict[str, Any]:
         before = run_iperf3(path, n, args.iperf_seconds)
         for _ in range(args.rounds):
             stream = run_stream(path, n, args)
+            secure = run_stream(path, n, args, args.tls_dir)
             after = run_iperf3(path, n, args.iperf_seconds)
             around = (before[0] + after[0]) / 2
             runs.append({
                 **stream, "iperf3_gbps": around, "iperf3_cpu_s_per_gb": (before[1] + after[1]) / 2,
                 "ratio": stream["stream_gbps"] / around, "sync_ratio": stream["sync_gbps"] / around,
                 "epoch_ratio": stream["epoch_gbps"] / around,
+                "tls_stream_gbps": secure["stream_gbps"], "tls_epoch_gbps": secure["epoch_gbps"],
+                "tls_ratio": secure["stream_gbps"] / stream["stream_gbps"],
+                "tls_epoch_ratio": secure["epoch_gbps"] / stream["epoch_gbps"],
+                "tls_cpu_s_per_gb": secure["cpu_s_per_gb"],
             })  # fmt: skip
             before = after
         iperf_one = max(run_iperf3(path, 1, args.iperf_seconds)[0] for _ in range(2))
-        best = ("stream_gbps", "sync_gbps", "epoch_gbps", "iperf3_gbps")
+        best = ("stream_gbps", "sync_gbps", "epoch_gbps", "iperf3_gbps", "tls_stream_gbps", "tls_epoch_gbps")
         median = (
-            "ratio", "sync_ratio", "epoch_ratio", "commit_ms_p50", "cpu_s_per_gb", "iperf3_cpu_s_per_gb"
+            "ratio", "sync_ratio", "epoch_ratio", "commit_ms_p50", "cpu_s_per_gb", "iperf3_cpu_s_per_gb",
+            "tls_ratio", "tls_epoch_ratio", "tls_cpu_s_per_gb",
         )  # fmt: skip
         rows.append({
             "channels": n,
@@ -266,6 +290,17 @@ def print_tables(results: dict[str, Any]) -> None:
                   f"{r['ratio']:>6.0%} {r['sync_ratio']:>10.0%} {r['iperf3_single_gbps']:>9.2f} "
                   f"{r['cpu_s_per_gb']:>9.2f} {r['iperf3_cpu_s_per_gb']:>10.2f}")  # fmt: skip
     print("(GB/s, except commit in ms and CPU seconds per GB of both processes)")
+    print("\nmutual TLS 1.3 (each run right after its clear twin): stream GB/s, TLS / clear, CPU s/GB")
+    print(f"{'path':9} {'ch':>3} {'clear':>7} {'tls':>7} {'tls/clear':>9} {'epoch tls/clear':>15} "
+          f"{'tls/iperf3':>10} {'cpu s/GB':>9}")  # fmt: skip
+    for p in results["paths"]:
+        for r in p["rows"]:
+            print(f"{p['path']:9} {r['channels']:>3} {r['stream_gbps']:>7.2f} {r['tls_stream_gbps']:>7.2f} "
+                  f"{r['tls_ratio']:>9.0%} {r['tls_epoch_ratio']:>15.0%} "
+                  f"{r['tls_stream_gbps'] / r['iperf3_gbps']:>10.0%} {r['tls_cpu_s_per_gb']:>9.2f}")
+    c = results["cipher"]
+    print(f"\nAES-GCM on one core ({c['negotiated']} negotiated): " + ", ".join(
+        f"{k} {v:.2f} GB/s" for k, v in c["gbps"].items()))  # fmt: skip
     for s in results.get("skipped", []):
         print(f"skipped {s['path']}: {s['reason']}")
     print("\npause-side cost: staging copy of N dirty pages vs plain copy of the same bytes")
@@ -291,6 +326,7 @@ def main() -> None:
     ap.add_argument("--worker", choices=("sender", "receiver"), help=argparse.SUPPRESS)
     ap.add_argument("--host", default="127.0.0.1", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--tls-dir", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         args.channels = int(args.channels)
@@ -305,9 +341,19 @@ def main() -> None:
             for k in ("ram_mib", "epoch_mib", "epochs", "batch_pages", "channels", "rounds")
         },
         "machine": machine_info(),
-        "paths": [measure_path(LOOPBACK, args)],
         "skipped": [],
     }
+    with tempfile.TemporaryDirectory(prefix="colo-bench-tls-") as tls_dir:
+        args.tls_dir = _certificates(FsPath(tls_dir))
+        results["cipher"] = cipher_speed(args.tls_dir)
+        _measure_paths(results, args)
+    results["pause"] = pause_cost(args)
+    print_tables(results)
+    print(f"\nwrote {write_results('stream', results)}")
+
+
+def _measure_paths(results: dict[str, Any], args: argparse.Namespace) -> None:
+    results["paths"] = [measure_path(LOOPBACK, args)]
     if args.no_veth:
         results["skipped"].append({"path": "veth", "reason": "--no-veth"})
     else:
@@ -316,9 +362,63 @@ def main() -> None:
                 results["paths"].append(measure_path(veth, args))
         except NetnsUnavailable as exc:
             results["skipped"].append({"path": "veth", "reason": str(exc)})
-    results["pause"] = pause_cost(args)
-    print_tables(results)
-    print(f"\nwrote {write_results('stream', results)}")
+
+
+def _certificates(directory: FsPath) -> str:
+    """A certificate directory for both agents of VM, issued as the operator issues it."""
+    import datetime as dt
+
+    from colo_agent.api.identity import vm_identity
+    from colo_operator import certs
+
+    now = dt.datetime.now(dt.UTC)
+    ca = certs.new_ca(now)
+    namespace, _, name = VM.partition("/")
+    return str(certs.write_dir(directory, ca, certs.issue(ca, vm_identity(namespace, name), now)))
+
+
+def cipher_speed(tls_dir: str) -> dict[str, Any]:
+    """What one core encrypts: `openssl speed` over 16 KiB blocks (a TLS record), the
+    `cryptography` AESGCM over the same, and which cipher a TLS 1.3 pairing negotiates."""
+    import socket
+    import ssl
+
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    from colo_agent.tls import TlsFiles
+
+    gbps: dict[str, float] = {}
+    for cipher in ("aes-128-gcm", "aes-256-gcm"):
+        out = subprocess.run(
+            ["openssl", "speed", "-evp", cipher, "-bytes", "16384", "-seconds", "2"],
+            capture_output=True, text=True, timeout=60, check=False,
+        ).stdout  # fmt: skip
+        line = next((x for x in out.splitlines() if x.lower().startswith(cipher.upper().lower())), "")
+        if line:  # "AES-128-GCM  123456.78k" in 1000s of bytes per second
+            gbps[f"openssl {cipher}"] = float(line.split()[-1].rstrip("k")) * 1e3 / 1e9
+    block = bytes(16384)
+    for bits in (128, 256):
+        aead = AESGCM(AESGCM.generate_key(bit_length=bits))
+        nonce = bytes(12)
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < 1.0:
+            aead.encrypt(nonce, block, None)
+            n += 1
+        gbps[f"cryptography AESGCM-{bits}"] = n * len(block) / (time.perf_counter() - t0) / 1e9
+    files = TlsFiles(tls_dir)
+    a, b = socket.socketpair()
+    server = files.server_context().wrap_socket(a, server_side=True, do_handshake_on_connect=False)
+    client = files.client_context().wrap_socket(b, do_handshake_on_connect=False)
+    import threading
+
+    t = threading.Thread(target=server.do_handshake)
+    t.start()
+    client.do_handshake()
+    t.join()
+    negotiated = (client.cipher() or ("?",))[0]
+    server.close()
+    client.close()
+    return {"gbps": gbps, "negotiated": negotiated, "openssl": ssl.OPENSSL_VERSION}
 
 
 if __name__ == "__main__":

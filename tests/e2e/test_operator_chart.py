@@ -182,3 +182,49 @@ def test_every_operator_replica_serves_its_metrics(cluster: Any, release: None) 
         assert "colo_operator_reconcile_errors_total" in text and "process_cpu_seconds_total" in text
     service = get_json(cluster, "service", "colo-colo-operator-metrics", "-n", RELEASE_NAMESPACE)
     assert service["spec"]["ports"][0]["port"] == 9090
+
+
+SCOPED, WATCHED = "colo-scoped", "colo-watched"
+SCOPED_ACCOUNT = f"system:serviceaccount:{SCOPED}:{SCOPED}-colo-operator"
+
+
+@pytest.fixture(scope="module")
+def scoped_rbac(cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The chart's RBAC with watchNamespaces set, applied under a second release name."""
+    for ns in (SCOPED, WATCHED):
+        cluster.kubectl("create", "namespace", ns, check=False)
+    rendered = tmp_path_factory.mktemp("scoped") / "rbac.yaml"
+    rendered.write_text(helm(
+        cluster, "template", SCOPED, str(CHART), "--namespace", SCOPED,
+        "--set", f"watchNamespaces={{{WATCHED}}}",
+        "--show-only", "templates/rbac.yaml", "--show-only", "templates/serviceaccount.yaml",
+    ).stdout)  # fmt: skip
+    applied = cluster.kubectl("apply", "-f", str(rendered), check=False)
+    assert applied.returncode == 0, applied.stdout + applied.stderr
+    yield
+    cluster.kubectl("delete", "-f", str(rendered), "--wait=false", check=False)
+    for ns in (SCOPED, WATCHED):
+        cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+
+
+@pytest.mark.parametrize(
+    ("verb", "resource", "where", "allowed"),
+    [
+        ("get", "secrets", ["-n", WATCHED], True),
+        ("create", "networkpolicies.networking.k8s.io", ["-n", WATCHED], True),
+        ("create", "pods", ["-n", WATCHED], True),
+        ("get", "secrets", ["-n", "default"], False),
+        ("get", "secrets", ["-A"], False),
+        ("create", "pods", ["-n", "default"], False),
+        ("create", "rolebindings.rbac.authorization.k8s.io", ["-n", "default"], False),
+        # The cluster CA's Secret in the operator's own namespace: read and create, nothing more.
+        ("get", "secrets", ["-n", SCOPED], True),
+        ("delete", "secrets", ["-n", SCOPED], False),
+        ("list", "nodes", [], True),
+    ],
+)
+def test_watch_namespaces_confine_the_operators_rights(
+    cluster: Any, scoped_rbac: None, verb: str, resource: str, where: list[str], allowed: bool
+) -> None:
+    result = cluster.kubectl("auth", "can-i", verb, resource, f"--as={SCOPED_ACCOUNT}", *where, check=False)
+    assert result.stdout.strip() == ("yes" if allowed else "no"), result.stdout + result.stderr
