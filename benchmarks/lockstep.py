@@ -63,7 +63,8 @@ from support.agents import AgentGroup, AgentProcess, HarnessError, wait_protecte
 from colo_agent.microvm.config import choose_accelerator
 from colo_agent.microvm.kvm import kvm_unavailable_reason
 
-MODES = ("unprotected", "checkpoint", "lockstep")
+# "+tls": the same pair over mutual TLS 1.3, as the operator runs it by default.
+MODES = ("unprotected", "checkpoint", "lockstep", "checkpoint+tls", "lockstep+tls")
 TESTS = ("set", "get")
 # The agent's own default: a benchmark on a shared, loaded machine must not
 # stall output because a renewal of a tighter demo lease came late.
@@ -107,7 +108,7 @@ def scrape(agent: AgentProcess) -> Scrape:
     status = agent.status()
     if status is None:
         raise HarnessError(f"{agent.name} does not answer GET /v1/status:\n{agent.tail()}")
-    r = httpx.get(f"{agent.control_url}/metrics", timeout=10.0)
+    r = httpx.get(f"{agent.control_url}/metrics", timeout=10.0, verify=agent.tls or True)
     r.raise_for_status()
     released: dict[str, float] = {}
     sums: dict[str, float] = {}
@@ -249,16 +250,40 @@ def bench_unprotected(args: argparse.Namespace, workdir: Path) -> dict[str, Any]
     return {"commands": {"vm": shlex.join(argv)}, "warmup_requests": warmup, **figures}
 
 
+def _tls(workdir: Path, vm: str) -> tuple[Path, Path, Any]:
+    """Certificate directories for both agents and the operator's client context."""
+    import datetime as dt
+
+    from colo_agent.api.identity import OPERATOR_IDENTITY, vm_identity
+    from colo_operator import certs
+
+    now = dt.datetime.now(dt.UTC)
+    ca = certs.new_ca(now)
+    namespace, _, name = vm.partition("/")
+    dirs = [certs.write_dir(workdir / f"tls-{who}", ca, certs.issue(ca, vm_identity(namespace, name), now))
+            for who in ("primary", "secondary")]  # fmt: skip
+    operator = certs.write_dir(workdir / "tls-operator", ca, certs.issue(ca, OPERATOR_IDENTITY, now))
+    return dirs[0], dirs[1], certs.client_context(operator)
+
+
 def bench_pair(mode: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    mode, _, secure = mode.partition("+")
     interval = args.checkpoint_interval_ms if mode == "checkpoint" else args.lockstep_interval_ms
     extra = ["--mode", mode]
     if interval is not None:
         extra += ["--interval-ms", str(interval)]
-    group = AgentGroup(workdir, accel=args.accel, vm=f"bench/{mode}", lease_duration_ms=LEASE_DURATION_MS)
+    vm = f"bench/{mode}"
+    group = AgentGroup(workdir, accel=args.accel, vm=vm, lease_duration_ms=LEASE_DURATION_MS)
+    tls: dict[str, Any] = {}
+    if secure:
+        pdir, sdir, client = _tls(workdir, vm)
+        tls = {"primary": {"tls_dir": pdir, "tls_client": client},
+               "secondary": {"tls_dir": sdir, "tls_client": client}}  # fmt: skip
     try:
-        primary = group.spawn("primary", "primary", memory=args.memory, extra=extra)
+        primary = group.spawn("primary", "primary", memory=args.memory, extra=extra, **tls.get("primary", {}))
         primary.wait_for("serving as primary", lambda s: s.role == "primary", START_TIMEOUT)
-        secondary = group.spawn("secondary", "secondary", peer=primary, memory=args.memory, extra=extra)
+        secondary = group.spawn("secondary", "secondary", peer=primary, memory=args.memory, extra=extra,
+                                **tls.get("secondary", {}))  # fmt: skip
         wait_protected(primary, secondary)
         requests = args.checkpoint_requests if mode == "checkpoint" else args.requests
         processes = {"primary": primary.proc.pid, "secondary": secondary.proc.pid}
@@ -312,7 +337,7 @@ def p99_ratios(rounds: Sequence[dict[str, Any]], modes: dict[str, Any]) -> dict[
     (both setups measured minutes apart at most, under the same background load)."""
     out: dict[str, dict[str, Any]] = {}
     base = modes.get("unprotected", {}).get("tests")
-    for mode in ("checkpoint", "lockstep"):
+    for mode in MODES[1:]:
         tests = modes.get(mode, {}).get("tests")
         if not base or not tests:
             continue

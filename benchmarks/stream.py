@@ -191,8 +191,11 @@ def run_iperf3(path: Path, streams: int, seconds: float) -> tuple[float, float]:
                  "-P", str(streams), "-J"],
                 capture_output=True, text=True, timeout=120, check=False,
             )  # fmt: skip
-            if done.returncode == 0:
-                report = json.loads(done.stdout)["end"]
+            end = json.loads(done.stdout).get("end", {}) if done.returncode == 0 else {}
+            # A busy machine sometimes loses the control connection: iperf3 then
+            # exits 0 with an "error" and no totals. Try again.
+            if "sum_received" in end:
+                report = end
                 gbps = float(report["sum_received"]["bits_per_second"]) / 8e9
                 cpu = report["cpu_utilization_percent"]
                 seconds_run = float(report["sum_received"]["seconds"])
