@@ -307,7 +307,9 @@ def agent_pod(vm: VMView, config: OperatorConfig, action: CreatePod) -> dict[str
     ]
     if not spec.replication.insecure_clear:
         # A Secret volume (not subPath), so a renewed certificate reaches the running agent.
-        mounts.append({"name": TLS_VOLUME, "mountPath": TLS_MOUNT, "readOnly": True})
+        # Beside the key, before the scratch tmpfs (whose mount point may cover a host's
+        # view of where the Secret's files are staged).
+        mounts.insert(2, {"name": TLS_VOLUME, "mountPath": TLS_MOUNT, "readOnly": True})
         volumes.append(
             {"name": TLS_VOLUME, "secret": {"secretName": names.tls_secret, "defaultMode": 0o440}}
         )

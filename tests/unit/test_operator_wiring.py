@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import datetime as dt
 import socket
 from collections.abc import AsyncIterator
 from typing import Any
@@ -27,6 +28,7 @@ from colo_agent.api.models import (
     Role,
 )
 from colo_agent.api.server import create_app, serve
+from colo_operator import certs
 from colo_operator import constants as c
 from colo_operator.agent_client import AgentClient
 from colo_operator.config import OperatorConfig
@@ -126,12 +128,13 @@ def node(name: str, *, ready: bool) -> dict[str, Any]:
     }
 
 
-def colovm(status: dict[str, Any] | None = None) -> dict[str, Any]:
+def colovm(status: dict[str, Any] | None = None, *, tls: bool = False) -> dict[str, Any]:
+    # The scripted agents serve plain HTTP: these VMs opt out of TLS unless asked.
     body: dict[str, Any] = {
         "apiVersion": c.API_VERSION,
         "kind": c.KIND,
         "metadata": {"name": "vm", "namespace": "ns", "uid": "uid-1", "generation": 1},
-        "spec": {"guest": {"memory": "32Mi"}},
+        "spec": {"guest": {"memory": "32Mi"}, "replication": {"insecureClear": not tls}},
     }
     if status:
         body["status"] = status
@@ -160,7 +163,33 @@ def runtime(kube: Kube, events: list[EventNote], port: int = 1) -> Runtime:
         agents=AgentClient(timeout_s=2.0),
         post_event=lambda body, note: events.append(note),
         control_port=port,
+        ca=CA,
     )
+
+
+CA = certs.new_ca(dt.datetime.now(dt.UTC))
+
+
+async def test_a_vm_gets_its_certificate_and_network_policy_and_an_opt_out_a_warning(
+    world: tuple[Kube, list[EventNote]],
+) -> None:
+    kube, events = world
+    await kube.create(colovm(tls=True))
+    rt = runtime(kube, events)
+    await reconcile(rt, "ns", "vm")
+    secret = await kube.get("Secret", "ns", "vm-agent-tls")
+    assert secret is not None and secret["type"] == "kubernetes.io/tls"
+    cert = base64.b64decode(secret["data"]["tls.crt"])
+    assert certs.uri_of(cert) == "spiffe://colo.dev/ns/ns/colovm/vm"
+    assert not certs.needs_renewal(cert, dt.datetime.now(dt.UTC), CA)
+    assert await kube.get("NetworkPolicy", "ns", "vm-agents") is not None
+    pod = await kube.get("Pod", "ns", "vm-0")
+    assert pod is not None and "--tls-dir" in pod["spec"]["containers"][0]["args"]
+    assert not any(e.reason == "InsecureClear" for e in events)
+
+    await kube.patch(c.KIND, "ns", "vm", {"spec": {"replication": {"insecureClear": True}}})
+    await reconcile(rt, "ns", "vm")
+    assert [e.type for e in events if e.reason == "InsecureClear"] == ["Warning"]
 
 
 async def run_plan(rt: Runtime, times: int = 10) -> None:
