@@ -69,7 +69,7 @@ def test_a_bad_log_level_or_format_is_a_usage_error_naming_the_variable(name: st
 
 
 def test_a_malformed_arbiter_is_a_usage_error_like_the_others(tmp_path: Path) -> None:
-    env = {"COLO_SECRET": "s" * 32}
+    env = {"COLO_SECRET": "s" * 32, "COLO_INSECURE_CLEAR": "true"}
     for spec, why in [("foo:bar", "unknown kind 'foo'"), ("lease:justaname", "lease:NAMESPACE/NAME"),
                       ("file", "expected lease:NAMESPACE/NAME or file:PATH")]:  # fmt: skip
         result = run("colo-agent", "run", "--role", "primary", "--arbiter", spec, env=env)
@@ -121,3 +121,12 @@ def test_colo_agent_honours_the_log_level_and_format_from_its_environment(tmp_pa
     assert all(set(r) >= {"time", "level", "logger", "message"} for r in records)
     # Nothing but JSON lines on the agent's stderr.
     assert all(line.startswith("{") for line in loud.log().splitlines() if line.strip()), loud.log()
+
+
+def test_an_agent_without_certificates_or_the_explicit_opt_out_refuses_to_start(tmp_path: Path) -> None:
+    env = {"COLO_SECRET": "s" * 32}
+    result = run("colo-agent", "run", "--role", "primary", "--arbiter", f"file:{tmp_path / 'a'}", env=env)
+    usage_error(result, "TLS is required", "--tls-dir", "--insecure-clear")
+    result = run("colo-agent", "run", "--role", "primary", "--arbiter", f"file:{tmp_path / 'a'}",
+                 "--tls-dir", str(tmp_path), env=env)  # fmt: skip
+    usage_error(result, "tls.crt is missing")
