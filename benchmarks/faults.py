@@ -165,7 +165,7 @@ def _check(cluster: Cluster, history: History) -> tuple[list[str], str | None]:
     with history.lock:
         acked = dict(history.acked)
         low = history.acked_incr
-    with cluster.primary.client(timeout=30.0) as c:
+    with cluster.primary.client(timeout=60.0) as c:
         keys = sorted(acked)
         values = c.mget(keys)
         counter = c.call("GET", "counter")
@@ -268,7 +268,13 @@ def run_campaign(mode: str, faults: int, seed: int, workdir: Path) -> dict[str, 
                 break
             time.sleep(0.3)
             by_kind[kind] += 1
-            missing, bad = _check(cluster, history)
+            try:
+                missing, bad = _check(cluster, history)
+            except (OSError, ConnectionError, RespError) as exc:
+                unrecovered = f"checking after fault {i} ({kind}): {exc!r}"
+                break
+            if set(missing) - lost:
+                print(f"  LOST after fault {i + 1} ({kind}): {sorted(set(missing) - lost)[:10]}", flush=True)
             lost.update(missing)
             if bad:
                 counter_errors.append(f"after fault {i} ({kind}): {bad}")
