@@ -126,3 +126,23 @@ def test_a_renewed_certificate_is_used_from_the_next_pairing(
     replacement = group.spawn("agent-c", "secondary", peer=primary, tls_dir=vm_dir(tmp_path / "c", ca, VM),
                               tls_client=op)
     wait_protected(primary, replacement)
+
+
+def test_lockstep_over_tls_releases_output_on_match(
+    group: AgentGroup, tmp_path: Path, ca: certs.KeyPair
+) -> None:
+    """The mirror link over TLS: output leaves when both guests produced it, not by timeout."""
+    op = TlsFiles(operator_dir(tmp_path / "operator", ca)).client_context()
+    extra = ["--mode", "lockstep"]
+    primary = group.spawn("agent-a", "primary", tls_dir=vm_dir(tmp_path / "a", ca, VM), tls_client=op,
+                          extra=extra)
+    primary.wait_for("serving as primary", lambda s: s.role == "primary")
+    secondary = group.spawn("agent-b", "secondary", peer=primary, tls_dir=vm_dir(tmp_path / "b", ca, VM),
+                            tls_client=op, extra=extra)  # fmt: skip
+    wait_protected(primary, secondary)
+    with primary.client() as client:
+        for i in range(50):
+            assert client.call("SET", f"k{i}", "v") == b"OK"
+    st = primary.status()
+    assert st is not None and st.lockstep is not None
+    assert st.lockstep.released_on_match_bytes > 0, st.lockstep

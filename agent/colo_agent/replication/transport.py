@@ -122,6 +122,10 @@ class Connection:
         self._tls = isinstance(sock, ssl.SSLSocket)
         self._unyielded = 0
 
+    @property
+    def tls(self) -> bool:
+        return self._tls
+
     async def send(self, msg: Message) -> None:
         await self.sendmsg([self.encoder.encode(msg)])
 
@@ -266,7 +270,9 @@ class ThreadSafeLink:
         with self._lock:
             if self.failed is not None:
                 return
-            if not self._outbox and not self._writing:
+            # A TLS connection is used by the loop's thread only: OpenSSL's
+            # state must not be driven from two threads at once.
+            if not self._outbox and not self._writing and not self.conn.tls:
                 try:
                     sent = self.conn.sock.send(out)
                 except (BlockingIOError, InterruptedError):
