@@ -67,6 +67,17 @@ TOKEN_SECONDS = 3607
 SA_MOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
 MAX_BACKOFF = 10.0
 SETUP_RETRY = 1.0
+PROJECT_ROOT = Path(__file__).resolve().parents[3]
+# Where a pod's mount namespace parks host paths that a volume is about to cover.
+KEEP_DIR = "/run/colo-e2e/keep"
+
+
+def _hidden_by(mount_path: str, paths: list[str]) -> list[str]:
+    """The paths a mount at ``mount_path`` would hide, outermost only."""
+    target = Path(mount_path)
+    under = sorted({p for p in paths if Path(p) == target or target in Path(p).parents})
+    return [p for p in under if not any(Path(q) in Path(p).parents for q in under)]
+
 
 log = logging.getLogger("noderunner")
 
@@ -564,19 +575,36 @@ class NodeRunner:
             ]
         for mount in container.spec.get("volumeMounts") or []:
             kind, source = run.volumes.get(mount["name"], ("", ""))
+            if kind not in ("bind", "tmpfs"):
+                continue
+            # A process pod shares the host's file system: a volume mounted over
+            # an ancestor of what the process itself runs from (the project and
+            # its virtualenv, the node's own directory; e.g. an emptyDir at /tmp
+            # while the checkout lives under /tmp) would hide it. Those paths are
+            # put back on top of the volume, as an image would have them.
+            hidden = _hidden_by(mount["mountPath"], self._host_paths(command[0]))
+            keep = [f"{KEEP_DIR}/{index}" for index in range(len(hidden))]
+            for path, place in zip(hidden, keep, strict=True):
+                steps += [f"mkdir -p {place}", f"mount --bind {shlex.quote(path)} {place}"]
             target = shlex.quote(mount["mountPath"])
             if kind == "bind":
                 steps += [f"mkdir -p {target}", f"mount --bind {shlex.quote(source)} {target}"]
             elif kind == "tmpfs":
                 size = f",size={source}" if source != "0" else ""
                 steps += [f"mkdir -p {target}", f"mount -t tmpfs -o mode=1777{size} tmpfs {target}"]
-            else:
-                continue
             if mount.get("readOnly"):
                 steps.append(f"mount -o remount,bind,ro {target}")
+            for path, place in zip(hidden, keep, strict=True):
+                steps += [f"mkdir -p {shlex.quote(path)}", f"mount --bind {place} {shlex.quote(path)}"]
         if steps:
             argv += ["sh", "-c", " && ".join([*steps, 'exec "$@"']), "sh"]
         return argv + command + args
+
+    def _host_paths(self, executable: str) -> list[str]:
+        """What a process pod runs from on the host: the project, the virtualenv
+        of its executable, and this node's directory."""
+        venv = Path(executable).absolute().parent.parent
+        return [str(PROJECT_ROOT), str(venv), str(self.workdir.resolve())]
 
     def _start(self, run: PodRun, container: Container) -> None:
         env = run.env[container.name]
