@@ -68,7 +68,9 @@ def test_crd_is_accepted_and_defaults_a_bare_colovm(cluster: Any, crd: None) -> 
         "spec"
     ]
     assert spec["guest"] == {"backend": "microvm", "accel": "auto", "memory": "64Mi"}
-    assert spec["replication"] == {"mode": "checkpoint", "checkpointIntervalMs": 100, "channels": 2}
+    assert spec["replication"] == {
+        "mode": "checkpoint", "checkpointIntervalMs": 100, "channels": 2, "insecureClear": False
+    }
     assert spec["failover"]["heartbeatTimeoutMs"] == 500 and spec["failover"]["autoReprotect"] is True
     assert spec["placement"]["topologyKey"] == "kubernetes.io/hostname"
     header = kubectl(cluster, "get", "cvm", "-n", NAMESPACE).stdout.splitlines()[0].split()
