@@ -16,6 +16,7 @@ from cluster import ControlPlane, build
 
 ROOT = Path(__file__).resolve().parents[2]
 NAMESPACE = "metrics-e2e"
+OPERATOR_NAMESPACE = "colo-system"  # colo_operator.config default
 
 
 def free_port() -> int:
@@ -37,6 +38,9 @@ def test_the_operator_serves_its_metrics(kube_apiserver: ControlPlane, tmp_path:
     subprocess.run([*kubectl, "wait", "--for=condition=Established", "crd/colovms.colo.dev", "--timeout=60s"],
                    check=True, capture_output=True)  # fmt: skip
     subprocess.run([*kubectl, "create", "namespace", NAMESPACE], check=False, capture_output=True)
+    # The operator's own namespace (the chart's release namespace) holds the cluster CA it creates
+    # at start-up; in a cluster it always exists, since the operator runs there.
+    subprocess.run([*kubectl, "create", "namespace", OPERATOR_NAMESPACE], check=False, capture_output=True)
     vm = {"apiVersion": "colo.dev/v1alpha1", "kind": "ColoVM", "metadata": {"name": "watched"},
           "spec": {"guest": {"memory": "16Mi"}}}  # fmt: skip
     subprocess.run([*kubectl, "apply", "-n", NAMESPACE, "-f", "-"], input=json.dumps(vm), text=True,
