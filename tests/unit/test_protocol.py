@@ -49,6 +49,7 @@ messages = st.one_of(
     st.builds(p.Nack, u64, u64, u32, st.sampled_from(p.NackReason), text),
     st.builds(p.Heartbeat, u64, u64, u64),
     st.builds(p.Goodbye, st.sampled_from(p.GoodbyeReason), text),
+    st.builds(p.StreamTarget, u64, st.text(min_size=1, max_size=60)),
     pages(),
 )
 
@@ -281,4 +282,50 @@ def test_semantic_payload_defects_are_remote_errors() -> None:
     dec.receive(wire)
     with pytest.raises(p.RemoteProtocolError, match="unknown NackReason 999"):
         dec.next_event()
+    assert enc.seq == 0
+
+
+def _frame(mtype: p.MessageType, payload: bytes) -> bytes:
+    """One frame with a valid checksum around whatever payload."""
+    head = p.HEADER.pack(p.MAGIC, p.WIRE_VERSION, mtype, 0, len(payload), 0)
+    return head + struct.pack("<Q", p._frame_checksum(head, xxhash.xxh3_64_intdigest(payload))) + payload
+
+
+def test_stream_target_carries_the_backend_address_unread() -> None:
+    dec = p.FrameDecoder()
+    dec.receive(encode([p.StreamTarget(7, "10.0.0.5:7713:7714"), p.StreamTarget(7, "[fd00::5]:1:2")]))
+    assert p.drain(dec) == [p.StreamTarget(7, "10.0.0.5:7713:7714"), p.StreamTarget(7, "[fd00::5]:1:2")]
+
+
+@pytest.mark.parametrize(
+    ("payload", "error"),
+    [
+        (b"", "STREAM_TARGET: truncated"),
+        (struct.pack("<Q", 3)[:5], "STREAM_TARGET: truncated"),
+        (struct.pack("<Q", 3), "truncated text length"),
+        (struct.pack("<QH", 3, 0), "empty address"),
+        (struct.pack("<QH", 3, 9) + b"short", "does not fit"),
+        (struct.pack("<QH", 3, 2) + b"\xff\xfe", "not UTF-8"),
+        (struct.pack("<QH", 3, 1) + b"a" + b"extra", "trailing bytes"),
+    ],
+)
+def test_stream_target_defects_are_remote_errors_that_leave_the_decoder_intact(
+    payload: bytes, error: str
+) -> None:
+    dec = p.FrameDecoder()
+    dec.receive(_frame(p.MessageType.STREAM_TARGET, payload))
+    before = snapshot(dec)
+    with pytest.raises(p.RemoteProtocolError, match=error):
+        dec.next_event()
+    assert snapshot(dec) == before
+
+
+def test_stream_target_misuse_is_a_local_error() -> None:
+    enc = p.FrameEncoder()
+    with pytest.raises(p.LocalProtocolError, match="stream target"):
+        enc.encode(p.StreamTarget(1, ""))
+    with pytest.raises(p.LocalProtocolError, match="stream target"):
+        enc.encode(p.StreamTarget(1, "x" * (p.MAX_TEXT + 1)))
+    with pytest.raises(p.LocalProtocolError, match="term"):
+        enc.encode(p.StreamTarget(-1, "a:1:2"))
     assert enc.seq == 0

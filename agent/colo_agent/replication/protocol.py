@@ -110,6 +110,7 @@ class MessageType(enum.IntEnum):
     NACK = 25
     HEARTBEAT = 30
     GOODBYE = 31
+    STREAM_TARGET = 40
 
 
 class Role(enum.IntEnum):
@@ -293,9 +294,19 @@ class Goodbye:
     text: str
 
 
+@dataclass(frozen=True)
+class StreamTarget:
+    """Secondary -> primary, once, for a backend that replicates itself (a migration stream):
+    where the secondary's backend receives the stream. `address` is in the backend's own form
+    (QEMU: `HOST:MIGRATION_PORT:NBD_PORT`); the engine passes it on unread."""
+
+    term: int
+    address: str
+
+
 Message: TypeAlias = (
     Hello | AuthChallenge | AuthResponse | AuthOk | Refused | SyncBegin | SyncEnd | CheckpointBegin
-    | Pages | DeviceState | CheckpointEnd | Ack | Nack | Heartbeat | Goodbye
+    | Pages | DeviceState | CheckpointEnd | Ack | Nack | Heartbeat | Goodbye | StreamTarget
 )
 
 
@@ -477,6 +488,11 @@ def encode_payload(msg: Message) -> tuple[MessageType, bytes]:
         return MessageType.HEARTBEAT, _HEARTBEAT.pack(msg.term, msg.seq, msg.acked_epoch)
     if isinstance(msg, Goodbye):
         return MessageType.GOODBYE, _U16.pack(msg.reason) + _text(msg.text)
+    if isinstance(msg, StreamTarget):
+        _check_u(msg.term, 64, "term")
+        if not msg.address or len(msg.address.encode("utf-8")) > MAX_TEXT:
+            raise LocalProtocolError(f"a stream target must be 1..{MAX_TEXT} bytes of UTF-8")
+        return MessageType.STREAM_TARGET, _U64.pack(msg.term) + _text(msg.address)
     if isinstance(msg, Pages):
         raise LocalProtocolError("Pages frames are encoded by FrameEncoder.encode_pages")
     raise LocalProtocolError(f"not a protocol message: {msg!r}")
@@ -567,6 +583,15 @@ def decode_payload(mtype: MessageType, payload: memoryview) -> Message:
         if mtype is MessageType.HEARTBEAT:
             _expect_len(payload, _HEARTBEAT.size, name)
             return Heartbeat(*_HEARTBEAT.unpack_from(payload))
+        if mtype is MessageType.STREAM_TARGET:
+            if len(payload) < _U64.size:
+                raise RemoteProtocolError("STREAM_TARGET: truncated")
+            (term,) = _U64.unpack_from(payload)
+            address, end = _read_text(payload, _U64.size, name)
+            _expect_end(payload, end, name)
+            if not address:
+                raise RemoteProtocolError("STREAM_TARGET: empty address")
+            return StreamTarget(term, address)
     except struct.error as exc:  # pragma: no cover - every length is checked above
         raise RemoteProtocolError(f"{name}: {exc}") from None
     raise LocalProtocolError(f"{name} has no plain payload decoder")
