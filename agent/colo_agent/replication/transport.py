@@ -58,6 +58,7 @@ from colo_agent.replication.protocol import (
     Refused,
     RefuseReason,
     RemoteProtocolError,
+    Role,
     is_message,
 )
 from colo_agent.replication.session import (
@@ -79,6 +80,7 @@ from colo_agent.replication.session import (
     Yank,
     data_channel,
 )
+from colo_agent.replication.stream import StreamSession, TargetKnown
 from colo_agent.tls import PeerTls, wait_ready
 
 log = logging.getLogger(__name__)
@@ -1113,6 +1115,187 @@ class CheckpointReceiver:
             self._connection_failed(channel, f"internal error: {exc.reason}")
 
 
+# -- pairing of a backend that replicates itself -----------------------------------------
+
+
+class StreamLink:
+    """Both ends of a stream pairing (`replication.stream`): one control connection.
+
+    The primary accepts (`accept`) and learns where to stream (`target`);
+    the secondary dials (`dial`) with its backend's address. Heartbeats
+    flow both ways until `wait_lost` returns; the primary's carry its
+    checkpoint count (`report`), which the secondary reads (`checkpoints`).
+    The primary speaks first in the handshake, as in every pairing.
+    """
+
+    def __init__(self, session: StreamSession, pairing: _Pairing) -> None:
+        self.session = session
+        self._pairing = pairing
+        self._target: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    @classmethod
+    async def accept(
+        cls, listener: Listener, *, secret: bytes, vm: str, term: int, heartbeat_interval: float,
+        heartbeat_timeout: float, target_timeout: float | None = None, tls: PeerTls | None = None,
+        clock: Clock = time.monotonic,
+    ) -> StreamLink:
+        """Primary: wait for a secondary to dial in and authenticate it (a failed handshake
+        raises, like `CheckpointSender.accept`; the caller accepts again)."""
+        loop = asyncio.get_running_loop()
+        sock, addr = await loop.sock_accept(listener.sock)
+        name = _address(addr)
+        hs = ClientHandshake(secret=secret, vm=vm, kind=ChannelKind.CONTROL, index=0, channels=1,
+                             session=secrets.randbits(64), term=term, page_count=0)
+        conn = await _secured(sock, f"control->{name}", tls, server_side=True)
+        try:
+            await asyncio.wait_for(_client_handshake(conn, hs), HANDSHAKE_TIMEOUT)
+        except BaseException:
+            conn.close()
+            raise
+        session = StreamSession(Role.PRIMARY, term, clock(), heartbeat_interval=heartbeat_interval,
+                                heartbeat_timeout=heartbeat_timeout, target_timeout=target_timeout)
+        return cls._run(session, conn, f"primary->{name}", clock)
+
+    @classmethod
+    async def dial(
+        cls, host: str, port: int, *, address: str, secret: bytes, vm: str, term: int,
+        heartbeat_interval: float, heartbeat_timeout: float, tls: PeerTls | None = None,
+        connect_timeout: float = 5.0, clock: Clock = time.monotonic,
+    ) -> StreamLink:
+        """Secondary: join the primary at host:port and announce `address`.
+        Raises OSError, `AuthRefused` or `RemoteProtocolError`."""
+        where = f"{host}:{port}"
+
+        def control_only(hello: Hello) -> Refused | None:
+            if hello.kind is not ChannelKind.CONTROL:
+                return Refused(RefuseReason.BAD_CHANNEL, "a stream pairing has one control connection")
+            return None
+
+        sock = await _open(host, port, connect_timeout)
+        conn = await _secured(sock, f"control<-{where}", tls, server_side=False)
+        hs = ServerHandshake(secret=secret, vm=vm, term=term, page_count=0, cache_pages=0,
+                             policy=control_only)
+        try:
+            hello = await asyncio.wait_for(_server_handshake(conn, hs), HANDSHAKE_TIMEOUT)
+        except BaseException:
+            conn.close()
+            raise
+        if hello is None:
+            assert hs.refused is not None
+            conn.close()
+            raise AuthRefused(hs.refused.reason, hs.refused.text)
+        session = StreamSession(Role.SECONDARY, hello.term, clock(), heartbeat_interval=heartbeat_interval,
+                                heartbeat_timeout=heartbeat_timeout, target=address)
+        link = cls._run(session, conn, f"secondary<-{where}", clock)
+        link._act(session.start())
+        return link
+
+    @classmethod
+    def _run(cls, session: StreamSession, conn: Connection, name: str, clock: Clock) -> StreamLink:
+        pairing = _Pairing(clock, name)
+        link = cls(session, pairing)
+        pairing.on_failure = lambda channel, reason: link._act(session.connection_lost(reason))
+        pairing.add(CONTROL, conn)
+        pairing.spawn(link._reader(conn), f"{name} reader")
+        timer = pairing.run_timer(session.next_deadline, lambda now: link._act(session.handle_timer(now)))
+        pairing.spawn(timer, f"{name} timer")
+        log.info("%s: paired (stream, term %d)", name, session.term)
+        return link
+
+    # -- API ----------------------------------------------------------------------------
+
+    @property
+    def term(self) -> int:
+        return self.session.term
+
+    @property
+    def checkpoints(self) -> int:
+        """Secondary: the primary's checkpoint count in this term, as last heard."""
+        return self.session.checkpoints
+
+    @property
+    def last_heard(self) -> float:
+        return self.session.last_heard
+
+    @property
+    def lost(self) -> str | None:
+        return self._pairing.lost
+
+    def report(self, checkpoints: int) -> None:
+        """Primary: the checkpoint count the next heartbeats carry."""
+        self.session.report(checkpoints)
+
+    async def target(self) -> str:
+        """Primary: the secondary's stream address; PeerLostError if the pairing ends first."""
+        lost: asyncio.Future[Any] = asyncio.ensure_future(self._pairing.closed.wait())
+        target: asyncio.Future[Any] = self._target
+        try:
+            await asyncio.wait({target, lost}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            lost.cancel()
+        if not self._target.done():
+            raise PeerLostError(self._pairing.lost or "closed")
+        return self._target.result()
+
+    async def wait_lost(self) -> str:
+        await self._pairing.closed.wait()
+        return self._pairing.lost or "closed"
+
+    async def close(self, reason: str = "shutting down") -> None:
+        pairing = self._pairing
+        if pairing.lost is None:
+            for a in self.session.close(reason):
+                if isinstance(a, Send):
+                    pairing.enqueue(a)  # the GOODBYE, sent before the yank
+            pairing.lost = reason
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(pairing.drained(), 1.0)
+        pairing.yank(reason)
+
+    # -- running ------------------------------------------------------------------------
+
+    def _act(self, actions: list[Action | TargetKnown]) -> None:
+        pairing = self._pairing
+        for a in actions:
+            if isinstance(a, Send):
+                if pairing.lost is None:
+                    pairing.enqueue(a)
+            elif isinstance(a, TargetKnown):
+                if not self._target.done():
+                    self._target.set_result(a.address)
+            elif isinstance(a, Yank | PeerLost | Closed):
+                if pairing.lost is None:
+                    log.warning("%s: pairing ended: %s", pairing.name, a.reason)
+                pairing.yank(a.reason)
+        pairing.poke.set()
+
+    async def _reader(self, conn: Connection) -> None:
+        try:
+            while True:
+                ev = await conn.next_event()
+                if ev is None:
+                    self._act(self.session.connection_lost("closed by the peer"))
+                    return
+                if not is_message(ev):
+                    raise RemoteProtocolError("page data in a stream pairing")
+                self._act(self.session.receive(ev, self._pairing.clock()))
+        except RemoteProtocolError as exc:
+            log.error("%s: protocol error from the peer: %s", conn.name, exc.reason)
+            self._act(self.session.connection_lost(f"protocol error: {exc.reason}"))
+        except OSError as exc:
+            self._act(self.session.connection_lost(str(exc)))
+
+
+async def _secured(sock: socket.socket, name: str, tls: PeerTls | None, *, server_side: bool) -> Connection:
+    if tls is not None:
+        try:
+            sock, _ = await asyncio.wait_for(tls.secure(sock, server_side=server_side), HANDSHAKE_TIMEOUT)
+        except BaseException:
+            sock.close()
+            raise
+    return Connection(sock, name)
+
+
 async def _server_handshake(conn: Connection, hs: ServerHandshake) -> Hello | None:
     while True:
         ev = await conn.next_event()
@@ -1136,5 +1319,6 @@ __all__ = [
     "EpochResult",
     "Listener",
     "PeerLostError",
+    "StreamLink",
     "ThreadSafeLink",
 ]
