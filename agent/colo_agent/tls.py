@@ -27,7 +27,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from colo_agent.api.identity import CA_FILE, CERT_FILE, KEY_FILE, vm_identity
+from colo_agent.api.identity import CA_FILE, CERT_FILE, KEY_FILE, uri_names, vm_identity
 
 log = logging.getLogger(__name__)
 
@@ -152,13 +152,7 @@ class PeerTls:
         return await establish(sock, ctx, server_side=server_side, allowed=self.admit)
 
 
-def peer_names(peer: ssl.SSLSocket | ssl.SSLObject) -> tuple[str, ...]:
-    """The URI names in the peer's verified certificate (empty without one)."""
-    cert = peer.getpeercert()
-    if not cert:
-        return ()
-    names = cert.get("subjectAltName", ())
-    return tuple(str(entry[1]) for entry in names if entry[0] == "URI")
+peer_names = uri_names
 
 
 def check_peer(peer: ssl.SSLSocket | ssl.SSLObject, allowed: Iterable[str]) -> str:

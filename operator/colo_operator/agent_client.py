@@ -6,16 +6,32 @@ against the other signals). Commands (promote, checkpoint, demote) raise
 `AgentError` with the agent's own message. Transport errors are retried a
 few times with tenacity (short, jittered backoff); refusals (4xx) are not.
 Every response's API version is checked before anything else is read.
+
+Over TLS every call names the agent it means (`peer`: the SPIFFE URI of
+the VM, `colo_agent.api.identity`). The CA proves a certificate was issued
+by this cluster; the name proves it was issued to *that* VM. A pod address
+proves nothing: a stale status or a reused IP can point the operator at
+another VM's agent, and that agent must receive neither the request nor
+the bearer token. So the name is checked right after the TLS handshake,
+before a byte of the request is written, and connections are pooled per
+peer name, so a connection checked for one VM never carries a request
+meant for another. The client context is asked for at every call, so a
+renewed operator certificate or a new CA bundle is used from the next
+connection on.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import ssl
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 import httpx
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
+from colo_agent.api.identity import uri_names
 from colo_agent.api.models import (
     API_VERSION_HEADER,
     SUPPORTED_API_VERSIONS,
@@ -32,6 +48,11 @@ from .snapshot import AgentReport
 
 _T = TypeVar("_T", AgentStatus, PromoteResult, CheckpointResult, DemoteResult)
 
+log = logging.getLogger(__name__)
+
+# The operator's client context, asked for at every call (renewal replaces it).
+TlsSource = Callable[[], ssl.SSLContext]
+
 
 # Timeout of a poll of an agent whose node is not Ready.
 SUSPECT_TIMEOUT_S = 0.3
@@ -46,6 +67,47 @@ class AgentError(RuntimeError):
         super().__init__(message)
 
 
+# `AgentError.reason` when the agent's certificate names another VM (or none).
+WRONG_PEER = "WrongPeer"
+
+
+class WrongPeer(Exception):
+    """The agent's certificate verified but does not name the VM the operator meant."""
+
+    def __init__(self, expected: str, names: Iterable[str]) -> None:
+        who = ", ".join(names) or "a certificate without a URI name"
+        super().__init__(f"the agent presented {who}, not {expected}; nothing was sent to it")
+
+
+def _require(peer: str, ssl_object: object) -> None:
+    names = uri_names(ssl_object) if isinstance(ssl_object, (ssl.SSLObject, ssl.SSLSocket)) else ()
+    if peer not in names:
+        raise WrongPeer(peer, names)
+
+
+def _name_check(peer: str) -> Callable[[str, dict[str, Any]], Any]:
+    """An httpx `trace` hook that refuses a new connection whose certificate does not name `peer`.
+
+    httpcore reports `connection.start_tls.complete` after the handshake and
+    before the request is written; raising there aborts the request, so the
+    wrong agent receives nothing.
+    """
+
+    async def trace(event: str, info: dict[str, Any]) -> None:
+        if event != "connection.start_tls.complete":
+            return
+        stream = info.get("return_value")
+        if stream is None:
+            return
+        try:
+            _require(peer, stream.get_extra_info("ssl_object"))
+        except WrongPeer:
+            await stream.aclose()
+            raise
+
+    return trace
+
+
 def base_url(ip: str, port: int, secure: bool = False) -> str:
     scheme = "https" if secure else "http"
     return f"{scheme}://[{ip}]:{port}" if ":" in ip else f"{scheme}://{ip}:{port}"
@@ -58,27 +120,70 @@ class AgentClient:
         timeout_s: float = 1.0,
         attempts: int = 2,
         transport: httpx.AsyncBaseTransport | None = None,
-        tls: ssl.SSLContext | None = None,
+        tls: ssl.SSLContext | TlsSource | None = None,
     ) -> None:
         self._attempts = attempts
+        self._timeout_s = timeout_s
+        self._transport = transport
         # No proxies from the environment: agents are pod addresses, never behind a proxy.
         self._http = httpx.AsyncClient(timeout=timeout_s, trust_env=False, transport=transport)
         # Over TLS the operator presents its client certificate and trusts only the cluster CA.
-        self._https = (
-            None if tls is None
-            else httpx.AsyncClient(timeout=timeout_s, trust_env=False, transport=transport, verify=tls)
-        )  # fmt: skip
+        self._tls: TlsSource | None = (lambda: tls) if isinstance(tls, ssl.SSLContext) else tls
+        self._context: ssl.SSLContext | None = None
+        self._pools: dict[str, httpx.AsyncClient] = {}  # by peer name
+        self._closing: set[asyncio.Task[None]] = set()
 
-    def _base(self, ip: str, port: int, secure: bool | None) -> str:
-        return base_url(ip, port, self._https is not None if secure is None else secure)
+    def _base(self, ip: str, port: int, secure: bool) -> str:
+        return base_url(ip, port, secure)
+
+    def _pool(self, peer: str) -> httpx.AsyncClient:
+        if self._tls is None:
+            raise AgentError(f"cannot reach {peer}: the operator has no TLS client certificate")
+        context = self._tls()
+        if context is not self._context:
+            # A renewed certificate or CA bundle: new connections only; the old pools
+            # finish what they carry and are closed once no request can still use them.
+            self._retire(list(self._pools.values()))
+            self._pools.clear()
+            self._context = context
+        pool = self._pools.get(peer)
+        if pool is None:
+            pool = httpx.AsyncClient(
+                timeout=self._timeout_s, trust_env=False, transport=self._transport, verify=context
+            )
+            self._pools[peer] = pool
+        return pool
+
+    def _retire(self, pools: list[httpx.AsyncClient]) -> None:
+        if not pools:
+            return
+        grace = self._timeout_s * (self._attempts + 1) + 1.0
+
+        async def close_later() -> None:
+            await asyncio.sleep(grace)
+            for pool in pools:
+                await pool.aclose()
+
+        task = asyncio.get_running_loop().create_task(close_later())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def forget(self, peer: str) -> None:
+        """Close the connections kept for `peer` (its ColoVM is gone)."""
+        pool = self._pools.pop(peer, None)
+        if pool is not None:
+            await pool.aclose()
 
     async def aclose(self) -> None:
         await self._http.aclose()
-        if self._https is not None:
-            await self._https.aclose()
+        for task in list(self._closing):
+            task.cancel()
+        for pool in list(self._pools.values()):
+            await pool.aclose()
+        self._pools.clear()
 
     async def _send(
-        self, method: str, url: str, *, attempts: int | None = None, **kwargs: Any
+        self, method: str, url: str, *, peer: str | None, attempts: int | None = None, **kwargs: Any
     ) -> httpx.Response:
         async for attempt in AsyncRetrying(
             stop=stop_after_attempt(attempts or self._attempts),
@@ -87,18 +192,25 @@ class AgentClient:
             reraise=True,
         ):
             with attempt:
-                if url.startswith("https:"):
-                    if self._https is None:
-                        raise AgentError(f"{method} {url}: the operator has no TLS client certificate")
-                    return await self._https.request(method, url, **kwargs)
-                return await self._http.request(method, url, **kwargs)
+                if peer is None:
+                    return await self._http.request(method, url, **kwargs)
+                extensions = {"trace": _name_check(peer)}
+                response = await self._pool(peer).request(method, url, extensions=extensions, **kwargs)
+                # Every connection was checked when it was opened; checked again here so
+                # that an answer from anyone else is never believed.
+                stream = response.extensions.get("network_stream")
+                _require(peer, None if stream is None else stream.get_extra_info("ssl_object"))
+                return response
         raise AssertionError("unreachable: tenacity re-raises the last error")
 
-    async def _call(self, kind: type[_T], method: str, url: str, **kwargs: Any) -> _T:
+    async def _call(self, kind: type[_T], method: str, url: str, *, peer: str | None, **kwargs: Any) -> _T:
         try:
-            response = await self._send(method, url, **kwargs)
+            response = await self._send(method, url, peer=peer, **kwargs)
         except httpx.TransportError as exc:
             raise AgentError(f"{method} {url}: {type(exc).__name__}: {exc}".rstrip(": ")) from None
+        except WrongPeer as exc:
+            log.warning("refused the agent at %s: %s", url, exc)
+            raise AgentError(f"{method} {url}: {exc}", 0, WRONG_PEER) from None
         version = response.headers.get(API_VERSION_HEADER)
         if version is not None and version not in SUPPORTED_API_VERSIONS:
             raise AgentError(
@@ -124,45 +236,53 @@ class AgentClient:
             ) from None
 
     async def status(
-        self, ip: str, port: int, *, suspect: bool = False, secure: bool | None = None
+        self, ip: str, port: int, *, peer: str | None = None, suspect: bool = False
     ) -> AgentReport:
-        """Poll one agent. `suspect`: its node is not Ready, so one short try is
+        """Poll one agent: over TLS when `peer` names the VM its certificate must carry,
+        in clear without. `suspect`: its node is not Ready, so one short try is
         enough; a dead agent must not hold up the decision for several timeouts."""
         extra: dict[str, Any] = {"attempts": 1, "timeout": SUSPECT_TIMEOUT_S} if suspect else {}
         try:
             return AgentReport(
                 status=await self._call(
-                    AgentStatus, "GET", f"{self._base(ip, port, secure)}/v1/status", **extra
+                    AgentStatus,
+                    "GET",
+                    f"{self._base(ip, port, peer is not None)}/v1/status",
+                    peer=peer,
+                    **extra,
                 )
             )
         except AgentError as exc:
             return AgentReport(status=None, error=str(exc))
 
     async def promote(
-        self, ip: str, port: int, token: str, term: int, *, secure: bool | None = None
+        self, ip: str, port: int, token: str, term: int, *, peer: str | None = None
     ) -> PromoteResult:
         return await self._call(
             PromoteResult,
             "POST",
-            f"{self._base(ip, port, secure)}/v1/promote",
+            f"{self._base(ip, port, peer is not None)}/v1/promote",
+            peer=peer,
             content=PromoteRequest(term=term).to_json(),
             headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
         )
 
     async def checkpoint(
-        self, ip: str, port: int, token: str, *, secure: bool | None = None
+        self, ip: str, port: int, token: str, *, peer: str | None = None
     ) -> CheckpointResult:
         return await self._call(
             CheckpointResult,
             "POST",
-            f"{self._base(ip, port, secure)}/v1/checkpoint",
+            f"{self._base(ip, port, peer is not None)}/v1/checkpoint",
+            peer=peer,
             headers={"Authorization": f"Bearer {token}"},
         )
 
-    async def demote(self, ip: str, port: int, token: str, *, secure: bool | None = None) -> DemoteResult:
+    async def demote(self, ip: str, port: int, token: str, *, peer: str | None = None) -> DemoteResult:
         return await self._call(
             DemoteResult,
             "POST",
-            f"{self._base(ip, port, secure)}/v1/demote",
+            f"{self._base(ip, port, peer is not None)}/v1/demote",
+            peer=peer,
             headers={"Authorization": f"Bearer {token}"},
         )

@@ -24,6 +24,8 @@ from typing import Any
 
 import kopf
 
+from colo_agent.api.identity import vm_identity
+
 from . import certs, manifests, pki
 from . import constants as c
 from .agent_client import AgentClient, AgentError
@@ -201,7 +203,7 @@ async def _token(rt: Runtime, vm: VMView) -> str:
 
 
 async def _poll(
-    rt: Runtime, pods: tuple[PodView, ...], nodes: Mapping[str, NodeView], secure: bool = True
+    rt: Runtime, pods: tuple[PodView, ...], nodes: Mapping[str, NodeView], peer: str | None
 ) -> dict[str, AgentReport]:
     live = [p for p in pods if p.ip and p.phase == "Running" and not p.deleting]
 
@@ -210,11 +212,16 @@ async def _poll(
         return node is None or node.health is not NodeHealth.READY
 
     reports = await asyncio.gather(
-        *(rt.agents.status(p.ip or "", rt.control_port, suspect=suspect(p), secure=secure) for p in live)
+        *(rt.agents.status(p.ip or "", rt.control_port, peer=peer, suspect=suspect(p)) for p in live)
     )
     out = {p.name: UNPOLLED for p in pods}
     out.update({p.name: r for p, r in zip(live, reports, strict=True)})
     return out
+
+
+def _peer(vm: VMView) -> str | None:
+    """The name the VM's agents' certificates carry; None when the VM opted out of TLS."""
+    return None if vm.spec.replication.insecure_clear else vm_identity(vm.namespace, vm.name)
 
 
 async def read_world(rt: Runtime, namespace: str, name: str) -> tuple[dict[str, Any], Snapshot] | None:
@@ -227,7 +234,7 @@ async def read_world(rt: Runtime, namespace: str, name: str) -> tuple[dict[str, 
     )
     pods = tuple(pod_view(p) for p in raw_pods)
     nodes = await _nodes(rt, pods)  # the watch cache, listed only when it lacks a node
-    agents = await _poll(rt, pods, nodes, secure=not vm.spec.replication.insecure_clear)
+    agents = await _poll(rt, pods, nodes, _peer(vm))
     snapshot = Snapshot(
         vm=vm,
         pods=pods,
@@ -290,13 +297,13 @@ async def apply(rt: Runtime, s: Snapshot, action: Action) -> None:
         if pod is None or pod.ip is None:
             raise AgentError(f"pod {action.pod} has no address")
         token = await _token(rt, vm)
-        secure = not vm.spec.replication.insecure_clear
+        peer = _peer(vm)
         if isinstance(action, PromoteAgent):
-            await rt.agents.promote(pod.ip, rt.control_port, token, action.term, secure=secure)
+            await rt.agents.promote(pod.ip, rt.control_port, token, action.term, peer=peer)
         elif isinstance(action, CheckpointAgent):
-            await rt.agents.checkpoint(pod.ip, rt.control_port, token, secure=secure)
+            await rt.agents.checkpoint(pod.ip, rt.control_port, token, peer=peer)
         elif isinstance(action, DemoteAgent):
-            await rt.agents.demote(pod.ip, rt.control_port, token, secure=secure)
+            await rt.agents.demote(pod.ip, rt.control_port, token, peer=peer)
 
 
 async def reconcile(rt: Runtime, namespace: str, name: str, logger: Any = log) -> bool:
@@ -472,6 +479,7 @@ async def vm_deleted(namespace: str | None, name: str, logger: Any, **_: Any) ->
         raise kopf.TemporaryError(f"waiting for {remaining} agent pod(s) to terminate", delay=1)
     logger.info("%s/%s: everything removed", namespace, name)
     rt.forget((namespace, name))
+    await rt.agents.forget(vm_identity(namespace, name))
 
 
 @kopf.on.event("", "v1", "pods", labels={c.LABEL_MANAGED_BY: c.MANAGED_BY})

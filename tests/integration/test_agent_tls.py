@@ -1,8 +1,10 @@
 """Agents as processes with mutual TLS: only their own VM's peer and the operator get in,
-and a renewed certificate is used from the next pairing on."""
+the operator talks only to the agents of the VM it means, and a renewed certificate
+is used from the next pairing on."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import ssl
 import time
@@ -12,11 +14,13 @@ from pathlib import Path
 import httpx
 import pytest
 from cryptography import x509
-from support.agents import AgentGroup, wait_protected
+from support.agents import AgentGroup, AgentProcess, wait_protected
 from support.tls_certs import now, operator_dir, vm_dir
 
+from colo_agent.api.identity import vm_identity
 from colo_agent.tls import TlsFiles
 from colo_operator import certs
+from colo_operator.agent_client import WRONG_PEER, AgentClient, AgentError
 
 VM = "test/colo-vm"
 
@@ -146,3 +150,52 @@ def test_lockstep_over_tls_releases_output_on_match(
     st = primary.status()
     assert st is not None and st.lockstep is not None
     assert st.lockstep.released_on_match_bytes > 0, st.lockstep
+
+
+def test_the_operator_refuses_an_agent_whose_certificate_names_another_vm(
+    group: AgentGroup, tmp_path: Path, ca: certs.KeyPair
+) -> None:
+    """A stale status or a reused pod address can point the operator at another VM's
+    agent: that agent gets neither the request nor the bearer token."""
+    op = TlsFiles(operator_dir(tmp_path / "operator", ca)).client_context()
+    ours = group.spawn("agent-a", "primary", tls_dir=vm_dir(tmp_path / "a", ca, VM), tls_client=op)
+    # Another VM's primary, same CA and even the same bearer secret: only the name differs.
+    others = AgentGroup(tmp_path / "other", vm="test/other")
+    others.secret = group.secret
+    (tmp_path / "other").mkdir()
+    try:
+        theirs = others.spawn("agent-x", "primary", tls_dir=vm_dir(tmp_path / "x", ca, "test/other"),
+                              tls_client=op)
+        for agent in (ours, theirs):
+            agent.wait_for("serving as primary", lambda s: s.role == "primary")
+        asyncio.run(_operator_calls(op, ours, theirs, group.secret))
+    finally:
+        others.close()
+
+
+async def _operator_calls(op: ssl.SSLContext, ours: AgentProcess, theirs: AgentProcess, token: str) -> None:
+    client = AgentClient(tls=op, timeout_s=5.0)
+    us, them = vm_identity("test", "colo-vm"), vm_identity("test", "other")
+    try:
+        report = await client.status("127.0.0.1", ours.control_port, peer=us)
+        assert report.status is not None and report.status.role == "primary", report.error
+        # The same address reached with another VM's name in mind: refused, although
+        # a connection to it, checked for its own name, is open in the pool.
+        report = await client.status("127.0.0.1", ours.control_port, peer=them)
+        assert report.status is None and report.error is not None
+        assert f"presented {us}, not {them}" in report.error
+
+        with pytest.raises(AgentError) as refused:
+            await client.demote("127.0.0.1", theirs.control_port, token, peer=us)
+        assert refused.value.reason == WRONG_PEER and "nothing was sent" in str(refused.value)
+        # Addressed by its own name, the same request reaches it and the agent answers
+        # (no secondary, so it declines to step down): the refusal above was the operator's.
+        with pytest.raises(AgentError) as answered:
+            await client.demote("127.0.0.1", theirs.control_port, token, peer=them)
+        assert answered.value.status == 503 and "no synced secondary" in str(answered.value)
+        st = theirs.status()
+        assert st is not None and st.role == "primary"
+        report = await client.status("127.0.0.1", ours.control_port, peer=us)
+        assert report.status is not None and report.status.role == "primary"
+    finally:
+        await client.aclose()

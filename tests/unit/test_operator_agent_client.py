@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import ssl
 
 import httpx
 import pytest
 from support.operator_world import agent
 
 from colo_agent.api.models import API_VERSION_HEADER, Role
-from colo_operator.agent_client import AgentClient, AgentError
+from colo_operator.agent_client import WRONG_PEER, AgentClient, AgentError
 
 STATUS = agent(Role.SECONDARY).status
 assert STATUS is not None
@@ -78,3 +79,20 @@ async def test_ipv6_addresses_are_bracketed() -> None:
     c = client(lambda r: httpx.Response(200, text=STATUS.to_json()), calls)
     await c.status("fd00::5", 8080)
     assert str(calls[0].url) == "http://[fd00::5]:8080/v1/status"
+
+
+async def test_a_named_peer_needs_tls_and_an_answer_without_a_checked_name_is_not_believed() -> None:
+    """A call that names the VM goes over TLS only; an answer on a connection whose
+    certificate was not checked (here: no TLS at all) is refused, not parsed."""
+    calls: list[httpx.Request] = []
+    ok = lambda r: httpx.Response(200, text=STATUS.to_json())  # noqa: E731
+    report = await client(ok, calls).status("10.0.0.1", 8080, peer="spiffe://colo.dev/ns/a/colovm/b")
+    assert report.status is None and "no TLS client certificate" in (report.error or "")
+    assert calls == []
+
+    ctx = ssl.create_default_context()
+    c = AgentClient(transport=httpx.MockTransport(ok), tls=ctx)
+    with pytest.raises(AgentError) as refused:
+        await c.demote("10.0.0.1", 8080, "token", peer="spiffe://colo.dev/ns/a/colovm/b")
+    assert refused.value.reason == WRONG_PEER
+    await c.aclose()

@@ -17,6 +17,7 @@ what cert-manager writes: `tls.crt`, `tls.key` and `ca.crt`.
 
 from __future__ import annotations
 
+import ssl
 from typing import Final
 
 TRUST_DOMAIN: Final = "colo.dev"
@@ -33,3 +34,16 @@ def vm_identity(namespace: str, name: str) -> str:
         if not part or "/" in part:
             raise ValueError(f"a ColoVM {what} cannot be empty or contain '/': {part!r}")
     return f"spiffe://{TRUST_DOMAIN}/ns/{namespace}/colovm/{name}"
+
+
+def uri_names(peer: ssl.SSLSocket | ssl.SSLObject) -> tuple[str, ...]:
+    """The URI names in the peer's verified certificate (empty without one).
+
+    Both ends use it: an agent to admit a caller, the operator to check that
+    the agent it dialled is the VM it meant (a pod address alone proves nothing).
+    """
+    cert = peer.getpeercert()
+    if not cert:
+        return ()
+    names = cert.get("subjectAltName", ())
+    return tuple(str(entry[1]) for entry in names if entry[0] == "URI")
