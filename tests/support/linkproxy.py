@@ -2,9 +2,9 @@
 
 `LinkProxy` listens on loopback and forwards every connection a secondary
 opens to its primary's replication port. The primary -> secondary direction
-is parsed frame by frame (a connection whose frames are not replication
-frames, such as lockstep's mirror after its handshake, is passed on as it
-is), so faults land on frame boundaries or, on purpose, inside a frame:
+is parsed frame by frame, so faults land on frame boundaries or, on purpose,
+inside a frame (lockstep's mirror frames always pass unharmed: the faults are
+the checkpoint stream's):
 
 - `cut(n)`: the next `n` page frames are cut in the middle of their page
   data: the header and part of the payload go through, then both ends of
@@ -31,6 +31,7 @@ from collections import Counter
 from colo_agent.replication import protocol as p
 
 _PAGE_TYPES = frozenset({p.MessageType.PAGES, p.MessageType.SYNC_PAGES})
+_MIRROR_TYPES = frozenset({p.MessageType.MIRROR_INPUT, p.MessageType.MIRROR_OUTPUT})
 
 
 class LinkProxy:
@@ -129,8 +130,7 @@ class LinkProxy:
             while True:
                 magic = await r.readexactly(len(p.MAGIC))
                 if magic != p.MAGIC:
-                    # Not replication framing (lockstep's mirror connection after
-                    # its handshake): passed on as it is.
+                    # Not replication framing: passed on as it is, for the agent to refuse.
                     w.write(magic)
                     await self._raw(r, w, other)
                     return
@@ -140,7 +140,7 @@ class LinkProxy:
                 if self._blocked():
                     continue
                 pages = head[5] in _PAGE_TYPES
-                if self._take("drop"):
+                if head[5] not in _MIRROR_TYPES and self._take("drop"):
                     continue
                 if pages and self._take("cut"):
                     w.write(head)

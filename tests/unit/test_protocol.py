@@ -50,6 +50,8 @@ messages = st.one_of(
     st.builds(p.Heartbeat, u64, u64, u64),
     st.builds(p.Goodbye, st.sampled_from(p.GoodbyeReason), text),
     st.builds(p.StreamTarget, u64, st.text(min_size=1, max_size=60)),
+    st.builds(p.MirrorInput, u64, u32, st.binary(max_size=300)),
+    st.builds(p.MirrorOutput, u64, u32, u64, st.binary(max_size=300), st.booleans()),
     pages(),
 )
 
@@ -285,9 +287,9 @@ def test_semantic_payload_defects_are_remote_errors() -> None:
     assert enc.seq == 0
 
 
-def _frame(mtype: p.MessageType, payload: bytes) -> bytes:
+def _frame(mtype: p.MessageType, payload: bytes, seq: int = 0) -> bytes:
     """One frame with a valid checksum around whatever payload."""
-    head = p.HEADER.pack(p.MAGIC, p.WIRE_VERSION, mtype, 0, len(payload), 0)
+    head = p.HEADER.pack(p.MAGIC, p.WIRE_VERSION, mtype, 0, len(payload), seq)
     return head + struct.pack("<Q", p._frame_checksum(head, xxhash.xxh3_64_intdigest(payload))) + payload
 
 
@@ -329,3 +331,40 @@ def test_stream_target_misuse_is_a_local_error() -> None:
     with pytest.raises(p.LocalProtocolError, match="term"):
         enc.encode(p.StreamTarget(-1, "a:1:2"))
     assert enc.seq == 0
+
+
+@pytest.mark.parametrize(
+    ("mtype", "payload", "error"),
+    [
+        (p.MessageType.MIRROR_INPUT, bytes(11), "MIRROR_INPUT: truncated"),
+        (p.MessageType.MIRROR_OUTPUT, bytes(20), "MIRROR_OUTPUT: truncated"),
+        (p.MessageType.MIRROR_OUTPUT, struct.pack("<QIQB", 1, 2, 3, 2) + b"x", "closed flag is 2"),
+    ],
+)
+def test_malformed_mirror_frames_are_remote_errors_and_consume_nothing(
+    mtype: p.MessageType, payload: bytes, error: str
+) -> None:
+    dec = p.FrameDecoder()
+    dec.receive(_frame(mtype, payload))
+    before = snapshot(dec)
+    with pytest.raises(p.RemoteProtocolError, match=error):
+        dec.next_event()
+    assert snapshot(dec) == before
+
+
+def test_mirror_frames_share_the_connection_numbering() -> None:
+    """After the handshake the mirror connection goes on with the same frame numbers:
+    a mirror frame that skips one is refused like any other."""
+    enc = p.FrameEncoder()
+    wire = p.encode_all(enc, [p.AuthChallenge(bytes(16)), p.MirrorInput(1, 7, b"ping")])
+    dec = p.FrameDecoder()
+    dec.receive(wire)
+    assert p.drain(dec) == [p.AuthChallenge(bytes(16)), p.MirrorInput(1, 7, b"ping")]
+    dec.receive(_frame(p.MessageType.MIRROR_OUTPUT, struct.pack("<QIQB", 1, 2, 3, 0), seq=3))
+    with pytest.raises(p.RemoteProtocolError, match="out of sequence"):
+        dec.next_event()
+
+
+def test_mirror_input_larger_than_a_control_frame_is_a_local_error() -> None:
+    with pytest.raises(p.LocalProtocolError, match="too large"):
+        p.FrameEncoder().encode(p.MirrorInput(1, 0, bytes(p.MAX_CONTROL_PAYLOAD)))

@@ -14,25 +14,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import struct
 import threading
 import time
 from collections.abc import Callable
+from typing import Final
 
 from colo_agent.engine.compare import Cause, Mark, OutputComparator, Release, Verdict
 from colo_agent.guest import ClientNic, MirroredNic
-from colo_agent.replication.mirror import (
-    Input,
-    MirrorDecoder,
-    MirrorMessage,
-    MirrorProtocolError,
-    Output,
-    encode,
-)
+from colo_agent.replication.protocol import Message, MirrorInput, MirrorOutput, RemoteProtocolError
 from colo_agent.replication.transport import Connection, ThreadSafeLink
 
 log = logging.getLogger(__name__)
-
-_READ = 1 << 16
 
 
 class OutputOffsets:
@@ -66,7 +59,7 @@ class _Link:
     secondary's output); this class only encodes, decodes and dispatches.
     """
 
-    def __init__(self, conn: Connection, on_message: Callable[[MirrorMessage], None], name: str) -> None:
+    def __init__(self, conn: Connection, on_message: Callable[[Message], None], name: str) -> None:
         self._io = ThreadSafeLink(conn, name)
         self._on_message = on_message
         self._failed: str | None = None
@@ -87,25 +80,17 @@ class _Link:
             self._failed = f"mirror link failed: {exc!r}"
             log.error("%s", self._failed, exc_info=exc)
 
-    def send_threadsafe(self, msg: MirrorMessage) -> None:
+    def send_threadsafe(self, msg: MirrorInput | MirrorOutput) -> None:
         """Send from any thread, in the order of the calls."""
-        self._io.send_threadsafe(encode(msg))
+        self._io.send_threadsafe(msg)
 
     async def _reader(self) -> None:
-        decoder = MirrorDecoder()
-        buf = bytearray(_READ)
-        view = memoryview(buf)
         try:
-            while True:
-                n = await self._io.recv_into(view)
-                if n == 0:
-                    self._failed = "mirror connection closed by the peer"
-                    return
-                decoder.receive(view[:n])
-                while (msg := decoder.next_message()) is not None:
-                    self._on_message(msg)
-        except MirrorProtocolError as exc:
-            self._failed = f"mirror protocol error: {exc}"
+            while (msg := await self._io.next_message()) is not None:
+                self._on_message(msg)
+            self._failed = "mirror connection closed by the peer"
+        except RemoteProtocolError as exc:
+            self._failed = f"mirror protocol error: {exc.reason}"
             log.error("%s; dropping the mirror link", self._failed)
             self._io.abort(self._failed)
         except OSError as exc:
@@ -145,7 +130,7 @@ class PrimaryMirror:
 
     def _on_rx_batch(self, position: int, data: bytes) -> None:
         """vCPU thread, under the device lock: forward as is."""
-        self._link.send_threadsafe(Input(self.term, position, data))
+        self._link.send_threadsafe(MirrorInput(self.term, position, data))
 
     def primary_output(self, conn: int, data: bytes, closed: bool) -> None:
         """Loop thread: the guest's output, in the order it produced it."""
@@ -154,9 +139,9 @@ class PrimaryMirror:
     def acknowledged(self, mark: Mark) -> None:
         self._apply(self.comparator.acknowledged(mark))
 
-    def _on_message(self, msg: MirrorMessage) -> None:
-        if not isinstance(msg, Output):
-            raise MirrorProtocolError("the secondary sent INPUT")
+    def _on_message(self, msg: Message) -> None:
+        if not isinstance(msg, MirrorOutput):
+            raise RemoteProtocolError(f"the secondary sent {type(msg).__name__} on the mirror connection")
         c = self.comparator
         log.debug("secondary output of conn %d: %d bytes at offset %d (generation %d, ours %d)",
                   msg.conn, len(msg.data), msg.offset, msg.generation, c.generation)
@@ -210,9 +195,9 @@ class SecondaryMirror:
         clients.set_output_callback(self._on_output)
         self._link = _Link(conn, self._on_message, "lockstep mirror (secondary)")
 
-    def _on_message(self, msg: MirrorMessage) -> None:
-        if not isinstance(msg, Input):
-            raise MirrorProtocolError("the primary sent OUTPUT")
+    def _on_message(self, msg: Message) -> None:
+        if not isinstance(msg, MirrorInput):
+            raise RemoteProtocolError(f"the primary sent {type(msg).__name__} on the mirror connection")
         log.debug("mirrored input: %d bytes at ring position %#x", len(msg.data), msg.position)
         self.nic.mirror_rx(msg.position, msg.data)
 
@@ -221,7 +206,7 @@ class SecondaryMirror:
         offset = self.offsets.advance(conn, len(data), closed)
         log.debug("output of conn %d: %d bytes at offset %d (generation %d)", conn, len(data), offset,
                   self.generation)
-        self._link.send_threadsafe(Output(self.generation, conn, offset, data, closed))
+        self._link.send_threadsafe(MirrorOutput(self.generation, conn, offset, data, closed))
 
     def committed(self, epoch: int, offsets: dict[int, tuple[int, bool]]) -> None:
         """The guest (paused) was reset to the primary's state at `epoch`'s pause."""
@@ -234,3 +219,40 @@ class SecondaryMirror:
 
     async def close(self) -> None:
         await self._link.close()
+
+
+# -- device state of a lockstep checkpoint ---------------------------------------------------
+
+_STATE = struct.Struct("<4sI")  # magic, machine state length
+_STATE_MAGIC: Final = b"CLSS"
+_OFFSET = struct.Struct("<IQB")  # conn, offset, closed
+
+
+def pack_state(machine_state: bytes, offsets: dict[int, tuple[int, bool]]) -> bytes:
+    """Lockstep device state: the machine's, plus the primary's output offsets at the pause,
+    from which the secondary's output streams restart after the commit."""
+    parts = [_STATE.pack(_STATE_MAGIC, len(machine_state)), machine_state, struct.pack("<I", len(offsets))]
+    parts += [_OFFSET.pack(c, o, int(closed)) for c, (o, closed) in sorted(offsets.items())]
+    return b"".join(parts)
+
+
+def unpack_state(data: bytes) -> tuple[bytes, dict[int, tuple[int, bool]]]:
+    """Inverse of `pack_state`; raises ValueError for anything else."""
+    try:
+        magic, n = _STATE.unpack_from(data)
+        if magic != _STATE_MAGIC:
+            raise ValueError("not a lockstep device state (is the primary in checkpoint mode?)")
+        machine = data[_STATE.size : _STATE.size + n]
+        pos = _STATE.size + n
+        (count,) = struct.unpack_from("<I", data, pos)
+        pos += 4
+        offsets: dict[int, tuple[int, bool]] = {}
+        for _ in range(count):
+            conn, off, closed = _OFFSET.unpack_from(data, pos)
+            offsets[conn] = (off, bool(closed))
+            pos += _OFFSET.size
+    except struct.error as exc:
+        raise ValueError(f"truncated lockstep device state: {exc}") from exc
+    if len(machine) != n or pos != len(data):
+        raise ValueError("lockstep device state has the wrong length")
+    return machine, offsets

@@ -35,13 +35,12 @@ from colo_agent.api.models import (
 )
 from colo_agent.bridge import ClientBridge
 from colo_agent.engine.compare import Cause, Mark, OutputComparator, Release
-from colo_agent.engine.lockstep import OutputOffsets, PrimaryMirror
+from colo_agent.engine.lockstep import OutputOffsets, PrimaryMirror, pack_state
 from colo_agent.engine.output import OutputGate
 from colo_agent.engine.pacing import CheckpointPacer
 from colo_agent.engine.roles import Parts, RoleView, Tasks
 from colo_agent.replication.cache import StagingBuffer, image_digest, page_view
 from colo_agent.replication.handshake import AuthRefused
-from colo_agent.replication.mirror import pack_state
 from colo_agent.replication.protocol import RemoteProtocolError
 from colo_agent.replication.transport import CheckpointSender, EpochResult, Listener, PeerLostError
 

@@ -16,11 +16,10 @@ import numpy as np
 
 from colo_agent.api.models import PeerState, PeerStatus, Role
 from colo_agent.arbiter.base import ArbiterError
-from colo_agent.engine.lockstep import SecondaryMirror
+from colo_agent.engine.lockstep import SecondaryMirror, unpack_state
 from colo_agent.engine.roles import Parts, RoleView, Tasks
 from colo_agent.replication.cache import CacheMode, ColoCache, default_capacity, image_digest
 from colo_agent.replication.handshake import AuthRefused
-from colo_agent.replication.mirror import unpack_state
 from colo_agent.replication.protocol import RemoteProtocolError
 from colo_agent.replication.session import CommitEpoch
 from colo_agent.replication.transport import CheckpointReceiver

@@ -3,8 +3,9 @@
 Layers, bottom up (only `transport` does I/O; an import-linter contract keeps
 the others free of asyncio, sockets and clocks):
 
-- `protocol`: frames and messages. `FrameEncoder` / `FrameDecoder`; page
-  data is announced by a `PagesHeader` and received in place.
+- `protocol`: frames and messages (lockstep's mirror frames too).
+  `FrameEncoder` / `FrameDecoder`; page data is announced by a `PagesHeader`
+  and received in place.
 - `handshake`: HELLO + HMAC-SHA256 challenge/response in both directions.
 - `cache`: `ColoCache` (the epoch in flight beside the committed image,
   checkpoint or lockstep mode), `IncomingDirtyBitmap`, `StagingBuffer`.

@@ -28,6 +28,11 @@ page data straight into `payload_buffer()` with `recv_into`, and the next
 `next_event` verifies the checksum and returns `PagesComplete` (or raises).
 No per-page Python object exists on that path.
 
+Lockstep's mirror connection speaks the same frames after its handshake:
+MIRROR_INPUT (primary -> secondary, client input as the primary's guest
+received it) and MIRROR_OUTPUT (secondary -> primary, its guest's output),
+numbered on from the handshake's frames.
+
 Nothing here reads a clock, touches a socket or imports asyncio.
 """
 
@@ -35,6 +40,7 @@ from __future__ import annotations
 
 import enum
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final, TypeAlias, TypeGuard
 
@@ -111,6 +117,8 @@ class MessageType(enum.IntEnum):
     HEARTBEAT = 30
     GOODBYE = 31
     STREAM_TARGET = 40
+    MIRROR_INPUT = 41
+    MIRROR_OUTPUT = 42
 
 
 class Role(enum.IntEnum):
@@ -122,8 +130,8 @@ class ChannelKind(enum.IntEnum):
     CONTROL = 0
     DATA = 1
     HEARTBEAT = 2
-    # Lockstep: client input mirrored to the secondary and its guest's output
-    # sent back; framed by `replication.mirror`, not by this codec.
+    # Lockstep: client input mirrored to the secondary (MIRROR_INPUT) and its
+    # guest's output sent back (MIRROR_OUTPUT).
     MIRROR = 3
 
 
@@ -304,9 +312,33 @@ class StreamTarget:
     address: str
 
 
+@dataclass(frozen=True)
+class MirrorInput:
+    """Lockstep, primary -> secondary: a batch the primary published in its guest's
+    RX ring, at ring `position` (modulo 2**32), as raw ring bytes."""
+
+    term: int
+    position: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class MirrorOutput:
+    """Lockstep, secondary -> primary: output of the secondary's guest on client
+    connection `conn`, at absolute stream `offset`, produced since the commit of
+    epoch `generation`."""
+
+    generation: int
+    conn: int
+    offset: int
+    data: bytes
+    closed: bool
+
+
 Message: TypeAlias = (
     Hello | AuthChallenge | AuthResponse | AuthOk | Refused | SyncBegin | SyncEnd | CheckpointBegin
     | Pages | DeviceState | CheckpointEnd | Ack | Nack | Heartbeat | Goodbye | StreamTarget
+    | MirrorInput | MirrorOutput
 )
 
 
@@ -383,6 +415,8 @@ _ACK = struct.Struct("<QQ")
 _NACK = struct.Struct("<QQIH")
 _HEARTBEAT = struct.Struct("<QQQ")
 _U64 = struct.Struct("<Q")
+_MIRROR_INPUT = struct.Struct("<QI")  # term, ring position
+_MIRROR_OUTPUT = struct.Struct("<QIQB")  # generation, connection, offset, closed
 _U64_MAX: Final = (1 << 64) - 1
 
 
@@ -493,6 +527,17 @@ def encode_payload(msg: Message) -> tuple[MessageType, bytes]:
         if not msg.address or len(msg.address.encode("utf-8")) > MAX_TEXT:
             raise LocalProtocolError(f"a stream target must be 1..{MAX_TEXT} bytes of UTF-8")
         return MessageType.STREAM_TARGET, _U64.pack(msg.term) + _text(msg.address)
+    if isinstance(msg, MirrorInput):
+        _check_u(msg.term, 64, "term")
+        head = _MIRROR_INPUT.pack(msg.term, msg.position & 0xFFFFFFFF)
+        return MessageType.MIRROR_INPUT, head + bytes(msg.data)
+    if isinstance(msg, MirrorOutput):
+        for value, bits, what in (
+            (msg.generation, 64, "generation"), (msg.conn, 32, "connection"), (msg.offset, 64, "offset"),
+        ):
+            _check_u(value, bits, what)
+        head = _MIRROR_OUTPUT.pack(msg.generation, msg.conn, msg.offset, int(msg.closed))
+        return MessageType.MIRROR_OUTPUT, head + bytes(msg.data)
     if isinstance(msg, Pages):
         raise LocalProtocolError("Pages frames are encoded by FrameEncoder.encode_pages")
     raise LocalProtocolError(f"not a protocol message: {msg!r}")
@@ -507,94 +552,170 @@ def _check_counts(counts: tuple[int, ...]) -> None:
 
 def decode_payload(mtype: MessageType, payload: memoryview) -> Message:
     """Inverse of `encode_payload`; raises RemoteProtocolError on any defect."""
-    name = mtype.name
+    decoder = _DECODERS.get(mtype)
+    if decoder is None:
+        raise LocalProtocolError(f"{mtype.name} has no plain payload decoder")
     try:
-        if mtype is MessageType.HELLO:
-            if len(payload) < _HELLO.size + 2:
-                raise RemoteProtocolError("HELLO: truncated")
-            (version, role, kind, index, channels, session, term, page_count, cache_pages, nonce) = (
-                _HELLO.unpack_from(payload)
-            )
-            vm, end = _read_text(payload, _HELLO.size, name)
-            _expect_end(payload, end, name)
-            if not vm:
-                raise RemoteProtocolError("HELLO: empty VM identity")
-            if not 1 <= channels <= MAX_CHANNELS:
-                raise RemoteProtocolError(f"HELLO: {channels} channels is outside 1..{MAX_CHANNELS}")
-            return Hello(
-                version, vm, Role(_enum(Role, role, name)), ChannelKind(_enum(ChannelKind, kind, name)),
-                index, channels, session, term, page_count, cache_pages, nonce,
-            )
-        if mtype is MessageType.AUTH_CHALLENGE:
-            _expect_len(payload, NONCE_SIZE, name)
-            return AuthChallenge(bytes(payload))
-        if mtype is MessageType.AUTH_RESPONSE:
-            _expect_len(payload, MAC_SIZE, name)
-            return AuthResponse(bytes(payload))
-        if mtype is MessageType.AUTH_OK:
-            _expect_len(payload, _AUTH_OK.size, name)
-            mac, term, page_count, cache_pages = _AUTH_OK.unpack_from(payload)
-            return AuthOk(mac, term, page_count, cache_pages)
-        if mtype in (MessageType.REFUSED, MessageType.GOODBYE):
-            if len(payload) < 2:
-                raise RemoteProtocolError(f"{name}: truncated")
-            (code,) = _U16.unpack_from(payload)
-            text, end = _read_text(payload, 2, name)
-            _expect_end(payload, end, name)
-            if mtype is MessageType.REFUSED:
-                return Refused(RefuseReason(_enum(RefuseReason, code, name)), text)
-            return Goodbye(GoodbyeReason(_enum(GoodbyeReason, code, name)), text)
-        if mtype is MessageType.SYNC_BEGIN:
-            _expect_len(payload, _SYNC_BEGIN.size, name)
-            return SyncBegin(*_SYNC_BEGIN.unpack_from(payload))
-        if mtype is MessageType.SYNC_END:
-            if len(payload) < _SYNC_END.size:
-                raise RemoteProtocolError("SYNC_END: truncated")
-            term, rounds, n = _SYNC_END.unpack_from(payload)
-            counts, end = _read_counts(payload, _SYNC_END.size, n, name)
-            _expect_end(payload, end, name)
-            return SyncEnd(term, rounds, counts)
-        if mtype is MessageType.CHECKPOINT_BEGIN:
-            _expect_len(payload, _BEGIN.size, name)
-            term, epoch, attempt, channels, pages = _BEGIN.unpack_from(payload)
-            return CheckpointBegin(term, epoch, attempt, channels, pages)
-        if mtype is MessageType.DEVICE_STATE:
-            if len(payload) < _EPOCH_KEY.size:
-                raise RemoteProtocolError("DEVICE_STATE: truncated")
-            term, epoch, attempt = _EPOCH_KEY.unpack_from(payload)
-            return DeviceState(term, epoch, attempt, bytes(payload[_EPOCH_KEY.size :]))
-        if mtype is MessageType.CHECKPOINT_END:
-            if len(payload) < _END.size:
-                raise RemoteProtocolError("CHECKPOINT_END: truncated")
-            term, epoch, attempt, digest, n = _END.unpack_from(payload)
-            counts, end = _read_counts(payload, _END.size, n, name)
-            _expect_end(payload, end, name)
-            return CheckpointEnd(term, epoch, attempt, digest, counts)
-        if mtype is MessageType.ACK:
-            _expect_len(payload, _ACK.size, name)
-            return Ack(*_ACK.unpack_from(payload))
-        if mtype is MessageType.NACK:
-            if len(payload) < _NACK.size:
-                raise RemoteProtocolError("NACK: truncated")
-            term, epoch, attempt, code = _NACK.unpack_from(payload)
-            text, end = _read_text(payload, _NACK.size, name)
-            _expect_end(payload, end, name)
-            return Nack(term, epoch, attempt, NackReason(_enum(NackReason, code, name)), text)
-        if mtype is MessageType.HEARTBEAT:
-            _expect_len(payload, _HEARTBEAT.size, name)
-            return Heartbeat(*_HEARTBEAT.unpack_from(payload))
-        if mtype is MessageType.STREAM_TARGET:
-            if len(payload) < _U64.size:
-                raise RemoteProtocolError("STREAM_TARGET: truncated")
-            (term,) = _U64.unpack_from(payload)
-            address, end = _read_text(payload, _U64.size, name)
-            _expect_end(payload, end, name)
-            if not address:
-                raise RemoteProtocolError("STREAM_TARGET: empty address")
-            return StreamTarget(term, address)
-    except struct.error as exc:  # pragma: no cover - every length is checked above
-        raise RemoteProtocolError(f"{name}: {exc}") from None
-    raise LocalProtocolError(f"{name} has no plain payload decoder")
+        return decoder(payload)
+    except struct.error as exc:  # pragma: no cover - every length is checked first
+        raise RemoteProtocolError(f"{mtype.name}: {exc}") from None
+
+
+def _decode_hello(payload: memoryview) -> Hello:
+    if len(payload) < _HELLO.size + 2:
+        raise RemoteProtocolError("HELLO: truncated")
+    (version, role, kind, index, channels, session, term, page_count, cache_pages, nonce) = (
+        _HELLO.unpack_from(payload)
+    )
+    vm, end = _read_text(payload, _HELLO.size, "HELLO")
+    _expect_end(payload, end, "HELLO")
+    if not vm:
+        raise RemoteProtocolError("HELLO: empty VM identity")
+    if not 1 <= channels <= MAX_CHANNELS:
+        raise RemoteProtocolError(f"HELLO: {channels} channels is outside 1..{MAX_CHANNELS}")
+    return Hello(
+        version, vm, Role(_enum(Role, role, "HELLO")), ChannelKind(_enum(ChannelKind, kind, "HELLO")),
+        index, channels, session, term, page_count, cache_pages, nonce,
+    )
+
+
+def _decode_auth_challenge(payload: memoryview) -> AuthChallenge:
+    _expect_len(payload, NONCE_SIZE, "AUTH_CHALLENGE")
+    return AuthChallenge(bytes(payload))
+
+
+def _decode_auth_response(payload: memoryview) -> AuthResponse:
+    _expect_len(payload, MAC_SIZE, "AUTH_RESPONSE")
+    return AuthResponse(bytes(payload))
+
+
+def _decode_auth_ok(payload: memoryview) -> AuthOk:
+    _expect_len(payload, _AUTH_OK.size, "AUTH_OK")
+    mac, term, page_count, cache_pages = _AUTH_OK.unpack_from(payload)
+    return AuthOk(mac, term, page_count, cache_pages)
+
+
+def _coded_text(payload: memoryview, what: str) -> tuple[int, str]:
+    """The (code, text) payload of REFUSED and GOODBYE."""
+    if len(payload) < 2:
+        raise RemoteProtocolError(f"{what}: truncated")
+    (code,) = _U16.unpack_from(payload)
+    text, end = _read_text(payload, 2, what)
+    _expect_end(payload, end, what)
+    return code, text
+
+
+def _decode_refused(payload: memoryview) -> Refused:
+    code, text = _coded_text(payload, "REFUSED")
+    return Refused(RefuseReason(_enum(RefuseReason, code, "REFUSED")), text)
+
+
+def _decode_goodbye(payload: memoryview) -> Goodbye:
+    code, text = _coded_text(payload, "GOODBYE")
+    return Goodbye(GoodbyeReason(_enum(GoodbyeReason, code, "GOODBYE")), text)
+
+
+def _decode_sync_begin(payload: memoryview) -> SyncBegin:
+    _expect_len(payload, _SYNC_BEGIN.size, "SYNC_BEGIN")
+    return SyncBegin(*_SYNC_BEGIN.unpack_from(payload))
+
+
+def _decode_sync_end(payload: memoryview) -> SyncEnd:
+    if len(payload) < _SYNC_END.size:
+        raise RemoteProtocolError("SYNC_END: truncated")
+    term, rounds, n = _SYNC_END.unpack_from(payload)
+    counts, end = _read_counts(payload, _SYNC_END.size, n, "SYNC_END")
+    _expect_end(payload, end, "SYNC_END")
+    return SyncEnd(term, rounds, counts)
+
+
+def _decode_checkpoint_begin(payload: memoryview) -> CheckpointBegin:
+    _expect_len(payload, _BEGIN.size, "CHECKPOINT_BEGIN")
+    term, epoch, attempt, channels, pages = _BEGIN.unpack_from(payload)
+    return CheckpointBegin(term, epoch, attempt, channels, pages)
+
+
+def _decode_device_state(payload: memoryview) -> DeviceState:
+    if len(payload) < _EPOCH_KEY.size:
+        raise RemoteProtocolError("DEVICE_STATE: truncated")
+    term, epoch, attempt = _EPOCH_KEY.unpack_from(payload)
+    return DeviceState(term, epoch, attempt, bytes(payload[_EPOCH_KEY.size :]))
+
+
+def _decode_checkpoint_end(payload: memoryview) -> CheckpointEnd:
+    if len(payload) < _END.size:
+        raise RemoteProtocolError("CHECKPOINT_END: truncated")
+    term, epoch, attempt, digest, n = _END.unpack_from(payload)
+    counts, end = _read_counts(payload, _END.size, n, "CHECKPOINT_END")
+    _expect_end(payload, end, "CHECKPOINT_END")
+    return CheckpointEnd(term, epoch, attempt, digest, counts)
+
+
+def _decode_ack(payload: memoryview) -> Ack:
+    _expect_len(payload, _ACK.size, "ACK")
+    return Ack(*_ACK.unpack_from(payload))
+
+
+def _decode_nack(payload: memoryview) -> Nack:
+    if len(payload) < _NACK.size:
+        raise RemoteProtocolError("NACK: truncated")
+    term, epoch, attempt, code = _NACK.unpack_from(payload)
+    text, end = _read_text(payload, _NACK.size, "NACK")
+    _expect_end(payload, end, "NACK")
+    return Nack(term, epoch, attempt, NackReason(_enum(NackReason, code, "NACK")), text)
+
+
+def _decode_heartbeat(payload: memoryview) -> Heartbeat:
+    _expect_len(payload, _HEARTBEAT.size, "HEARTBEAT")
+    return Heartbeat(*_HEARTBEAT.unpack_from(payload))
+
+
+def _decode_stream_target(payload: memoryview) -> StreamTarget:
+    if len(payload) < _U64.size:
+        raise RemoteProtocolError("STREAM_TARGET: truncated")
+    (term,) = _U64.unpack_from(payload)
+    address, end = _read_text(payload, _U64.size, "STREAM_TARGET")
+    _expect_end(payload, end, "STREAM_TARGET")
+    if not address:
+        raise RemoteProtocolError("STREAM_TARGET: empty address")
+    return StreamTarget(term, address)
+
+
+def _decode_mirror_input(payload: memoryview) -> MirrorInput:
+    if len(payload) < _MIRROR_INPUT.size:
+        raise RemoteProtocolError("MIRROR_INPUT: truncated")
+    term, position = _MIRROR_INPUT.unpack_from(payload)
+    return MirrorInput(term, position, bytes(payload[_MIRROR_INPUT.size :]))
+
+
+def _decode_mirror_output(payload: memoryview) -> MirrorOutput:
+    if len(payload) < _MIRROR_OUTPUT.size:
+        raise RemoteProtocolError("MIRROR_OUTPUT: truncated")
+    generation, conn, offset, closed = _MIRROR_OUTPUT.unpack_from(payload)
+    if closed > 1:
+        raise RemoteProtocolError(f"MIRROR_OUTPUT: closed flag is {closed}")
+    return MirrorOutput(generation, conn, offset, bytes(payload[_MIRROR_OUTPUT.size :]), bool(closed))
+
+
+_DECODERS: Final[dict[MessageType, Callable[[memoryview], Message]]] = {
+    MessageType.HELLO: _decode_hello,
+    MessageType.AUTH_CHALLENGE: _decode_auth_challenge,
+    MessageType.AUTH_RESPONSE: _decode_auth_response,
+    MessageType.AUTH_OK: _decode_auth_ok,
+    MessageType.REFUSED: _decode_refused,
+    MessageType.SYNC_BEGIN: _decode_sync_begin,
+    MessageType.SYNC_END: _decode_sync_end,
+    MessageType.CHECKPOINT_BEGIN: _decode_checkpoint_begin,
+    MessageType.DEVICE_STATE: _decode_device_state,
+    MessageType.CHECKPOINT_END: _decode_checkpoint_end,
+    MessageType.ACK: _decode_ack,
+    MessageType.NACK: _decode_nack,
+    MessageType.HEARTBEAT: _decode_heartbeat,
+    MessageType.GOODBYE: _decode_goodbye,
+    MessageType.STREAM_TARGET: _decode_stream_target,
+    MessageType.MIRROR_INPUT: _decode_mirror_input,
+    MessageType.MIRROR_OUTPUT: _decode_mirror_output,
+}
 
 
 def _expect_len(payload: memoryview, n: int, what: str) -> None:

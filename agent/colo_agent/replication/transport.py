@@ -244,7 +244,7 @@ class Connection:
 
 
 class ThreadSafeLink:
-    """Bytes to and from one connection, sent from any thread.
+    """Messages to and from one connection, sent from any thread.
 
     For a peer that must not wait on the event loop (lockstep's mirror: the
     vCPU thread sends mirrored input and the secondary's output as it
@@ -252,7 +252,8 @@ class ThreadSafeLink:
     through the loop would add two thread wake-ups to every request. Only
     what the socket does not take waits in the outbox for the loop's writer;
     nothing is sent directly while the outbox is not empty or the writer is
-    sending, so sends never reorder. Receiving happens on the loop.
+    sending, so sends never reorder. Frames are numbered under the same lock,
+    in the order they go out. Receiving happens on the loop.
     """
 
     def __init__(self, conn: Connection, name: str) -> None:
@@ -266,12 +267,15 @@ class ThreadSafeLink:
         self._writer_task = asyncio.ensure_future(self._writer())
         self._writer_task.set_name(f"{name} writer")
 
-    def send_threadsafe(self, data: bytes) -> None:
-        """Send `data` after everything sent before, from any thread."""
-        out: bytes | memoryview = data
+    def send_threadsafe(self, msg: Message) -> None:
+        """Send `msg` after everything sent before, from any thread.
+
+        Raises `LocalProtocolError` for a message the codec refuses.
+        """
         with self._lock:
             if self.failed is not None:
                 return
+            out: bytes | memoryview = self.conn.encoder.encode(msg)
             # A TLS connection is used by the loop's thread only: OpenSSL's
             # state must not be driven from two threads at once.
             if not self._outbox and not self._writing and not self.conn.tls:
@@ -289,9 +293,15 @@ class ThreadSafeLink:
         with contextlib.suppress(RuntimeError):  # loop closed: shutting down
             self._loop.call_soon_threadsafe(self._wake.set)
 
-    async def recv_into(self, buf: memoryview) -> int:
-        """Loop only: receive what is there (0 at the end of the stream)."""
-        return await self.conn._recv_into(buf)
+    async def next_message(self) -> Message | None:
+        """Loop only: the next message, or None at a clean end of the stream.
+
+        Raises `RemoteProtocolError` for anything malformed (page data included).
+        """
+        ev = await self.conn.next_event()
+        if ev is not None and not is_message(ev):
+            raise RemoteProtocolError(f"{self.conn.name}: page data where none is expected")
+        return ev
 
     async def _writer(self) -> None:
         try:
