@@ -38,7 +38,11 @@ class PeerNotAllowed(ssl.SSLError):
 
 @dataclass(frozen=True)
 class _Stamp:
-    mtimes: tuple[int, ...]
+    files: tuple[int, ...]
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int]:
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 class TlsFiles:
@@ -69,8 +73,9 @@ class TlsFiles:
             raise ValueError(f"TLS: the files in {self.directory} are unusable: {exc}") from exc
 
     def _current_stamp(self) -> _Stamp:
-        # A Secret volume swaps a symlinked directory atomically; stat follows it.
-        return _Stamp(tuple(p.stat().st_mtime_ns for p in self.paths))
+        # A Secret volume swaps a symlinked directory atomically; stat follows it. The
+        # inode tells new files apart even where two writes share an mtime tick.
+        return _Stamp(tuple(x for p in self.paths for x in _identity(p.stat())))
 
     def _build(self, purpose: ssl.Purpose, *, optional_client_cert: bool = False) -> ssl.SSLContext:
         server = purpose is ssl.Purpose.CLIENT_AUTH
@@ -91,13 +96,22 @@ class TlsFiles:
         return ctx
 
     def _refresh(self) -> None:
-        stamp = self._current_stamp()
-        if stamp != self._stamp:
-            self._server = self._build(ssl.Purpose.CLIENT_AUTH)
-            self._client = self._build(ssl.Purpose.SERVER_AUTH)
-            if self._stamp is not None:
-                log.info("TLS: certificates in %s changed; new connections use them", self.directory)
-            self._stamp = stamp
+        try:
+            stamp = self._current_stamp()
+            if stamp == self._stamp:
+                return
+            server, client = self._build(ssl.Purpose.CLIENT_AUTH), self._build(ssl.Purpose.SERVER_AUTH)
+        except (OSError, ssl.SSLError) as exc:
+            if self._stamp is None:
+                raise
+            # Caught mid-update (a key that does not match its certificate yet):
+            # the last good set stays in use and the files are read again next time.
+            log.warning("TLS: cannot reload %s, keeping the certificates in use: %s", self.directory, exc)
+            return
+        self._server, self._client = server, client
+        if self._stamp is not None:
+            log.info("TLS: certificates in %s changed; new connections use them", self.directory)
+        self._stamp = stamp
 
     def server_context(self) -> ssl.SSLContext:
         self._refresh()

@@ -16,7 +16,10 @@ certificate instead of one per VM. A per-VM CA would put a CA key in every
 VM namespace (or many CA keys in the operator's), for no gain in isolation.
 
 Leaf certificates are short-lived and renewed when a third of their life
-is left; the agents read the mounted files again at every pairing.
+is left; the agents read the mounted files again at every pairing. The
+trust that every directory carries (`ca.crt`) is a bundle: during a CA
+rotation it holds the old and the new CA, so certificates of either
+verify while they are replaced (`pki`, docs/security.md).
 Keys are ECDSA P-256: cheap handshakes, and the bulk cipher (AES-GCM) is
 what the stream pays for, not the signature.
 """
@@ -128,6 +131,30 @@ def issue(ca: KeyPair, uri: str, now: dt.datetime, lifetime: dt.timedelta = LEAF
     return KeyPair(cert.public_bytes(serialization.Encoding.PEM), _pem(key))
 
 
+def bundle(*pems: bytes) -> bytes:
+    """One PEM bundle of every distinct certificate in `pems`, in order of first appearance.
+
+    During a CA rotation the trust bundle holds the old and the new CA; the
+    order is kept so that the bundle of an unchanged set is byte for byte the same.
+    """
+    seen: set[bytes] = set()
+    out: list[bytes] = []
+    for pem in pems:
+        for cert in x509.load_pem_x509_certificates(pem) if pem.strip() else ():
+            der = cert.public_bytes(serialization.Encoding.DER)
+            if der not in seen:
+                seen.add(der)
+                out.append(cert.public_bytes(serialization.Encoding.PEM))
+    return b"".join(out)
+
+
+def renewal_time(cert_pem: bytes) -> dt.datetime:
+    """When a third of the certificate's life is left (`needs_renewal` turns true)."""
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
+    return end - (end - start) * RENEW_FRACTION
+
+
 def uri_of(cert_pem: bytes) -> str | None:
     """The URI name of a certificate, or None."""
     try:
@@ -146,8 +173,7 @@ def needs_renewal(cert_pem: bytes, now: dt.datetime, ca: KeyPair | None = None) 
         cert = x509.load_pem_x509_certificate(cert_pem)
     except ValueError:
         return True
-    start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
-    if now >= end - (end - start) * RENEW_FRACTION:
+    if now >= renewal_time(cert_pem):
         return True
     if ca is None:
         return False
@@ -160,8 +186,9 @@ def needs_renewal(cert_pem: bytes, now: dt.datetime, ca: KeyPair | None = None) 
 
 def client_context(directory: Path) -> ssl.SSLContext:
     """The operator's TLS 1.3 client context for the agents' control API: its own
-    certificate from `directory` (tls.crt, tls.key, ca.crt), the CA as the only trust.
-    Agents are reached by pod address, so their name is not checked against a host name."""
+    certificate from `directory` (tls.crt, tls.key, ca.crt), the CA bundle as the only trust.
+    Agents are reached by pod address, so the name in their certificate is checked
+    by the client (`agent_client`), not against a host name."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.load_cert_chain(directory / "tls.crt", directory / "tls.key")

@@ -26,8 +26,8 @@ import kopf
 
 from colo_agent.api.identity import vm_identity
 
-from . import certs, manifests, pki
 from . import constants as c
+from . import manifests, pki
 from .agent_client import AgentClient, AgentError
 from .config import OperatorConfig
 from .decide import (
@@ -90,8 +90,11 @@ class Runtime:
     summaries: dict[VMKey, str] = field(default_factory=dict)
     failures: dict[VMKey, str] = field(default_factory=dict)
     metrics: OperatorMetrics = field(default_factory=OperatorMetrics)
-    # The cluster CA (None with a cert-manager issuer), and when each VM's certificate is next checked.
-    ca: certs.KeyPair | None = None
+    # The cluster CA (None with a cert-manager issuer), when its Secret is next read,
+    # the operator's own client certificate, and when each VM's certificate is next checked.
+    ca: pki.ClusterCa | None = None
+    ca_checked: float = 0.0
+    credentials: pki.OperatorCredentials | None = None
     tls_checked: dict[VMKey, float] = field(default_factory=dict)
     warned_clear: set[VMKey] = field(default_factory=set)
 
@@ -268,11 +271,34 @@ INSECURE_CLEAR_WARNING = (
 
 # How often a VM's certificate is checked for renewal (it is renewed with a third of its life left).
 TLS_CHECK_S = 600.0
+# How often the CA Secret is read again (a rotation step reaches every VM within this plus a poll).
+CA_CHECK_S = 30.0
+
+
+async def _refresh_ca(rt: Runtime) -> None:
+    """Pick up an edited CA Secret: a rotation step staged, switched or retired."""
+    now = asyncio.get_running_loop().time()
+    if rt.ca is None or rt.ca_checked > now:
+        return
+    rt.ca_checked = now + CA_CHECK_S
+    ca = await pki.load_ca(rt.kube, rt.config.namespace)
+    if ca is None:
+        # Deleted: a new CA at once (the emergency rotation of docs/security.md).
+        ca = await pki.load_or_create_ca(rt.kube, rt.config.namespace)
+    if ca == rt.ca:
+        return
+    signer = "a new signing CA" if ca.signer != rt.ca.signer else "the same signing CA"
+    log.info("the cluster CA Secret changed (%s); updating every VM's certificate Secret", signer)
+    rt.ca = ca
+    if rt.credentials is not None:
+        rt.credentials.update_ca(ca)
+    rt.tls_checked.clear()  # every VM is checked again at its next pass
 
 
 async def _ensure_tls(rt: Runtime, vm: VMView, *, force: bool = False) -> None:
     if vm.spec.replication.insecure_clear:
         return
+    await _refresh_ca(rt)
     key = (vm.namespace, vm.name)
     now = asyncio.get_running_loop().time()
     if not force and rt.tls_checked.get(key, 0.0) > now:
@@ -398,9 +424,13 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     if _settings["peering"]:
         await ensure_peering(kube, _settings["peering"], _settings["namespaces"])
     ca = None if config.cert_issuer else await pki.load_or_create_ca(kube, config.namespace)
-    tls = pki.operator_context(config, ca)
+    credentials = pki.OperatorCredentials(config, ca)
     _runtime = Runtime(
-        config=config, kube=kube, agents=AgentClient(timeout_s=config.agent_timeout_s, tls=tls), ca=ca
+        config=config,
+        kube=kube,
+        agents=AgentClient(timeout_s=config.agent_timeout_s, tls=credentials.context),
+        ca=ca,
+        credentials=credentials,
     )
     if _settings["metrics_port"]:
         from prometheus_client import start_http_server

@@ -10,10 +10,11 @@ import pytest
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from support.operator_world import vm
+from support.tls_certs import SecretVolume
 
 from colo_agent.api.identity import OPERATOR_IDENTITY, vm_identity
-from colo_agent.tls import TlsFiles, peer_names
-from colo_operator import certs
+from colo_agent.tls import TlsFiles
+from colo_operator import certs, pki
 from colo_operator.config import ConfigError, OperatorConfig
 from colo_operator.decide import CreatePod
 from colo_operator.manifests import TLS_MOUNT, agent_pod, certificate, network_policy, tls_secret
@@ -53,7 +54,6 @@ def test_the_issued_files_work_with_the_agents_tls_loader(tmp_path: Path) -> Non
     with pytest.raises(ValueError, match=r"tls\.key is missing"):
         (tmp_path / "tls.key").unlink()
         TlsFiles(tmp_path)
-    assert peer_names  # the loader's name check is exercised with live sockets in tests/integration
 
 
 def test_the_agent_pod_mounts_its_certificate_and_probes_over_https() -> None:
@@ -115,3 +115,53 @@ def test_the_network_policy_admits_the_operator_to_control_and_the_vms_agents_to
     assert by_port[7700] == [{"podSelector": {"matchLabels": agents}}]  # same namespace, same VM only
     assert by_port[6379] is None  # clients of the Service, from anywhere
     assert set(by_port) == {8080, 7700, 6379}
+
+
+def test_a_ca_bundle_keeps_each_certificate_once_in_order() -> None:
+    old, new = certs.new_ca(NOW), certs.new_ca(NOW)
+    both = certs.bundle(old.cert_pem, new.cert_pem)
+    assert certs.bundle(both, old.cert_pem) == both
+    assert certs.bundle(new.cert_pem, both) == new.cert_pem + old.cert_pem
+    assert certs.bundle(old.cert_pem, b"") == old.cert_pem
+    with pytest.raises(ValueError):
+        certs.bundle(b"-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
+
+
+def test_the_operators_own_certificate_is_renewed_before_it_expires() -> None:
+    """Issued for 30 days and once used for the operator's whole life: after 30 days
+    every control call failed. Now renewed with a third of its life left."""
+    clock = [NOW]
+    ca = pki.ClusterCa.of(certs.new_ca(NOW - dt.timedelta(days=1)))
+    creds = pki.OperatorCredentials(OperatorConfig(), ca, clock=lambda: clock[0])
+    first_ctx, first = creds.context(), creds.leaf_pem
+    assert certs.uri_of(first) == OPERATOR_IDENTITY
+    clock[0] = NOW + dt.timedelta(days=19)
+    assert creds.context() is first_ctx and creds.leaf_pem == first
+    clock[0] = NOW + dt.timedelta(days=21)
+    renewed_ctx = creds.context()
+    assert renewed_ctx is not first_ctx and creds.leaf_pem != first
+    assert not certs.needs_renewal(creds.leaf_pem, clock[0], ca.signer)
+    assert creds.context() is renewed_ctx  # once per renewal, not per call
+
+
+def test_a_mounted_operator_certificate_is_read_again_when_the_kubelet_updates_it(tmp_path: Path) -> None:
+    ca = certs.new_ca(NOW)
+    volume = SecretVolume(tmp_path / "tls")
+    volume.issue(ca, None)
+    creds = pki.OperatorCredentials(OperatorConfig(tls_dir=str(volume.directory)), None)
+    first_ctx, first = creds.context(), creds.leaf_pem
+    assert creds.context() is first_ctx
+    volume.issue(ca, None)  # cert-manager renewed it
+    assert creds.context() is not first_ctx and creds.leaf_pem != first
+    assert certs.uri_of(creds.leaf_pem) == OPERATOR_IDENTITY
+
+
+def test_an_agent_keeps_its_last_good_certificate_while_the_files_are_half_written(tmp_path: Path) -> None:
+    ca = certs.new_ca(dt.datetime.now(dt.UTC))
+    files = TlsFiles(certs.write_dir(tmp_path, ca, certs.issue(ca, vm_identity("ns", "db"), NOW)))
+    first = files.server_context()
+    renewed = certs.issue(ca, vm_identity("ns", "db"), dt.datetime.now(dt.UTC))
+    (tmp_path / "tls.crt").write_bytes(renewed.cert_pem)  # the key does not match it yet
+    assert files.server_context() is first
+    (tmp_path / "tls.key").write_bytes(renewed.key_pem)
+    assert files.server_context() is not first

@@ -13,6 +13,8 @@ from typing import Any
 import kmock
 import kubernetes
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from prometheus_client import CollectorRegistry
 from support.operator_world import vm as vm_view
 
@@ -28,7 +30,7 @@ from colo_agent.api.models import (
     Role,
 )
 from colo_agent.api.server import create_app, serve
-from colo_operator import certs
+from colo_operator import certs, pki
 from colo_operator import constants as c
 from colo_operator.agent_client import AgentClient
 from colo_operator.config import OperatorConfig
@@ -114,6 +116,7 @@ async def world(kmock: kmock.KubernetesEmulator) -> AsyncIterator[tuple[Kube, li
     kube = Kube(kubernetes.client.ApiClient(configuration))
     for name in ("n1", "n2", "n3"):
         await kube.request("node", "POST", "/api/v1/nodes", body=node(name, ready=True))
+    await kube.create(pki.ca_secret(OperatorConfig().namespace, CA))
     events: list[EventNote] = []
     yield kube, events
     kube.close()
@@ -163,7 +166,7 @@ def runtime(kube: Kube, events: list[EventNote], port: int = 1) -> Runtime:
         agents=AgentClient(timeout_s=2.0),
         post_event=lambda body, note: events.append(note),
         control_port=port,
-        ca=CA,
+        ca=pki.ClusterCa.of(CA),
     )
 
 
@@ -190,6 +193,60 @@ async def test_a_vm_gets_its_certificate_and_network_policy_and_an_opt_out_a_war
     await kube.patch(c.KIND, "ns", "vm", {"spec": {"replication": {"insecureClear": True}}})
     await reconcile(rt, "ns", "vm")
     assert [e.type for e in events if e.reason == "InsecureClear"] == ["Warning"]
+
+
+async def test_a_ca_rotation_reaches_every_certificate_in_three_steps(
+    world: tuple[Kube, list[EventNote]],
+) -> None:
+    """Stage the new CA in the bundle, make it the signer, retire the old one: each edit
+    of the CA Secret reaches the VM's Secret (and the operator's own certificate) at the
+    next pass, and at every step both ends trust whatever certificate the other holds."""
+    kube, events = world
+    op_ns = OperatorConfig().namespace
+    await kube.create(colovm(tls=True))
+    rt = runtime(kube, events)
+    assert rt.ca is not None
+    rt.credentials = pki.OperatorCredentials(rt.config, rt.ca)
+    new = certs.new_ca(dt.datetime.now(dt.UTC))
+
+    async def step(data: dict[str, str | None]) -> tuple[bytes, list[bytes]]:
+        await kube.patch("Secret", op_ns, pki.CA_SECRET, {"data": data})
+        rt.ca_checked = 0.0  # the CA Secret is read again at once, not after CA_CHECK_S
+        await reconcile(rt, "ns", "vm")
+        got = await kube.get("Secret", "ns", "vm-agent-tls")
+        assert got is not None
+        bundle = base64.b64decode(got["data"]["ca.crt"])
+        return base64.b64decode(got["data"]["tls.crt"]), [c.public_bytes(serialization.Encoding.PEM)
+                                                           for c in x509.load_pem_x509_certificates(bundle)]
+
+    first, trust = await step({})
+    assert trust == [CA.cert_pem] and issued_by(first, CA)
+    op_first = rt.credentials.leaf_pem
+
+    # 1. Stage: the new CA is trusted everywhere, nothing is re-issued yet.
+    leaf, trust = await step({"ca.crt": b64(new.cert_pem)})
+    assert leaf == first and trust == [CA.cert_pem, new.cert_pem]
+    assert len(rt.credentials.context().get_ca_certs()) == 2 and rt.credentials.leaf_pem == op_first
+
+    # 2. Switch: the new CA signs; every certificate is issued again; both still trusted.
+    leaf, trust = await step({"tls.crt": b64(new.cert_pem), "tls.key": b64(new.key_pem),
+                              "ca.crt": b64(CA.cert_pem)})
+    assert leaf != first and issued_by(leaf, new) and trust == [new.cert_pem, CA.cert_pem]
+    assert issued_by(rt.credentials.leaf_pem, new)
+
+    # 3. Retire: the old CA is no longer trusted; the certificates stay.
+    renewed = leaf
+    leaf, trust = await step({"ca.crt": None})
+    assert leaf == renewed and trust == [new.cert_pem]
+    assert len(rt.credentials.context().get_ca_certs()) == 1
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def issued_by(cert_pem: bytes, ca: certs.KeyPair) -> bool:
+    return not certs.needs_renewal(cert_pem, dt.datetime.now(dt.UTC), ca)
 
 
 async def run_plan(rt: Runtime, times: int = 10) -> None:
