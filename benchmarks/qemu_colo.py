@@ -126,6 +126,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 primary.stop()
                 killed = time.monotonic()
                 await secondary.take_over()
+                await secondary.serve(client.host, client.port)
                 await wait_redis(client, 120)
                 failovers.append(time.monotonic() - killed)
                 primary, secondary = secondary, new_guest()

@@ -122,18 +122,45 @@ class PageLog(Protocol):
         the same clients' input)."""
 
 
+class StreamError(RuntimeError):
+    """A `MigrationStream` could not do what was asked (its own process refused, died or hung).
+
+    The engine treats it as the end of the pairing at hand, never as a bug."""
+
+
+@dataclass(frozen=True)
+class StreamCheckpoint:
+    pause_ms: float  # the primary's guest was stopped this long
+    cause: str  # a CheckpointCause value (`interval`, `mismatch`, ...)
+
+
+@dataclass(frozen=True)
+class StreamFigures:
+    """What a self-replicating backend says about its replication, for status and metrics."""
+
+    protected: bool  # primary: replicating to a secondary right now
+    checkpoints: int  # since this guest became primary, every protection included
+    recent: tuple[StreamCheckpoint, ...] = ()  # the last few, oldest first
+    mismatches: int = 0  # checkpoints forced because the outputs differed
+    state: str = ""  # the backend's own word for where replication is (QEMU: query-migrate status)
+    channels: int = 1  # connections the stream uses (1: single-stream)
+
+
 class MigrationStream(Protocol):
     """A backend that replicates itself (QEMU COLO): the engine drives it, never sees its pages.
 
-    Primary side: `protect` once the agents are paired, `continue_alone`
-    when the secondary is lost (after the engine raised the epoch floor).
-    Secondary side: `listen` before pairing, `take_over` on promotion (after
-    the engine took the Lease with the new term). `checkpoints` counts the
-    backend's checkpoints for status and metrics.
+    Primary side: `serve` once it holds the lease, `protect` once the agents
+    are paired, `continue_alone` when the secondary is lost (after the
+    engine raised the epoch floor). Secondary side: `listen` before pairing,
+    `take_over` on promotion (after the engine took the Lease with the new
+    term). Failures are `StreamError`s.
     """
 
     async def listen(self) -> str:
         """Secondary: prepare to receive; returns the address the primary streams to."""
+
+    async def serve(self, host: str, port: int) -> None:
+        """Primary: open the guest's service to clients on host:port."""
 
     async def protect(self, secondary: str) -> None:
         """Primary: start replicating to `secondary`; return once it holds a complete image."""
@@ -143,6 +170,9 @@ class MigrationStream(Protocol):
 
     async def take_over(self) -> None:
         """Secondary: become the running guest from the last complete checkpoint."""
+
+    async def figures(self) -> StreamFigures:
+        """Primary: the replication's figures now."""
 
     @property
     def checkpoints(self) -> int: ...
@@ -211,3 +241,5 @@ class GuestOptions:
     memory: int
     accel: str = "auto"
     dirty_rate: int = 0
+    # A secondary's primary (the host of `--peer`), for a backend whose own connections go there.
+    peer_host: str | None = None

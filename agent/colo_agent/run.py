@@ -205,7 +205,8 @@ async def _main(args: argparse.Namespace, secret: bytes, identity: str, tls: Tls
     try:
         arbiter = arbiters.from_spec(args.arbiter, identity, args.lease_duration_ms)
         # In the main thread: a backend may install signal handlers (the micro-VM's kvm kick).
-        guest = create_guest(args.backend, GuestOptions(args.memory, args.accel, args.dirty_rate))
+        peer_host = args.peer[0] if args.peer is not None else None
+        guest = create_guest(args.backend, GuestOptions(args.memory, args.accel, args.dirty_rate, peer_host))
     except (ValueError, BackendError, OSError) as exc:
         log.error("cannot start: %s", exc)
         return 1

@@ -89,6 +89,7 @@ async def test_failover_keeps_every_acknowledged_write_and_reprotects(tmp_path: 
         primary.stop()  # SIGKILL
         killed = time.monotonic()
         await secondary.take_over()
+        await secondary.serve(client.host, client.port)
         took_over = time.monotonic() - killed
         await wait_redis(client, 60.0)
         answered = time.monotonic() - killed

@@ -1,6 +1,9 @@
 """The agent: one guest, one role at a time, and the control API.
 
-A primary (`engine.primary.PrimaryRole`) runs its guest, serves clients
+A backend that replicates itself (QEMU) gets the stream roles instead
+(`engine.stream_primary`, `engine.stream_secondary`): the same arbiter,
+terms, epoch floor, heartbeat and control API around the backend's own
+replication. A primary (`engine.primary.PrimaryRole`) runs its guest, serves clients
 through the bridge, holds the arbiter and streams checkpoints to whichever
 secondary joins. A secondary (`engine.secondary.SecondaryRole`) keeps the
 committed image and follows the primary; promotion takes the arbiter with a
@@ -37,8 +40,10 @@ from colo_agent.api.models import (
 from colo_agent.arbiter.base import Arbiter, ArbiterError
 from colo_agent.engine.primary import PrimaryRole
 from colo_agent.engine.promotion import RoleChanges
-from colo_agent.engine.roles import AgentRole, AgentSettings, Parts, RoleView, Tasks
+from colo_agent.engine.roles import AgentRole, AgentSettings, Parts, RoleView, StreamParts, Tasks
 from colo_agent.engine.secondary import SecondaryRole
+from colo_agent.engine.stream_primary import StreamPrimaryRole
+from colo_agent.engine.stream_secondary import StreamSecondaryRole
 from colo_agent.guest import Capabilities, Guest
 
 __all__ = ["Agent", "AgentSettings"]
@@ -60,15 +65,21 @@ class Agent:
     def __init__(self, settings: AgentSettings, guest: Guest, arbiter: Arbiter,
                  registry: CollectorRegistry) -> None:
         caps = Capabilities.of(guest)
-        if caps.pages is None or caps.clients is None:
-            raise ValueError("the backend replicates itself (a migration stream); "
-                             "this engine replicates page-log backends only")
-        if settings.lockstep and caps.mirror is None:
-            raise ValueError("lockstep mode needs a backend with a mirrored NIC")
         metrics = AgentMetrics(registry)
+        self.parts: Parts | StreamParts
+        if caps.stream is not None:
+            if settings.lockstep:
+                raise ValueError("the backend replicates itself and compares output itself (QEMU's "
+                                 "colo-compare): --mode lockstep is for page-log backends")
+            self.parts = StreamParts(settings, guest, caps.stream, arbiter, metrics)
+        else:
+            if caps.pages is None or caps.clients is None:
+                raise ValueError("a page-log backend needs a client NIC")  # refused by Capabilities.of
+            if settings.lockstep and caps.mirror is None:
+                raise ValueError("lockstep mode needs a backend with a mirrored NIC")
+            self.parts = Parts(settings, guest, caps.pages, caps.clients, caps.mirror, arbiter, metrics)
         metrics.describe(vm=settings.vm, identity=settings.identity, mode=settings.mode.value,
                          accel=guest.accelerator)
-        self.parts = Parts(settings, guest, caps.pages, caps.clients, caps.mirror, arbiter, metrics)
         self.settings = settings
         self.arbiter = arbiter
         self.metrics = metrics
@@ -85,12 +96,19 @@ class Agent:
         peer = self.settings.peer
         if self.settings.role is Role.PRIMARY:
             term = await self._first_term()
-            await self._swap(PrimaryRole(self.parts, self._tasks(), term, boot=True))
+            await self._swap(self._primary_role(term, boot=True))
         elif peer is None:
             raise ValueError("a secondary needs the primary's replication address")
+        elif isinstance(self.parts, StreamParts):
+            await self._swap(StreamSecondaryRole(self.parts, self._tasks(), peer))
         else:
             await self._swap(SecondaryRole(self.parts, self._tasks(), peer))
         await self.stopping.wait()
+
+    def _primary_role(self, term: int, *, boot: bool) -> AgentRole:
+        if isinstance(self.parts, StreamParts):
+            return StreamPrimaryRole(self.parts, self._tasks(), term, boot=boot)
+        return PrimaryRole(self.parts, self._tasks(), term, boot=boot)
 
     def stop(self) -> None:
         self.stopping.set()
@@ -166,7 +184,7 @@ class Agent:
 
     async def _promote(self, term: int) -> PromoteResult:
         role = self.role
-        if not isinstance(role, SecondaryRole):
+        if not isinstance(role, SecondaryRole | StreamSecondaryRole):
             raise WrongRole("this agent is already the primary")
         image = role.image()
         if image is None:
@@ -179,11 +197,13 @@ class Agent:
         self.metrics.failed_over()
         log.info("promoted with term %d from epoch %d of term %d (%s)", term, handover.epoch, handover.term,
                  "guest boots from the image" if handover.boot else "lockstep guest continues")
-        await self._swap(PrimaryRole(self.parts, self._tasks(), term, boot=handover.boot))
+        await self._swap(self._primary_role(term, boot=handover.boot))
         return PromoteResult(role=Role.PRIMARY, term=term, resumed_from_epoch=handover.epoch)
 
     def _primary(self) -> PrimaryRole:
         role = self.role
+        if isinstance(role, StreamPrimaryRole):
+            raise NotReady("the backend checkpoints on its own schedule and has no planned switchover yet")
         if not isinstance(role, PrimaryRole):
             raise WrongRole("only a primary takes checkpoints or steps down")
         return role

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 from colo_agent.api.metrics import AgentMetrics
 from colo_agent.api.models import CheckpointFigures, LockstepFigures, PeerStatus, ReplicationMode, Role
 from colo_agent.arbiter.base import Arbiter
-from colo_agent.guest import ClientNic, Guest, MirroredNic, PageLog
+from colo_agent.guest import ClientNic, Guest, MigrationStream, MirroredNic, PageLog
 from colo_agent.tls import PeerTls
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,17 @@ class Parts:
         if self.mirror_nic is None:
             raise RuntimeError("lockstep without a mirrored NIC")  # refused by Agent.__init__
         return self.mirror_nic
+
+
+@dataclass(frozen=True)
+class StreamParts:
+    """What a role works with when the backend replicates itself (`MigrationStream`)."""
+
+    settings: AgentSettings
+    guest: Guest
+    stream: MigrationStream
+    arbiter: Arbiter
+    metrics: AgentMetrics
 
 
 @dataclass(frozen=True)

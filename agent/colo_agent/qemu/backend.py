@@ -19,9 +19,9 @@ a pod spec and on a command line:
 | `COLO_QEMU_RUN_DIR` | QMP socket, console, trace, the secondary's disks | `/tmp/colo-qemu` |
 | `COLO_QEMU_BINARY`, `COLO_QEMU_IMG` | QEMU and qemu-img | from `PATH` |
 | `COLO_QEMU_VCPUS`, `COLO_QEMU_NIC` | vCPUs; `e1000` or `virtio-net-pci` | 1, `e1000` |
-| `COLO_QEMU_SERVE` | HOST:PORT the guest's service is forwarded from, on the primary | `0.0.0.0:6379` |
+| `COLO_QEMU_SERVE` | HOST:PORT of the service (`colo-agent run`: `--host`/`--port`) | `0.0.0.0:6379` |
 | `COLO_QEMU_GUEST_PORT` | the service's port inside the guest | 6379 |
-| `COLO_QEMU_PEER_HOST` | the primary's host, for a secondary's redirectors | host of `COLO_PEER` |
+| `COLO_QEMU_PEER_HOST` | the primary's host, for a secondary's redirectors | host of `--peer` |
 | `COLO_QEMU_LISTEN` | address QEMU's COLO ports listen on | `0.0.0.0` |
 | `COLO_QEMU_ADVERTISE` | this agent's host as its peer reaches it | `127.0.0.1` |
 | `COLO_QEMU_PORTS` | MIRROR,COMPARE,MIGRATION,NBD ports | `7711,7712,7713,7714` |
@@ -37,7 +37,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from colo_agent.guest import ClientNic, Guest, GuestOptions, MigrationStream, MirroredNic, PageLog
+from colo_agent.guest import (
+    ClientNic,
+    Guest,
+    GuestOptions,
+    MigrationStream,
+    MirroredNic,
+    PageLog,
+    StreamCheckpoint,
+    StreamFigures,
+)
 from colo_agent.qemu.colo import Binaries, ColoPrimary, ColoSecondary
 from colo_agent.qemu.command import (
     Accel,
@@ -98,7 +107,8 @@ class QemuSettings:
         serve_host, _, serve_port = env.get("COLO_QEMU_SERVE", "0.0.0.0:6379").rpartition(":")
         if not serve_port.isdigit():
             raise ValueError("COLO_QEMU_SERVE must be HOST:PORT")
-        peer = env.get("COLO_QEMU_PEER_HOST") or (env.get("COLO_PEER", "").rpartition(":")[0] or None)
+        peer = (env.get("COLO_QEMU_PEER_HOST") or options.peer_host
+                or env.get("COLO_PEER", "").rpartition(":")[0] or None)
         disk = Path(env["COLO_QEMU_DISK"]) if env.get("COLO_QEMU_DISK") else None
         size = number("COLO_QEMU_DISK_SIZE", 0) or None
         default = Binaries()
@@ -137,6 +147,7 @@ class QemuGuest:
         self.primary: ColoPrimary | None = None
         self.secondary: ColoSecondary | None = None
         self._paused = False
+        self._serve = settings.serve  # where the primary opens the guest's service
 
     # --- Guest
     @property
@@ -216,11 +227,18 @@ class QemuGuest:
         ports = s.secondary_ports(s.advertise)
         return f"{s.advertise}:{ports.migration.port}:{ports.nbd.port}"
 
+    async def serve(self, host: str, port: int) -> None:
+        if self.primary is None:
+            raise QemuError("serve() needs a running primary")
+        self._serve = Endpoint(host, port)
+        await self.primary.ready()
+        await self.primary.serve(self._serve)
+
     async def protect(self, secondary: str) -> None:
         if self.primary is None:
             raise QemuError("protect() needs a running primary")
         await self.primary.ready()
-        await self.primary.serve(self.settings.serve)
+        await self.primary.serve(self._serve)
         await self.primary.protect(parse_secondary(secondary))
 
     async def continue_alone(self) -> None:
@@ -235,7 +253,17 @@ class QemuGuest:
         s = self.settings
         self.primary = ColoPrimary.adopt(self.secondary, s.primary_ports(s.listen), s.checkpoint_ms)
         self.secondary = None
-        await self.primary.serve(self.settings.serve)
+
+    async def figures(self) -> StreamFigures:
+        if self.primary is None:
+            return StreamFigures(protected=False, checkpoints=0)
+        await self.primary.ready()
+        f = await self.primary.refresh()
+        recent = tuple(StreamCheckpoint(c.pause * 1000.0, c.cause.value) for c in f.recent[-16:])
+        return StreamFigures(
+            protected=f.mode == "primary" and f.migration == "colo", checkpoints=f.checkpoints, recent=recent,
+            mismatches=f.mismatches, state=f.migration, channels=1,
+        )
 
     @property
     def checkpoints(self) -> int:

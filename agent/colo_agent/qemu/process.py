@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -22,6 +23,7 @@ from typing import Any
 
 from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError
 
+from colo_agent.guest import StreamError
 from colo_agent.qemu.command import RunDir
 from colo_agent.qemu.plan import Command
 
@@ -30,7 +32,7 @@ log = logging.getLogger(__name__)
 QMP_CONNECT_TIMEOUT = 10.0
 
 
-class QemuError(Exception):
+class QemuError(StreamError):
     """QEMU refused a command, exited, or did not reach a state in time."""
 
 
@@ -39,6 +41,21 @@ class Event:
     name: str
     data: dict[str, Any]
     at: float  # time.monotonic() on arrival
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: QEMU gets SIGKILL when the agent that started it dies.
+
+    An agent killed outright (SIGKILL, OOM) must not leave its guest running:
+    a primary's QEMU would go on serving clients with no agent holding the
+    lease. In a pod the container's end takes QEMU with it anyway; this makes
+    it so wherever the agent runs. (The agent spawns QEMU from its event loop
+    thread, which lives as long as the agent.)"""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+_PR_SET_PDEATHSIG = 1
 
 
 class QemuProcess:
@@ -70,7 +87,7 @@ class QemuProcess:
         with self.run.log.open("ab") as out:
             self._proc = subprocess.Popen(
                 self.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True,
+                start_new_session=True, preexec_fn=_die_with_parent,
             )
         log.info("%s: started qemu pid %d", self.name, self._proc.pid)
 
