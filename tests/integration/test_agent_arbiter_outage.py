@@ -208,6 +208,35 @@ def test_secondary_cut_from_the_primary_only_cannot_be_promoted_over_released_ou
         link.close()
 
 
+def test_secondary_whose_acknowledgement_was_lost_cannot_be_promoted_over_released_output(site: Site) -> None:
+    """The boundary case: the secondary committed the epoch in flight, the primary never heard
+    its acknowledgement and went on alone. The floor must be above that epoch too."""
+    primary = site.spawn("agent-a", "primary")
+    primary.wait_for("serving as primary", lambda s: s.role == "primary")
+    link = CuttableProxy("127.0.0.1", primary.replication_port)
+    try:
+        secondary = site.spawn("agent-b", "secondary", peer_address=f"127.0.0.1:{link.port}")
+        term = wait_protected(primary, secondary)
+        writers = Writers(primary)
+        wait_writes(writers, 20)
+        # The secondary still receives (and commits) epochs; nothing it says reaches the primary.
+        link.mute_upstream()
+        st = primary.wait_for("unprotected", lambda s: not s.synced, timeout=30)
+        before = writers.count()
+        wait_writes(writers, before + 20)
+        acked = primary.status().last_acked_epoch  # type: ignore[union-attr]
+        assert acked == st.last_acked_epoch
+        committed = secondary.status().last_acked_epoch  # type: ignore[union-attr]
+        assert committed > acked, "no epoch was in flight when the secondary stopped being heard"
+        primary.kill()
+        response = secondary.promote(term + 1, site.group.secret, timeout=60)
+        assert response.status_code == 409, response.text
+        assert "stale" in response.text
+        writers.stop()
+    finally:
+        link.close()
+
+
 def test_primary_cut_from_both_holds_what_it_cannot_protect_and_the_secondary_has_every_ack(
     site: Site,
 ) -> None:

@@ -3,6 +3,10 @@
 While cut, established connections are dropped and new ones are accepted and
 then left silent (no bytes either way), as a peer behind a partition looks:
 requests time out rather than being refused.
+
+`mute_upstream()` is the one-way partition: what the client sends is thrown
+away while the target's bytes still reach the client (a peer that still
+hears but is no longer heard).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ class CuttableProxy:
     def __init__(self, target_host: str, target_port: int) -> None:
         self.target = (target_host, target_port)
         self.cut_now = False
+        self.upstream_muted = False
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="cuttable-proxy", daemon=True)
         self._thread.start()
@@ -38,14 +43,16 @@ class CuttableProxy:
             self._close(w)
             return
         self._writers.add(tw)
-        for src, dst in ((r, tw), (tr, w)):
-            task = asyncio.ensure_future(self._pipe(src, dst))
+        for src, dst, upstream in ((r, tw, True), (tr, w, False)):
+            task = asyncio.ensure_future(self._pipe(src, dst, upstream))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _pipe(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+    async def _pipe(self, r: asyncio.StreamReader, w: asyncio.StreamWriter, upstream: bool) -> None:
         try:
             while data := await r.read(1 << 16):
+                if upstream and self.upstream_muted:
+                    continue
                 w.write(data)
                 await w.drain()
         except (OSError, asyncio.IncompleteReadError):
@@ -64,11 +71,16 @@ class CuttableProxy:
             self._close(w)
 
     async def _aset(self, cut: bool) -> None:
+        self.upstream_muted = False
         self._set(cut)
 
     def cut(self) -> None:
         """Drop every connection; new ones hang until `restore()`."""
         asyncio.run_coroutine_threadsafe(self._aset(True), self.loop).result(10)
+
+    def mute_upstream(self) -> None:
+        """From now on the client's bytes are thrown away; the target's still reach it."""
+        self.upstream_muted = True
 
     def restore(self) -> None:
         """Forward again (the connections held while cut are closed)."""

@@ -96,7 +96,8 @@ class LeaseRecord:
     # believes itself valid for that long.
     duration: float | None = None
     # Epoch floor: a holder that goes on without its secondary raises it above
-    # the last epoch the secondary acknowledged, before releasing anything more.
+    # the last epoch it sent the secondary (acknowledged or not), before
+    # releasing anything more.
     # A taker whose image is older may not take over. Reset with every new term.
     floor: int = 0
 

@@ -106,6 +106,10 @@ class PrimaryRole:
         self.mirror: PrimaryMirror | None = None  # lockstep, while paired
         self.protected = False
         self.last_acked_epoch = 0
+        # The highest epoch whose stream began, acknowledged or not: a secondary may
+        # have committed it although its ACK never arrived. Epoch numbers are never
+        # reused within a term, across pairings too (`_accept_secondaries`).
+        self.last_sent_epoch = 0
         self.last_checkpoint: CheckpointFigures | None = None
         self.offsets = OutputOffsets()  # lockstep: output offsets per connection (vCPU thread)
         self._lockstep_active = False  # output goes through the comparator
@@ -261,10 +265,11 @@ class PrimaryRole:
                                 else arbiter.renew_interval)
 
     async def _raise_floor(self) -> None:
-        """Have the renewal task write the epoch floor past the last acknowledged epoch."""
+        """Have the renewal task write the epoch floor past every epoch the lost secondary
+        may hold: the last one sent, whose ACK may be all that went missing."""
         self._floor_ok = False
         self._floor_raised.clear()
-        self._floor_wanted = self.last_acked_epoch + 1
+        self._floor_wanted = max(self.last_acked_epoch, self.last_sent_epoch) + 1
         await self._floor_raised.wait()
         self._floor_ok = True
 
@@ -287,7 +292,8 @@ class PrimaryRole:
                         listener, secret=s.secret, vm=s.vm, term=self.term,
                         page_count=self.parts.pages.page_count, channels=s.channels,
                         heartbeat_interval=s.heartbeat_interval, heartbeat_timeout=s.heartbeat_timeout,
-                        first_epoch=self.last_acked_epoch + 1, mirror=s.lockstep, tls=s.tls,
+                        first_epoch=max(self.last_acked_epoch, self.last_sent_epoch) + 1,
+                        mirror=s.lockstep, tls=s.tls,
                     )
                 except (OSError, AuthRefused, RemoteProtocolError, TimeoutError) as exc:
                     log.warning("a secondary failed to pair: %s", exc)
@@ -377,6 +383,8 @@ class PrimaryRole:
         return capture
 
     async def _stream(self, pairing: _Pairing, capture: _Capture, *, hold: bool) -> EpochResult:
+        # Before the first byte leaves: from here on the secondary may commit this epoch.
+        self.last_sent_epoch = max(self.last_sent_epoch, pairing.sender.next_epoch)
         try:
             result = await pairing.sender.send_epoch(capture.dirty, capture.staged, capture.device_state)
         finally:
