@@ -50,7 +50,7 @@ from _common import RESULTS_DIR, machine_info, percentile, write_results
 from colo_agent.microvm.abi import PAGE_SIZE as PAGE
 from colo_agent.microvm.machine import Machine
 from colo_agent.replication.cache import StagingBuffer, page_view
-from colo_agent.replication.transport import CheckpointSender
+from colo_agent.replication.transport import CheckpointSender, Listener
 
 SECRET = b"benchmark-secret-not-for-production"
 VM = "bench/dirty-curve"
@@ -63,7 +63,7 @@ def _loadavg() -> float:
     return float(Path("/proc/loadavg").read_text().split()[0])
 
 
-async def _receiver(ram_mib: int, cache_mib: int) -> None:
+async def _receiver(ram_mib: int, cache_mib: int, port: int) -> None:
     """The secondary, in its own process: a checkpoint-mode cache and its receiver."""
     from colo_agent.replication.cache import ColoCache
     from colo_agent.replication.session import CommitEpoch
@@ -79,22 +79,21 @@ async def _receiver(ram_mib: int, cache_mib: int) -> None:
 
     rx = CheckpointReceiver(cache, secret=SECRET, vm=VM, term=1, on_commit=timed_commit,
                             heartbeat_timeout=HEARTBEAT_TIMEOUT, heartbeat_interval=0.5)  # fmt: skip
-    print(await rx.start("127.0.0.1", 0), flush=True)
+    await rx.dial("127.0.0.1", port)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
     print(json.dumps({"commit_s": commit_s}), flush=True)
     await rx.close()
 
 
 class Receiver:
-    """A secondary's receiver in a process of its own, as in production."""
+    """A secondary's receiver in a process of its own that dials the primary's `port`,
+    as in production."""
 
-    def __init__(self, ram_mib: int, cache_mib: int) -> None:
+    def __init__(self, ram_mib: int, cache_mib: int, port: int) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, __file__, "--worker", f"{ram_mib},{cache_mib}"],
+            [sys.executable, __file__, "--worker", f"{ram_mib},{cache_mib},{port}"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
-        assert self.proc.stdout is not None
-        self.port = int(self.proc.stdout.readline())
 
     def commit_seconds(self) -> list[float]:
         assert self.proc.stdin is not None and self.proc.stdout is not None
@@ -122,11 +121,13 @@ def _host_dirty(machine: Machine, count: int, rng: np.random.Generator) -> None:
         machine.resume()
 
 
-async def _protect(machine: Machine, port: int, host_pages: int, args: argparse.Namespace) -> dict[str, Any]:
+async def _protect(
+    machine: Machine, listener: Listener, host_pages: int, args: argparse.Namespace
+) -> dict[str, Any]:
     ram = page_view(machine.ram)
     rng = np.random.default_rng(5)
-    sender = await CheckpointSender.connect(
-        "127.0.0.1", port, secret=SECRET, vm=VM, term=1, page_count=machine.page_count,
+    sender = await CheckpointSender.accept(
+        listener, secret=SECRET, vm=VM, term=1, page_count=machine.page_count,
         channels=args.channels, batch_pages=256, heartbeat_timeout=HEARTBEAT_TIMEOUT, heartbeat_interval=0.5,
         ack_timeout=120.0,
     )  # fmt: skip
@@ -193,15 +194,19 @@ def run_one(
     ram_mib: int, rate: int, cache_mib: int, args: argparse.Namespace, host_pages: int = 0
 ) -> dict[str, Any]:
     load_before = _loadavg()
-    rx = Receiver(ram_mib, cache_mib)
+    listener = Listener("127.0.0.1", 0)
+    rx: Receiver | None = None
     try:
         with Machine.create(f"{ram_mib}Mi", accel=args.accel, dirty_rate=rate) as machine:
             machine.start()
             time.sleep(0.5)  # the firmware sets up its heap and scratch area
-            figures = asyncio.run(_protect(machine, rx.port, host_pages, args))
+            rx = Receiver(ram_mib, cache_mib, listener.port)
+            figures = asyncio.run(_protect(machine, listener, host_pages, args))
         commits = rx.commit_seconds()[1:]  # the first commit closes the sync
     finally:
-        rx.close()
+        listener.close()
+        if rx is not None:
+            rx.close()
     return {
         "ram_mib": ram_mib, "dirty_rate": rate, "host_pages": host_pages, "cache_mib": cache_mib,
         **figures,
@@ -282,8 +287,8 @@ def main() -> None:
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        ram_mib, cache_mib = (int(v) for v in args.worker.split(","))
-        asyncio.run(_receiver(ram_mib, cache_mib))
+        ram_mib, cache_mib, port = (int(v) for v in args.worker.split(","))
+        asyncio.run(_receiver(ram_mib, cache_mib, port))
         return
     sizes = [int(s) for s in args.sizes.split(",")]
     cache_pages = args.cache_mib * 256

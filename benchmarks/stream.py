@@ -2,12 +2,14 @@
 """Checkpoint stream throughput against iperf3, and the pause-side staging cost.
 
 For each path (loopback, and two network namespaces joined by a veth when
-they can be made) and each channel count, a secondary agent's receiver runs
-in one process and a primary's sender in another; the sender syncs a guest
+they can be made) and each channel count, a primary's sender listens in one
+process and a secondary agent's receiver dials it from another, as the
+agents pair; the sender syncs a guest
 RAM and then streams epochs of random dirty pages, each timed from
 `send_epoch` to its ACK (so hashing on both sides and the secondary's
 commit are included). iperf3 measures the same path in the same run with as
-many parallel streams; the ratio is the figure of merit.
+many parallel streams, in the same direction (from the listening side); the
+ratio is the figure of merit.
 
 Each run is made twice, in clear and over mutual TLS 1.3 (certificates
 issued as the operator issues them), one right after the other, so the
@@ -79,8 +81,7 @@ async def _receiver(args: argparse.Namespace) -> None:
     # Heartbeat timings as the sender's: a busy machine must not end a run early.
     rx = CheckpointReceiver(cache, secret=SECRET, vm=VM, term=1, on_commit=timed_commit, tls=_tls(args),
                             heartbeat_interval=0.5, heartbeat_timeout=5.0)  # fmt: skip
-    port = await rx.start(args.host, args.port)
-    print(port, flush=True)
+    await rx.dial(args.host, args.port)
     loop = asyncio.get_running_loop()
     await loop.run_in_executor(None, sys.stdin.readline)  # the parent asks for our figures
     # The first commit is the (empty) epoch that closes the sync.
@@ -91,18 +92,21 @@ async def _receiver(args: argparse.Namespace) -> None:
 
 async def _sender(args: argparse.Namespace) -> None:
     from colo_agent.replication.cache import StagingBuffer, page_view
-    from colo_agent.replication.transport import CheckpointSender
+    from colo_agent.replication.transport import CheckpointSender, Listener
 
     pages = args.ram_mib * 256
     epoch_pages = args.epoch_mib * 256
     rng = np.random.default_rng(7)
     ram = page_view(bytearray(rng.integers(0, 256, pages * PAGE, dtype=np.uint8).tobytes()))
     staging = StagingBuffer(epoch_pages)
-    sender = await CheckpointSender.connect(
-        args.host, args.port, secret=SECRET, vm=VM, term=1, page_count=pages, channels=args.channels,
+    listener = Listener(args.host, args.port)
+    print(listener.port, flush=True)
+    sender = await CheckpointSender.accept(
+        listener, secret=SECRET, vm=VM, term=1, page_count=pages, channels=args.channels,
         batch_pages=args.batch_pages, heartbeat_timeout=5.0, heartbeat_interval=0.5, ack_timeout=60.0,
         tls=_tls(args),
     )  # fmt: skip
+    listener.close()
     t0 = time.perf_counter()
     await sender.sync(ram, lambda: np.empty(0, dtype=np.int64))
     none = np.empty(0, dtype=np.int64)
@@ -139,23 +143,24 @@ def run_stream(path: Path, channels: int, args: argparse.Namespace, tls_dir: str
         "--batch-pages", str(args.batch_pages), "--channels", str(channels), "--tls-dir", tls_dir,
     ]  # fmt: skip
     me = [sys.executable, __file__]
-    rx = subprocess.Popen(
-        [*path.server_prefix, *me, "--worker", "receiver", "--host", path.server_addr, "--port", "0",
-         *common],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    tx = subprocess.Popen(
+        [*path.server_prefix, *me, "--worker", "sender", "--host", path.server_addr, "--port", "0", *common],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
+    rx: subprocess.Popen[str] | None = None
     try:
-        assert rx.stdout is not None
-        port = int(rx.stdout.readline())
-        tx = subprocess.run(
-            [*path.client_prefix, *me, "--worker", "sender", "--host", path.server_addr, "--port", str(port),
-             *common],
-            capture_output=True, text=True, timeout=600, check=False,
+        assert tx.stdout is not None
+        port = int(tx.stdout.readline())
+        rx = subprocess.Popen(
+            [*path.client_prefix, *me, "--worker", "receiver", "--host", path.server_addr,
+             "--port", str(port), *common],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
+        out, err = tx.communicate(timeout=600)
         if tx.returncode != 0:
-            raise RuntimeError(f"sender failed: {tx.stderr.strip()[-2000:]}")
-        result: dict[str, Any] = json.loads(tx.stdout.strip().splitlines()[-1])
-        assert rx.stdin is not None
+            raise RuntimeError(f"sender failed: {err.strip()[-2000:]}")
+        result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+        assert rx.stdin is not None and rx.stdout is not None
         rx.stdin.write("figures\n")
         rx.stdin.flush()
         figures = json.loads(rx.stdout.readline())
@@ -171,13 +176,16 @@ def run_stream(path: Path, channels: int, args: argparse.Namespace, tls_dir: str
         result["cpu_s_per_gb"] = (result.pop("sender_cpu_s") + figures["cpu_s"]) / (total / 1e9)
         return result
     finally:
-        rx.kill()
-        rx.wait()
+        for proc in (tx, rx):
+            if proc is not None:
+                proc.kill()
+                proc.wait()
 
 
 def run_iperf3(path: Path, streams: int, seconds: float) -> tuple[float, float]:
-    """Receiver-side goodput in GB/s of `streams` parallel TCP streams, and the
-    CPU seconds per GB both iperf3 processes spent."""
+    """Receiver-side goodput in GB/s of `streams` parallel TCP streams sent by the
+    listening side (`-R`, as the primary sends), and the CPU seconds per GB both
+    iperf3 processes spent."""
     port = free_port() if not path.server_prefix else 5201 + streams
     server = subprocess.Popen(
         [*path.server_prefix, "iperf3", "-s", "-1", "-B", path.server_addr, "-p", str(port)],
@@ -188,7 +196,7 @@ def run_iperf3(path: Path, streams: int, seconds: float) -> tuple[float, float]:
             time.sleep(0.1)
             done = subprocess.run(
                 [*path.client_prefix, "iperf3", "-c", path.server_addr, "-p", str(port), "-t", str(seconds),
-                 "-P", str(streams), "-J"],
+                 "-P", str(streams), "-R", "-J"],
                 capture_output=True, text=True, timeout=120, check=False,
             )  # fmt: skip
             end = json.loads(done.stdout).get("end", {}) if done.returncode == 0 else {}

@@ -14,25 +14,28 @@ import textwrap
 import time
 
 import pytest
-from support.transport import PAGE, PAGES, SECRET, VM, Guest
+from support.transport import PAGE, PAGES, SECRET, VM, Guest, pair
 
 from colo_agent.replication import protocol as p
 from colo_agent.replication.cache import ColoCache, image_digest
 from colo_agent.replication.handshake import AuthRefused, ClientHandshake
-from colo_agent.replication.transport import CheckpointReceiver, CheckpointSender, Connection, PeerLostError
+from colo_agent.replication.transport import (
+    CheckpointReceiver,
+    CheckpointSender,
+    Connection,
+    Listener,
+    PeerLostError,
+)
 
 
-async def receiver(capacity: int = 512, **kw: object) -> tuple[CheckpointReceiver, int, bytearray]:
+def receiver(capacity: int = 512, **kw: object) -> tuple[CheckpointReceiver, bytearray]:
     mem = bytearray(PAGES * PAGE)
     rx = CheckpointReceiver(ColoCache(mem, capacity=capacity), secret=SECRET, vm=VM, term=1, **kw)  # type: ignore[arg-type]
-    port = await rx.start()
-    return rx, port, mem
+    return rx, mem
 
 
-async def paired(port: int, guest: Guest, channels: int = 2, **kw: object) -> CheckpointSender:
-    sender = await CheckpointSender.connect(
-        "127.0.0.1", port, secret=SECRET, vm=VM, term=1, page_count=PAGES, channels=channels, **kw  # type: ignore[arg-type]
-    )
+async def paired(rx: CheckpointReceiver, guest: Guest, channels: int = 2, **kw: object) -> CheckpointSender:
+    sender = await pair(rx, channels=channels, **kw)
     await sender.sync(guest.ram, guest.collect_dirty)
     return sender
 
@@ -40,8 +43,8 @@ async def paired(port: int, guest: Guest, channels: int = 2, **kw: object) -> Ch
 @pytest.mark.parametrize("channels", [1, 2, 4])
 async def test_every_acknowledged_epoch_equals_the_primary_at_its_pause(channels: int) -> None:
     guest = Guest()
-    rx, port, mem = await receiver()
-    sender = await paired(port, guest, channels, batch_pages=64)
+    rx, mem = receiver()
+    sender = await paired(rx, guest, channels, batch_pages=64)
     try:
         epoch, digest = await guest.checkpoint(sender, sender.take_sync_remainder())
         assert image_digest(mem) == digest and rx.committed_epoch == epoch
@@ -58,8 +61,8 @@ async def test_every_acknowledged_epoch_equals_the_primary_at_its_pause(channels
 
 async def test_sync_while_the_guest_keeps_writing_converges() -> None:
     guest = Guest(1)
-    rx, port, mem = await receiver()
-    sender = await CheckpointSender.connect("127.0.0.1", port, secret=SECRET, vm=VM, term=1, page_count=PAGES)
+    rx, mem = receiver()
+    sender = await pair(rx)
 
     async def busy_guest() -> None:
         while True:
@@ -79,25 +82,33 @@ async def test_sync_while_the_guest_keeps_writing_converges() -> None:
 
 
 async def test_wrong_secret_is_refused_with_the_reason(caplog: pytest.LogCaptureFixture) -> None:
-    rx, port, _ = await receiver()
-    with pytest.raises(AuthRefused, match="wrong secret") as err:
-        await CheckpointSender.connect(
-            "127.0.0.1", port, secret=b"not-the-secret-of-this-vm", vm=VM, term=1, page_count=PAGES
-        )
-    assert err.value.reason is p.RefuseReason.BAD_AUTH
-    await asyncio.sleep(0.05)
-    assert [r.reason for r in rx.refusals] == [p.RefuseReason.BAD_AUTH]
-    assert "refused connection" in caplog.text and "wrong secret" in caplog.text
-    assert rx.session is None  # nothing was paired
-    await rx.close()
+    rx, _ = receiver()
+    listener = Listener("127.0.0.1", 0)
+    accepting = asyncio.create_task(CheckpointSender.accept(
+        listener, secret=b"not-the-secret-of-this-vm", vm=VM, term=1, page_count=PAGES
+    ))  # fmt: skip
+    try:
+        with pytest.raises(AuthRefused, match="wrong secret") as err:
+            await rx.dial("127.0.0.1", listener.port)
+        assert err.value.reason is p.RefuseReason.BAD_AUTH
+        assert [r.reason for r in rx.refusals] == [p.RefuseReason.BAD_AUTH]
+        await asyncio.sleep(0.05)
+        assert "handshake failed" in caplog.text and "wrong secret" in caplog.text  # the primary's word
+        assert not accepting.done()  # the primary waits for the rightful secondary
+        assert rx.session is None  # nothing was paired
+    finally:
+        accepting.cancel()
+        listener.close()
+        await rx.close()
 
 
 async def test_other_protocol_version_is_refused_with_the_reason() -> None:
-    rx, port, _ = await receiver()
+    rx, _ = receiver()
+    server = socket.create_server(("127.0.0.1", 0))
+    server.setblocking(False)
     loop = asyncio.get_running_loop()
-    sock = socket.socket()
-    sock.setblocking(False)
-    await loop.sock_connect(sock, ("127.0.0.1", port))
+    dialing = asyncio.create_task(rx.dial("127.0.0.1", server.getsockname()[1]))
+    sock, _ = await loop.sock_accept(server)
     conn = Connection(sock, "test")
     hs = ClientHandshake(
         secret=SECRET, vm=VM, kind=p.ChannelKind.CONTROL, index=0, channels=1, session=1, term=1,
@@ -108,7 +119,10 @@ async def test_other_protocol_version_is_refused_with_the_reason() -> None:
     assert isinstance(reply, p.Refused) and reply.reason is p.RefuseReason.BAD_VERSION
     assert "version 7" in reply.text
     assert await conn.next_event() is None  # and the connection is closed
+    with pytest.raises(AuthRefused, match="version 7"):
+        await dialing
     conn.close()
+    server.close()
     await rx.close()
 
 
@@ -116,10 +130,11 @@ async def test_other_protocol_version_is_refused_with_the_reason() -> None:
 
 
 class Proxy:
-    """Forwards connections to `target`; can corrupt PAGES frames or freeze."""
+    """Forwards a secondary's connections to its primary's port; can corrupt PAGES frames
+    (primary -> secondary) or freeze."""
 
-    def __init__(self, target: int) -> None:
-        self.target = target
+    def __init__(self) -> None:
+        self.target = 0
         self.corrupt = 0  # PAGES frames still to corrupt
         self.corrupted = 0
         self.flowing = asyncio.Event()
@@ -127,7 +142,9 @@ class Proxy:
         self.tasks: set[asyncio.Task[None]] = set()
         self.server: asyncio.Server | None = None
 
-    async def start(self) -> int:
+    async def start(self, target: int) -> int:
+        """Forward to `target`; returns the port to dial instead."""
+        self.target = target
         self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
         return int(self.server.sockets[0].getsockname()[1])
 
@@ -139,7 +156,7 @@ class Proxy:
 
     async def _handle(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         tr, tw = await asyncio.open_connection("127.0.0.1", self.target)
-        for coro in (self._frames(r, tw), self._raw(tr, w)):
+        for coro in (self._frames(tr, w), self._raw(r, tw)):
             task = asyncio.create_task(coro)
             self.tasks.add(task)
 
@@ -175,9 +192,9 @@ class Proxy:
 
 async def test_corrupted_data_frame_is_rejected_resent_and_never_half_applied() -> None:
     guest = Guest(2)
-    rx, port, mem = await receiver()
-    proxy = Proxy(port)
-    sender = await paired(await proxy.start(), guest, channels=2, batch_pages=32)
+    rx, mem = receiver()
+    proxy = Proxy()
+    sender = await paired(rx, guest, channels=2, batch_pages=32, through=proxy.start)
     try:
         await guest.checkpoint(sender, sender.take_sync_remainder())
         committed = image_digest(mem)
@@ -206,9 +223,9 @@ async def test_a_peer_that_stops_reading_is_yanked_within_the_timeout() -> None:
     guest = Guest(3)
     # The secondary waits longer than the primary, so that it is the primary's own
     # deadline that ends the pairing, not the secondary hanging up first.
-    rx, port, _ = await receiver(capacity=PAGES, heartbeat_timeout=5.0)
-    proxy = Proxy(port)
-    sender = await paired(await proxy.start(), guest, heartbeat_interval=0.05, heartbeat_timeout=0.4)
+    rx, _ = receiver(capacity=PAGES, heartbeat_timeout=5.0)
+    proxy = Proxy()
+    sender = await paired(rx, guest, heartbeat_interval=0.05, heartbeat_timeout=0.4, through=proxy.start)
     try:
         await guest.checkpoint(sender, sender.take_sync_remainder())
         proxy.flowing.clear()  # nothing moves any more, in either direction
@@ -234,7 +251,7 @@ RECEIVER_SCRIPT = textwrap.dedent(
     async def main():
         rx = CheckpointReceiver(ColoCache(bytearray({pages} * 4096), capacity={pages}),
                                 secret={secret!r}, vm={vm!r}, term=1)
-        print(await rx.start(), flush=True)
+        await rx.dial("127.0.0.1", {port})
         await asyncio.Event().wait()
 
     asyncio.run(main())
@@ -243,27 +260,31 @@ RECEIVER_SCRIPT = textwrap.dedent(
 
 
 async def test_sigstopped_secondary_process_is_yanked_and_the_primary_goes_on() -> None:
-    script = RECEIVER_SCRIPT.format(pages=PAGES, secret=SECRET, vm=VM)
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, env=os.environ.copy())
+    listener = Listener("127.0.0.1", 0)
+    script = RECEIVER_SCRIPT.format(pages=PAGES, secret=SECRET, vm=VM, port=listener.port)
+    proc = subprocess.Popen([sys.executable, "-c", script], env=os.environ.copy())
     try:
-        assert proc.stdout is not None
-        line = await asyncio.get_running_loop().run_in_executor(None, proc.stdout.readline)
-        port = int(line)
         guest = Guest(4)
-        sender = await paired(port, guest, heartbeat_interval=0.05, heartbeat_timeout=0.5)
+        sender = await asyncio.wait_for(CheckpointSender.accept(
+            listener, secret=SECRET, vm=VM, term=1, page_count=PAGES, heartbeat_interval=0.05,
+            heartbeat_timeout=0.5,
+        ), 30)  # fmt: skip
+        listener.close()
+        await sender.sync(guest.ram, guest.collect_dirty)
         await guest.checkpoint(sender, sender.take_sync_remainder())
         os.kill(proc.pid, signal.SIGSTOP)
         guest.write(1500)
         with pytest.raises(PeerLostError):
             await asyncio.wait_for(guest.checkpoint(sender), 30)
         # The primary goes on: its loop is free and a new secondary can pair.
-        rx, port2, mem = await receiver()
-        sender2 = await paired(port2, guest)
+        rx, mem = receiver()
+        sender2 = await paired(rx, guest)
         _epoch, digest = await guest.checkpoint(sender2, sender2.take_sync_remainder())
         assert image_digest(mem) == digest
         await sender2.close()
         await rx.close()
     finally:
+        listener.close()
         os.kill(proc.pid, signal.SIGCONT)
         proc.kill()
         proc.wait()
@@ -272,9 +293,9 @@ async def test_sigstopped_secondary_process_is_yanked_and_the_primary_goes_on() 
 async def test_secondary_detects_a_dead_primary_and_promotes_from_the_last_complete_epoch() -> None:
     guest = Guest(5)
     lost: list[str] = []
-    rx, port, mem = await receiver(on_peer_lost=lost.append, heartbeat_timeout=0.3, heartbeat_interval=0.05)
-    proxy = Proxy(port)
-    sender = await paired(await proxy.start(), guest)
+    rx, mem = receiver(on_peer_lost=lost.append, heartbeat_timeout=0.3, heartbeat_interval=0.05)
+    proxy = Proxy()
+    sender = await paired(rx, guest, through=proxy.start)
     epoch, digest = await guest.checkpoint(sender, sender.take_sync_remainder())
     guest.write(200)
     proxy.flowing.clear()  # the primary "dies" mid-epoch: nothing more reaches the secondary
@@ -379,7 +400,7 @@ async def test_a_half_open_pairing_the_secondary_gave_up_on_does_not_keep_it_out
     stale = CheckpointReceiver(ColoCache(bytearray(PAGES * PAGE), capacity=64), secret=SECRET, vm=VM, term=1)
     loop = asyncio.get_running_loop()
     sock = await loop.run_in_executor(None, socket.create_connection, ("127.0.0.1", port))
-    await stale._handshake(sock, "stale", tls_server=False)
+    await stale._handshake(sock, "stale")
     await stale.close()
     mem = bytearray(PAGES * PAGE)
     rx = CheckpointReceiver(ColoCache(mem, capacity=512), secret=SECRET, vm=VM, term=1)

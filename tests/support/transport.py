@@ -1,12 +1,17 @@
-"""A stand-in primary guest (RAM with a dirty log) for the transport tests."""
+"""A stand-in primary guest (RAM with a dirty log), and pairing as the engine pairs, for the
+transport tests."""
 
 from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import numpy as np
 
 from colo_agent.replication import protocol as p
 from colo_agent.replication.cache import StagingBuffer, image_digest, page_view
-from colo_agent.replication.transport import CheckpointSender
+from colo_agent.replication.transport import CheckpointReceiver, CheckpointSender, Listener
 
 SECRET = b"integration-secret-0123456789"
 VM = "tests/vm"
@@ -45,3 +50,30 @@ class Guest:
         result = await sender.send_epoch(dirty, staged, f"device-state-{epoch}".encode())
         assert result.epoch == epoch and result.pages == len(dirty)
         return epoch, digest
+
+
+async def pair(
+    rx: CheckpointReceiver,
+    *,
+    through: Callable[[int], Awaitable[int]] | None = None,
+    **options: Any,
+) -> CheckpointSender:
+    """Pair `rx` with a new primary the way the engine does: the primary listens
+    (`CheckpointSender.accept`) and the secondary dials it (`CheckpointReceiver.dial`).
+
+    `through(port)` puts something between them (a proxy forwarding to the
+    primary's port) and returns the port the secondary dials instead.
+    `options` go to `accept` (secret, VM, term, page count and 2 channels by default).
+    """
+    options = {"secret": SECRET, "vm": VM, "term": 1, "page_count": PAGES, "channels": 2, **options}
+    listener = Listener("127.0.0.1", 0)
+    try:
+        port = listener.port if through is None else await through(listener.port)
+        accepting = asyncio.ensure_future(CheckpointSender.accept(listener, **options))
+        try:
+            await rx.dial("127.0.0.1", port, mirror=bool(options.get("mirror")))
+            return await asyncio.wait_for(accepting, 30)
+        finally:
+            accepting.cancel()
+    finally:
+        listener.close()

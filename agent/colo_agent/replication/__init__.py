@@ -13,10 +13,10 @@ the others free of asyncio, sockets and clocks):
   `now` in, actions out; `next_deadline()` / `handle_timer(now)`.
 - `transport`: `CheckpointSender` / `CheckpointReceiver` over asyncio.
 
-Either side may dial: `CheckpointSender.accept(listener, ...)` with
-`CheckpointReceiver.dial(host, port)` (a secondary joins a running primary),
-or `CheckpointSender.connect(host, port, ...)` with `CheckpointReceiver.start`.
-The primary always speaks first in the handshake.
+The primary listens (`CheckpointSender.accept(listener, ...)`) and the
+secondary dials it (`CheckpointReceiver.dial(host, port)`): a secondary joins
+a running primary with nothing but its address. The primary always speaks
+first in the handshake.
 
 The engine's view (primary)::
 

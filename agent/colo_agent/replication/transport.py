@@ -491,11 +491,11 @@ class EpochResult:
 
 
 class CheckpointSender:
-    """The primary's end: connects, authenticates, syncs and streams epochs.
+    """The primary's end: accepts its secondary, authenticates, syncs and streams epochs.
 
     Typical use by the engine::
 
-        sender = await CheckpointSender.connect(host, port, secret=..., vm=..., term=..., page_count=...)
+        sender = await CheckpointSender.accept(listener, secret=..., vm=..., term=..., page_count=...)
         await sender.sync(ram_pages, guest.collect_dirty)        # guest running
         guest.pause()
         dirty = np.union1d(sender.take_sync_remainder(), guest.collect_dirty())
@@ -519,21 +519,6 @@ class CheckpointSender:
         self._sync_remainder = np.empty(0, dtype=np.int64)
 
     @classmethod
-    async def connect(
-        cls, host: str, port: int, *, connect_timeout: float = 5.0, **options: Any
-    ) -> CheckpointSender:
-        """Dial a secondary that listens (`CheckpointReceiver.start`) and pair with it.
-
-        `options` are those of `_pair`. Raises `AuthRefused` (carrying the
-        secondary's reason) or OSError.
-        """
-
-        async def opener(channel: Channel) -> socket.socket:
-            return await _open(host, port, connect_timeout)
-
-        return await cls._pair(opener, f"{host}:{port}", retry_refused=False, tls_server=False, **options)
-
-    @classmethod
     async def accept(
         cls, listener: Listener | socket.socket, *, join_timeout: float = 5.0, **options: Any
     ) -> CheckpointSender:
@@ -546,7 +531,8 @@ class CheckpointSender:
         fails (a wrong secret, another secondary refusing a channel of a
         pairing it did not start) is dropped and its channel offered to the
         next one, so an intruder cannot keep the rightful secondary out.
-        Raises like `connect`.
+        `options` are those of `_pair`; raises OSError (the listener failed)
+        or TimeoutError (the pairing did not complete in time).
         """
         loop = asyncio.get_running_loop()
         peer = "secondary"
@@ -566,16 +552,14 @@ class CheckpointSender:
                 sock, _ = await asyncio.wait_for(loop.sock_accept(server), max(0.0, deadline - loop.time()))
             return sock
 
-        return await cls._pair(opener, lambda: peer, retry_refused=True, tls_server=True, **options)
+        return await cls._pair(opener, lambda: peer, **options)
 
     @classmethod
     async def _pair(
         cls,
         opener: Callable[[Channel], Awaitable[socket.socket]],
-        peer_name: str | Callable[[], str],
+        peer_name: Callable[[], str],
         *,
-        retry_refused: bool,
-        tls_server: bool,
         secret: bytes,
         vm: str,
         term: int,
@@ -601,49 +585,20 @@ class CheckpointSender:
         plan = [CONTROL, HEARTBEAT, *(data_channel(i) for i in range(channels))]
         if mirror:
             plan.append(MIRROR)
-        conns: dict[Channel, Connection] = {}
-        accepted: AuthOk | None = None
-        try:
-            for ch in plan:
-                while True:
-                    sock = await opener(ch)
-                    name = peer_name if isinstance(peer_name, str) else peer_name()
-                    hs = ClientHandshake(
-                        secret=secret, vm=vm, kind=ch.kind, index=ch.index, channels=channels,
-                        session=session_id, term=term, page_count=page_count,
-                    )  # fmt: skip
-                    conn = Connection(sock, f"{ch}->{name}") if tls is None else None
-                    try:
-                        if conn is None:
-                            assert tls is not None
-                            sock, _ = await asyncio.wait_for(
-                                tls.secure(sock, server_side=tls_server), HANDSHAKE_TIMEOUT
-                            )
-                            conn = Connection(sock, f"{ch}->{name}")
-                        accepted = await asyncio.wait_for(_client_handshake(conn, hs), HANDSHAKE_TIMEOUT)
-                    except (AuthRefused, RemoteProtocolError, OSError, TimeoutError) as exc:
-                        if conn is not None:
-                            conn.close()
-                        else:
-                            sock.close()
-                        if not retry_refused:
-                            raise
-                        log.warning("%s->%s: handshake failed, the channel goes to the next dialer: %s",
-                                    ch, name, exc)  # fmt: skip
-                        continue
-                    conns[ch] = conn
-                    break
-        except BaseException:
-            for conn in conns.values():
-                conn.close()
-            raise
-        assert accepted is not None
+
+        def hello(ch: Channel) -> ClientHandshake:
+            return ClientHandshake(
+                secret=secret, vm=vm, kind=ch.kind, index=ch.index, channels=channels,
+                session=session_id, term=term, page_count=page_count,
+            )  # fmt: skip
+
+        conns, accepted = await _open_pairing(plan, opener, peer_name, hello, tls)
         session = PrimarySession(
             term=term, channels=channels, page_count=page_count, cache_pages=accepted.cache_pages,
             now=clock(), heartbeat_interval=heartbeat_interval, heartbeat_timeout=heartbeat_timeout,
             ack_timeout=ack_timeout, batch_pages=batch_pages, first_epoch=first_epoch,
         )  # fmt: skip
-        name = peer_name if isinstance(peer_name, str) else peer_name()
+        name = peer_name()
         pairing = _Pairing(clock, f"primary->{name}")
         self = cls(session, pairing, accepted.cache_pages)
         pairing.on_failure = self._connection_failed
@@ -822,6 +777,58 @@ class CheckpointSender:
             self._connection_failed(channel, f"internal error: {exc.reason}")
 
 
+async def _open_pairing(
+    plan: list[Channel],
+    opener: Callable[[Channel], Awaitable[socket.socket]],
+    peer_name: Callable[[], str],
+    hello: Callable[[Channel], ClientHandshake],
+    tls: PeerTls | None,
+) -> tuple[dict[Channel, Connection], AuthOk]:
+    """One authenticated connection per channel of `plan`, in order.
+
+    A connection whose handshake fails is dropped and its channel goes to
+    the next one `opener` brings; anything else closes what is open and raises.
+    """
+    conns: dict[Channel, Connection] = {}
+    accepted: AuthOk | None = None
+    try:
+        for ch in plan:
+            while ch not in conns:
+                sock = await opener(ch)
+                name = peer_name()
+                try:
+                    conn, accepted = await _secure_and_authenticate(sock, f"{ch}->{name}", hello(ch), tls)
+                except (AuthRefused, RemoteProtocolError, OSError, TimeoutError) as exc:
+                    log.warning("%s->%s: handshake failed, the channel goes to the next dialer: %s",
+                                ch, name, exc)  # fmt: skip
+                    continue
+                conns[ch] = conn
+    except BaseException:
+        for conn in conns.values():
+            conn.close()
+        raise
+    assert accepted is not None
+    return conns, accepted
+
+
+async def _secure_and_authenticate(
+    sock: socket.socket, name: str, hs: ClientHandshake, tls: PeerTls | None
+) -> tuple[Connection, AuthOk]:
+    """TLS (the primary is the server side) then the HELLO; closes the socket on failure."""
+    conn: Connection | None = None
+    try:
+        if tls is not None:
+            sock, _ = await asyncio.wait_for(tls.secure(sock, server_side=True), HANDSHAKE_TIMEOUT)
+        conn = Connection(sock, name)
+        return conn, await asyncio.wait_for(_client_handshake(conn, hs), HANDSHAKE_TIMEOUT)
+    except BaseException:
+        if conn is not None:
+            conn.close()
+        else:
+            sock.close()
+        raise
+
+
 async def _client_handshake(conn: Connection, hs: ClientHandshake) -> AuthOk:
     await conn.send(hs.start())
     while True:
@@ -841,7 +848,7 @@ async def _client_handshake(conn: Connection, hs: ClientHandshake) -> AuthOk:
 
 
 class CheckpointReceiver:
-    """The secondary's end: listens, authenticates, receives into the cache.
+    """The secondary's end: dials the primary, authenticates, receives into the cache.
 
     Each epoch is committed by `on_commit` (default: `cache.commit`, right
     for checkpoint mode; a lockstep engine pauses its guest and passes its
@@ -879,32 +886,11 @@ class CheckpointReceiver:
         self.session: SecondarySession | None = None
         self._pairing: _Pairing | None = None
         self._session_id: int | None = None
-        self._listener: socket.socket | None = None
-        self._accept_task: asyncio.Task[None] | None = None
-        self._handshakes: set[asyncio.Task[None]] = set()
         self.synced = asyncio.Event()
         self.refusals: list[Refused] = []
         self.lost_reasons: list[str] = []
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
-        """Listen on host:port; returns the port."""
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(64)
-        sock.setblocking(False)
-        self._listener = sock
-        self._accept_task = asyncio.create_task(self._accept_loop(), name="replication accept")
-        return int(sock.getsockname()[1])
-
     async def close(self) -> None:
-        if self._accept_task is not None:
-            self._accept_task.cancel()
-        for t in list(self._handshakes):
-            t.cancel()
-        if self._listener is not None:
-            self._listener.close()
         if self._pairing is not None:
             self._pairing.yank("receiver closed")
 
@@ -931,23 +917,7 @@ class CheckpointReceiver:
             self._pairing.yank("promoted")
         return promoted[0]
 
-    # -- accepting ------------------------------------------------------------------
-
-    async def _accept_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        assert self._listener is not None
-        while True:
-            try:
-                sock, addr = await loop.sock_accept(self._listener)
-            except OSError as exc:
-                # Out of descriptors or a reset before accept: keep listening
-                # rather than let the secondary go deaf.
-                log.warning("accept on the replication port failed: %s", exc)
-                await asyncio.sleep(0.1)
-                continue
-            task = asyncio.create_task(self._admit(sock, addr))
-            self._handshakes.add(task)
-            task.add_done_callback(self._handshakes.discard)
+    # -- joining ---------------------------------------------------------------------
 
     async def dial(
         self, host: str, port: int, *, connect_timeout: float = 5.0, mirror: bool = False
@@ -973,26 +943,18 @@ class CheckpointReceiver:
                 return Refused(RefuseReason.BUSY, "this secondary is joining another pairing")
             return None
 
-        hello = await self._handshake(await _open(host, port, connect_timeout), where, ours, tls_server=False)
+        hello = await self._handshake(await _open(host, port, connect_timeout), where, ours)
         session = hello.session
         for _ in range(hello.channels + 1 + int(mirror)):
-            await self._handshake(await _open(host, port, connect_timeout), where, ours, tls_server=False)
+            await self._handshake(await _open(host, port, connect_timeout), where, ours)
 
-    async def _admit(self, sock: socket.socket, addr: object) -> None:
-        try:
-            await self._handshake(sock, _address(addr), tls_server=True)
-        except AuthRefused as exc:
-            log.warning("refused connection from %s: %s", addr, exc)
-        except (OSError, RemoteProtocolError, TimeoutError) as exc:
-            log.warning("connection from %s dropped during the handshake: %s", addr, exc)
+    async def _handshake(self, sock: socket.socket, where: str, policy: Policy | None = None) -> Hello:
+        """Authenticate one connection (we answer the primary's HELLO) and attach it.
 
-    async def _handshake(
-        self, sock: socket.socket, where: str, policy: Policy | None = None, *, tls_server: bool
-    ) -> Hello:
-        """Authenticate one connection (we answer the primary's HELLO) and attach it."""
+        The secondary dials, so it is the TLS client."""
         if self.tls is not None:
             try:
-                secure = self.tls.secure(sock, server_side=tls_server)
+                secure = self.tls.secure(sock, server_side=False)
                 sock, _ = await asyncio.wait_for(secure, HANDSHAKE_TIMEOUT)
             except BaseException:
                 sock.close()
