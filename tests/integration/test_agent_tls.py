@@ -7,22 +7,27 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 from cryptography import x509
-from support.agents import AgentGroup, AgentProcess, wait_protected
-from support.tls_certs import now, operator_dir, vm_dir
+from support.agents import AgentGroup, AgentProcess, WriteLog, missing_writes, wait_protected, write_keys
+from support.linkproxy import LinkProxy
+from support.tls_certs import SecretVolume, now, operator_dir, vm_dir
 
 from colo_agent.api.identity import vm_identity
+from colo_agent.api.models import PromoteResult
 from colo_agent.tls import TlsFiles
-from colo_operator import certs
+from colo_operator import certs, pki
 from colo_operator.agent_client import WRONG_PEER, AgentClient, AgentError
+from colo_operator.config import OperatorConfig
 
 VM = "test/colo-vm"
+OUR_NAME = vm_identity("test", "colo-vm")
 
 
 @pytest.fixture
@@ -197,5 +202,122 @@ async def _operator_calls(op: ssl.SSLContext, ours: AgentProcess, theirs: AgentP
         assert st is not None and st.role == "primary"
         report = await client.status("127.0.0.1", ours.control_port, peer=us)
         assert report.status is not None and report.status.role == "primary"
+    finally:
+        await client.aclose()
+
+
+def _pairings(agent: AgentProcess) -> int:
+    return agent.log().count("pairing with a primary")
+
+
+def _pair_again(proxy: LinkProxy, primary: AgentProcess, secondary: AgentProcess, probe: Path) -> int:
+    """Cut the replication link and pair again; returns the serial of the certificate the
+    primary's replication port presented in between (probed with the certificate in `probe`)."""
+    before, mark = _pairings(secondary), primary.status()
+    assert mark is not None
+    proxy.partition()
+    try:
+        primary.wait_for("without its secondary", lambda s: not s.synced, timeout=60)
+        presented = presented_serial(primary.replication_port, probe)
+    finally:
+        proxy.heal()  # closes every connection that lived through the partition
+    deadline = time.monotonic() + 60
+    while _pairings(secondary) <= before:
+        assert time.monotonic() < deadline, f"no new pairing:\n{secondary.tail()}\n{primary.tail()}"
+        time.sleep(0.05)
+    wait_protected(primary, secondary)
+    primary.wait_for("acknowledging epochs on the new pairing",
+                     lambda s: s.synced and s.last_acked_epoch > mark.last_acked_epoch + 2)  # fmt: skip
+    return presented
+
+
+def test_certificates_and_the_ca_rotate_under_a_protected_pair_and_nothing_is_lost(
+    group: AgentGroup, tmp_path: Path
+) -> None:
+    """Kubelet-style Secret updates under running agents: a renewed certificate, then a
+    CA rotation (stage the new CA in the bundle, switch the signer, retire the old CA).
+    Each step is followed by a forced re-pairing, which runs on whatever the files hold
+    now; the operator's calls carry on; no acknowledged write is lost at the failover
+    that ends it."""
+    old, new = certs.new_ca(now()), certs.new_ca(now())
+    both = certs.bundle(old.cert_pem, new.cert_pem)
+    pvol, svol, opvol, probe = (SecretVolume(tmp_path / d) for d in ("a", "b", "operator", "probe"))
+    pvol.issue(old, VM)
+    svol.issue(old, VM)
+    opvol.issue(old, None)
+    operator = pki.OperatorCredentials(OperatorConfig(tls_dir=str(opvol.directory)), None)
+    old_operator = operator.context()
+    primary = group.spawn("agent-a", "primary", tls_dir=pvol.directory, tls_client=old_operator)
+    primary.wait_for("serving as primary", lambda s: s.role == "primary")
+    writes, stop = WriteLog(), threading.Event()
+    with LinkProxy(primary.replication_port) as proxy:
+        secondary = group.spawn("agent-b", "secondary", peer_address=proxy.address, tls_dir=svol.directory,
+                                tls_client=old_operator)
+        term = wait_protected(primary, secondary)
+        writer = threading.Thread(target=write_keys, args=(primary, "w", stop.is_set, writes))
+        writer.start()
+        try:
+            def step(signer: certs.KeyPair, trust: bytes, *updates: Callable[[], object]) -> None:
+                for update in updates:
+                    update()
+                for agent in (primary, secondary):
+                    agent.tls = operator.context()
+                probe.issue(signer, VM, trust)
+                assert _pair_again(proxy, primary, secondary, probe.directory) == serial(pvol.directory)
+                _operator_sees_both(operator, primary, secondary)
+
+            first = serial(pvol.directory)
+            step(old, old.cert_pem, lambda: pvol.issue(old, VM))  # renewal, same CA
+            assert serial(pvol.directory) != first
+            step(old, both, lambda: pvol.trust(both), lambda: svol.trust(both), lambda: opvol.trust(both))
+            # Switch: the primary's Secret is updated first, so one pairing mixes a new-CA and an
+            # old-CA certificate; then the others.
+            step(new, both, lambda: pvol.issue(new, VM, both))
+            step(new, both, lambda: svol.issue(new, VM, both), lambda: opvol.issue(new, None, both))
+            # Retire: the old CA is trusted nowhere.
+            step(new, new.cert_pem, lambda: pvol.trust(new.cert_pem), lambda: svol.trust(new.cert_pem),
+                 lambda: opvol.trust(new.cert_pem))
+            # The operator's certificate of the old CA no longer opens the control API.
+            with pytest.raises(httpx.HTTPError):
+                httpx.get(f"https://127.0.0.1:{primary.control_port}/v1/status", verify=old_operator,
+                          timeout=5)
+        finally:
+            stop.set()
+            writer.join(60)
+        assert len(writes.acknowledged) > 20 and not writes.errors, writes.errors
+        assert missing_writes(primary, writes) == []
+        st = primary.status()
+        assert st is not None and st.term == term  # no failover happened on the way
+
+    # Failover: the promoted agent lost nothing, and a fresh secondary that knows only the
+    # new CA pairs with it, so its replication port, never restarted, runs on the new files too.
+    primary.kill()
+    result = asyncio.run(_operator_promotes(operator, secondary, group.secret, term + 1))
+    assert result.term == term + 1
+    assert missing_writes(secondary, writes) == []
+    fresh = group.spawn("agent-c", "secondary", peer=secondary, tls_dir=vm_dir(tmp_path / "c", new, VM),
+                        tls_client=operator.context())
+    wait_protected(secondary, fresh)
+
+
+def _operator_sees_both(operator: pki.OperatorCredentials, *agents: AgentProcess) -> None:
+    async def poll() -> None:
+        client = AgentClient(tls=operator.context, timeout_s=5.0)
+        try:
+            for agent in agents:
+                report = await client.status("127.0.0.1", agent.control_port, peer=OUR_NAME)
+                assert report.status is not None and report.status.synced, report.error
+        finally:
+            await client.aclose()
+
+    asyncio.run(poll())
+
+
+async def _operator_promotes(
+    operator: pki.OperatorCredentials, agent: AgentProcess, token: str, term: int
+) -> PromoteResult:
+    client = AgentClient(tls=operator.context, timeout_s=30.0)
+    try:
+        return await client.promote("127.0.0.1", agent.control_port, token, term, peer=OUR_NAME)
     finally:
         await client.aclose()
