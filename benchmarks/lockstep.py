@@ -412,7 +412,8 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict[str, Any]:
         return bench_pair(mode, args, Path(tmp))
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
+    """The command line, checked; `args.modes` becomes a list."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--accel", choices=("tcg", "kvm", "auto"), default="tcg",
                     help="accelerator of every guest (default: %(default)s; nested kvm here runs guest "
@@ -439,7 +440,7 @@ def main() -> int:
     ap.add_argument("--output", default="lockstep",
                     help="results file name under benchmarks/results/, without .json (default: %(default)s)")
     args = ap.parse_args()
-    modes = [m for m in args.modes.split(",") if m]
+    modes = args.modes = [m for m in args.modes.split(",") if m]
     if unknown := sorted(set(modes) - set(MODES)):
         ap.error(f"unknown mode(s) {', '.join(unknown)}; choose from {', '.join(MODES)}")
     if not modes:
@@ -453,9 +454,11 @@ def main() -> int:
         args.accel = choose_accelerator("auto")
     elif args.accel == "kvm" and (reason := kvm_unavailable_reason()) is not None:
         ap.error(f"--accel kvm: {reason}")
-    require_tool("redis-benchmark", "redis-tools")
+    return args
 
-    load_at_start = Path("/proc/loadavg").read_text().split()[:3]
+
+def run_rounds(modes: list[str], args: argparse.Namespace) -> tuple[list[dict[str, Any]], bool]:
+    """Every mode once per round, the order rotating; the rounds, and whether any run failed."""
     rounds: list[dict[str, Any]] = []
     failed = False
     for i in range(args.rounds):
@@ -475,7 +478,15 @@ def main() -> int:
                                     f"p99 {f['p99_ms']:.3f} ms" for t, f in entry["tests"].items())
                 print(f"  {summary}", flush=True)
         rounds.append(this)
+    return rounds, failed
 
+
+def main() -> int:
+    args = parse_args()
+    modes: list[str] = args.modes
+    require_tool("redis-benchmark", "redis-tools")
+    load_at_start = Path("/proc/loadavg").read_text().split()[:3]
+    rounds, failed = run_rounds(modes, args)
     summaries: dict[str, Any] = {}
     for mode in modes:
         ok = [r[mode] for r in rounds if "tests" in r[mode]]

@@ -280,9 +280,41 @@ def agent_pod(vm: VMView, config: OperatorConfig, action: CreatePod) -> dict[str
     meta["labels"] = {**settings.labels, **meta["labels"]}
     meta["annotations"] = {**settings.annotations, c.ANNOTATION_SERIAL: str(action.serial)}
     resources = agent_resources(vm)
-    scheme = "HTTP" if spec.replication.insecure_clear else "HTTPS"
     pod_security, container_security = security_context(vm, config)
-    mounts = [
+    mounts, volumes = _agent_storage(vm, names)
+    if spec.guest.accel == "kvm":
+        _kvm_access(config, resources, mounts, volumes)
+    container = _agent_container(vm, config, action, mounts, resources)
+    if container_security is not None:
+        container["securityContext"] = container_security
+    pod_spec: dict[str, Any] = {
+        "serviceAccountName": names.service_account,
+        # The guest lives in the agent's memory: a restarted container would come
+        # back empty under the same name. The operator replaces a failed pod instead.
+        "restartPolicy": "Never",
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": 10,
+        "securityContext": pod_security,
+        "affinity": _affinity(vm, action, settings.affinity),
+        "containers": [container],
+        "volumes": volumes,
+    }
+    if settings.priority_class_name:
+        pod_spec["priorityClassName"] = settings.priority_class_name
+    if settings.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": n} for n in settings.image_pull_secrets]
+    if spec.placement.node_selector:
+        pod_spec["nodeSelector"] = dict(spec.placement.node_selector)
+    if spec.placement.tolerations:
+        pod_spec["tolerations"] = [t.to_dict() for t in spec.placement.tolerations]
+    meta["annotations"][c.ANNOTATION_TEMPLATE] = _template_hash(vm, pod_spec)
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": pod_spec}
+
+
+def _agent_storage(vm: VMView, names: Names) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The agent container's volume mounts and the pod's volumes: guest RAM, the VM's key,
+    scratch space, and the TLS Secret unless the replication is in clear."""
+    mounts: list[dict[str, Any]] = [
         {"name": RAM_VOLUME, "mountPath": RAM_DIR},
         {"name": KEY_VOLUME, "mountPath": KEY_DIR, "readOnly": True},
         {"name": TMP_VOLUME, "mountPath": TMP_DIR},
@@ -292,7 +324,7 @@ def agent_pod(vm: VMView, config: OperatorConfig, action: CreatePod) -> dict[str
             "name": RAM_VOLUME,
             "emptyDir": {
                 "medium": "Memory",
-                "sizeLimit": f"{-(-(spec.guest.memory_bytes + RAM_SLACK_BYTES) // MEBIBYTE)}Mi",
+                "sizeLimit": f"{-(-(vm.spec.guest.memory_bytes + RAM_SLACK_BYTES) // MEBIBYTE)}Mi",
             },
         },
         {
@@ -305,7 +337,7 @@ def agent_pod(vm: VMView, config: OperatorConfig, action: CreatePod) -> dict[str
         },
         {"name": TMP_VOLUME, "emptyDir": {"sizeLimit": "64Mi"}},
     ]
-    if not spec.replication.insecure_clear:
+    if not vm.spec.replication.insecure_clear:
         # A Secret volume (not subPath), so a renewed certificate reaches the running agent.
         # Beside the key, before the scratch tmpfs (whose mount point may cover a host's
         # view of where the Secret's files are staged).
@@ -313,7 +345,29 @@ def agent_pod(vm: VMView, config: OperatorConfig, action: CreatePod) -> dict[str
         volumes.append(
             {"name": TLS_VOLUME, "secret": {"secretName": names.tls_secret, "defaultMode": 0o440}}
         )
-    container: dict[str, Any] = {
+    return mounts, volumes
+
+
+def _kvm_access(
+    config: OperatorConfig, resources: dict[str, Any], mounts: list[dict[str, Any]],
+    volumes: list[dict[str, Any]],
+) -> None:
+    """/dev/kvm for the agent: a device plugin's extended resource, or the host's device node."""
+    if config.kvm_mode is KvmMode.RESOURCE:
+        # Extended resources are set as limits, and requests must equal them.
+        resources["limits"][config.kvm_resource_name] = "1"
+        resources["requests"][config.kvm_resource_name] = "1"
+    else:
+        mounts.append({"name": "kvm", "mountPath": "/dev/kvm"})
+        volumes.append({"name": "kvm", "hostPath": {"path": "/dev/kvm", "type": "CharDevice"}})
+
+
+def _agent_container(
+    vm: VMView, config: OperatorConfig, action: CreatePod, mounts: list[dict[str, Any]],
+    resources: dict[str, Any],
+) -> dict[str, Any]:
+    spec = vm.spec
+    return {
         "name": c.AGENT_CONTAINER,
         "image": spec.image or config.agent_image,
         "imagePullPolicy": spec.image_pull_policy or config.agent_image_pull_policy,
@@ -331,6 +385,14 @@ def agent_pod(vm: VMView, config: OperatorConfig, action: CreatePod) -> dict[str
             {"name": "control", "containerPort": c.CONTROL_PORT, "protocol": "TCP"},
             {"name": "replication", "containerPort": c.REPLICATION_PORT, "protocol": "TCP"},
         ],
+        **_agent_probes("HTTP" if spec.replication.insecure_clear else "HTTPS"),
+        "volumeMounts": mounts,
+        "resources": resources,
+    }
+
+
+def _agent_probes(scheme: str) -> dict[str, Any]:
+    return {
         # Until the control API answers (interpreter start, guest RAM allocated
         # and booted), liveness is not checked; 60 s covers a loaded node.
         "startupProbe": {
@@ -355,41 +417,7 @@ def agent_pod(vm: VMView, config: OperatorConfig, action: CreatePod) -> dict[str
             "timeoutSeconds": 3,
             "failureThreshold": 6,
         },
-        "volumeMounts": mounts,
-        "resources": resources,
     }
-    if container_security is not None:
-        container["securityContext"] = container_security
-    pod_spec: dict[str, Any] = {
-        "serviceAccountName": names.service_account,
-        # The guest lives in the agent's memory: a restarted container would come
-        # back empty under the same name. The operator replaces a failed pod instead.
-        "restartPolicy": "Never",
-        "enableServiceLinks": False,
-        "terminationGracePeriodSeconds": 10,
-        "securityContext": pod_security,
-        "affinity": _affinity(vm, action, settings.affinity),
-        "containers": [container],
-        "volumes": volumes,
-    }
-    if settings.priority_class_name:
-        pod_spec["priorityClassName"] = settings.priority_class_name
-    if settings.image_pull_secrets:
-        pod_spec["imagePullSecrets"] = [{"name": n} for n in settings.image_pull_secrets]
-    if spec.placement.node_selector:
-        pod_spec["nodeSelector"] = dict(spec.placement.node_selector)
-    if spec.placement.tolerations:
-        pod_spec["tolerations"] = [t.to_dict() for t in spec.placement.tolerations]
-    if spec.guest.accel == "kvm":
-        if config.kvm_mode is KvmMode.RESOURCE:
-            # Extended resources are set as limits, and requests must equal them.
-            resources["limits"][config.kvm_resource_name] = "1"
-            resources["requests"][config.kvm_resource_name] = "1"
-        else:
-            mounts.append({"name": "kvm", "mountPath": "/dev/kvm"})
-            volumes.append({"name": "kvm", "hostPath": {"path": "/dev/kvm", "type": "CharDevice"}})
-    meta["annotations"][c.ANNOTATION_TEMPLATE] = _template_hash(vm, pod_spec)
-    return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": pod_spec}
 
 
 # Agent flags that differ between the two pods of one template.

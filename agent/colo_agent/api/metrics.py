@@ -54,8 +54,22 @@ class AgentMetrics:
         self._by_cause: CountBy[str] = CountBy()
         self._released_on_match = 0
         self._released_on_ack = 0
-
         self.info = Info("colo_agent", "Which VM and pod this agent is.", registry=registry)
+        self._checkpoint_metrics(registry)
+        self._state_metrics(registry)
+        self._output_metrics(registry)
+        self.ack_age_seconds.set_function(self._ack_age)
+        # Known label values from the start, at zero.
+        for cause in CheckpointCause:
+            self.checkpoints.labels(cause=cause.value)
+        for how in ("match", "ack"):
+            self.lockstep_released_bytes.labels(how=how)
+        # Process figures (memory, CPU, file descriptors) and the Python runtime's, in this registry.
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        GCCollector(registry=registry)
+
+    def _checkpoint_metrics(self, registry: CollectorRegistry) -> None:
         self.checkpoints = Counter(
             "colo_checkpoints",
             "Checkpoints acknowledged by the secondary, by what triggered them.",
@@ -82,6 +96,8 @@ class AgentMetrics:
             "Payload bytes (pages and device state) of acknowledged checkpoints.",
             registry=registry,
         )
+
+    def _state_metrics(self, registry: CollectorRegistry) -> None:
         self.last_acked_epoch = Gauge(
             "colo_last_acked_epoch",
             "Last epoch acknowledged by the secondary in the current term.",
@@ -100,18 +116,6 @@ class AgentMetrics:
             registry=registry,
         )
         self.failovers = Counter("colo_failovers", "Promotions this agent went through.", registry=registry)
-        self.output_held_bytes = Gauge(
-            "colo_output_held_bytes",
-            "Guest output waiting for its epoch's acknowledgement before release.",
-            registry=registry,
-        )
-        self.lockstep_released_bytes = Counter(
-            "colo_lockstep_released_bytes",
-            "Lockstep: output bytes released because both guests produced them (match) or because "
-            "their epoch was acknowledged (ack).",
-            ["how"],
-            registry=registry,
-        )
         self.lease_valid = Gauge(
             "colo_lease_valid",
             "1 while this agent holds a valid arbiter lease and may release output.",
@@ -130,16 +134,20 @@ class AgentMetrics:
             "first): how much guest execution a failover now would roll back. NaN on a secondary.",
             registry=registry,
         )
-        self.ack_age_seconds.set_function(self._ack_age)
-        # Known label values from the start, at zero.
-        for cause in CheckpointCause:
-            self.checkpoints.labels(cause=cause.value)
-        for how in ("match", "ack"):
-            self.lockstep_released_bytes.labels(how=how)
-        # Process figures (memory, CPU, file descriptors) and the Python runtime's, in this registry.
-        ProcessCollector(registry=registry)
-        PlatformCollector(registry=registry)
-        GCCollector(registry=registry)
+
+    def _output_metrics(self, registry: CollectorRegistry) -> None:
+        self.output_held_bytes = Gauge(
+            "colo_output_held_bytes",
+            "Guest output waiting for its epoch's acknowledgement before release.",
+            registry=registry,
+        )
+        self.lockstep_released_bytes = Counter(
+            "colo_lockstep_released_bytes",
+            "Lockstep: output bytes released because both guests produced them (match) or because "
+            "their epoch was acknowledged (ack).",
+            ["how"],
+            registry=registry,
+        )
 
     def _ack_age(self) -> float:
         since = self._ack_since
