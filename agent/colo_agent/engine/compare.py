@@ -1,8 +1,9 @@
 """Lockstep output comparison on the primary (pure: no I/O, time is an argument).
 
 Both guests run on the same input. Per connection, the primary's output is
-a byte stream; the secondary reports its own stream for the same connection
-with absolute offsets. Bytes the two agree on leave at once ("released on
+a byte stream; both sides report it with absolute offsets, counted by the
+primary's role from its first byte (the offsets its marks carry), so a
+comparator made for a later pairing lines up with them too. Bytes the two agree on leave at once ("released on
 match"). Anything else waits for a checkpoint: output produced before the
 pause that closed epoch e is safe once e is acknowledged ("released on
 ack"), whatever the secondary said.
@@ -88,10 +89,20 @@ class OutputComparator:
 
     # ------------------------------------------------------------------ inputs
 
-    def primary_output(self, conn: int, data: bytes, closed: bool, now: float) -> Verdict:
-        s = self._streams.setdefault(conn, _Stream())
+    def primary_output(self, conn: int, data: bytes, closed: bool, now: float, *, offset: int) -> Verdict:
+        """The primary's output of `conn` starting at absolute `offset` (the primary's own count,
+        the one its marks carry). A stream this comparator has not seen yet starts there: output
+        before it went out another way (before this pairing, or through the output gate)."""
+        s = self._streams.get(conn)
+        if s is None:
+            s = self._streams[conn] = _Stream(base=offset, sec_off=offset)
         if s.closed:
             return Verdict()
+        if offset != s.produced:
+            if s.pending or offset < s.produced:
+                raise ValueError(f"output of connection {conn} at offset {offset}, but "
+                                 f"{s.produced} bytes were produced so far")
+            s.base = offset  # nothing pending: what came between went out another way
         s.pending += data
         s.closed = closed
         if data:
@@ -122,16 +133,22 @@ class OutputComparator:
         for conn, (offset, closed) in mark.offsets.items():
             s = self._streams.get(conn)
             if s is None:
+                if not closed:  # its output after the pause starts there, on both sides
+                    self._streams[conn] = _Stream(base=offset, sec_off=offset)
                 continue
-            n = offset - s.base
+            # Only pending bytes below the mark: those after it were produced after the pause.
+            n = min(offset - s.base, len(s.pending))
+            whole = n == len(s.pending) and offset >= s.produced
             if n > 0:
-                v.releases.append(Release(conn, bytes(s.pending[:n]), closed and n == len(s.pending), False))
+                v.releases.append(Release(conn, bytes(s.pending[:n]), closed and whole, False))
                 self._drop(s, n)
                 self.released_on_ack += n
-                if closed and not s.pending:
+                if closed and whole:
                     s.closed = True
             elif closed and s.closed and not s.pending:
                 v.releases.append(Release(conn, b"", True, False))
+            if not s.pending and s.base < offset:
+                s.base = offset  # bytes below the mark went out another way
         self.generation = mark.epoch
         for conn, s in list(self._streams.items()):
             offset, closed = mark.offsets.get(conn, (0, False))

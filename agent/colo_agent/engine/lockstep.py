@@ -132,9 +132,9 @@ class PrimaryMirror:
         """vCPU thread, under the device lock: forward as is."""
         self._link.send_threadsafe(MirrorInput(self.term, position, data))
 
-    def primary_output(self, conn: int, data: bytes, closed: bool) -> None:
-        """Loop thread: the guest's output, in the order it produced it."""
-        self._apply(self.comparator.primary_output(conn, data, closed, time.monotonic()))
+    def primary_output(self, conn: int, offset: int, data: bytes, closed: bool) -> None:
+        """Loop thread: the guest's output (from absolute `offset`), in the order it produced it."""
+        self._apply(self.comparator.primary_output(conn, data, closed, time.monotonic(), offset=offset))
 
     def acknowledged(self, mark: Mark) -> None:
         self._apply(self.comparator.acknowledged(mark))

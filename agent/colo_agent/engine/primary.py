@@ -157,11 +157,11 @@ class PrimaryRole:
     def _on_output(self, conn_id: int, data: bytes, closed: bool) -> None:
         """Guest output, in the vCPU thread."""
         if self.lockstep:
-            self.offsets.advance(conn_id, len(data), closed)
+            offset = self.offsets.advance(conn_id, len(data), closed)
             if self._lockstep_active:
                 # Flipped only while the guest is paused, so no chunk changes path mid-stream.
                 with contextlib.suppress(RuntimeError):
-                    self._loop.call_soon_threadsafe(self._lockstep_output, conn_id, data, closed)
+                    self._loop.call_soon_threadsafe(self._lockstep_output, conn_id, offset, data, closed)
                 return
         first = self.gate.hold(conn_id, data, closed)
         if not self.protected:
@@ -175,9 +175,9 @@ class PrimaryRole:
         self._output_waiting = True
         self._trigger.set()
 
-    def _lockstep_output(self, conn_id: int, data: bytes, closed: bool) -> None:
+    def _lockstep_output(self, conn_id: int, offset: int, data: bytes, closed: bool) -> None:
         if self.mirror is not None:
-            self.mirror.primary_output(conn_id, data, closed)
+            self.mirror.primary_output(conn_id, offset, data, closed)
         else:
             # No secondary: through the gate, which the release loop empties
             # once the epoch floor allows (`_unprotect`).
