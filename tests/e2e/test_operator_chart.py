@@ -217,9 +217,12 @@ def scoped_rbac(cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Itera
         ("get", "secrets", ["-A"], False),
         ("create", "pods", ["-n", "default"], False),
         ("create", "rolebindings.rbac.authorization.k8s.io", ["-n", "default"], False),
-        # The cluster CA's Secret in the operator's own namespace: read and create, nothing more.
-        ("get", "secrets", ["-n", SCOPED], True),
-        ("delete", "secrets", ["-n", SCOPED], False),
+        # The cluster CA's Secret in the operator's own namespace: read it and create it, nothing more.
+        ("get", "secrets/colo-operator-ca", ["-n", SCOPED], True),
+        ("create", "secrets", ["-n", SCOPED], True),
+        ("get", "secrets/some-app-password", ["-n", SCOPED], False),
+        ("list", "secrets", ["-n", SCOPED], False),
+        ("delete", "secrets/colo-operator-ca", ["-n", SCOPED], False),
         ("list", "nodes", [], True),
     ],
 )
