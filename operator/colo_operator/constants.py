@@ -53,3 +53,7 @@ SECRET_KEY: Final = "secret"
 AGENT_CONTAINER: Final = "agent"
 # The image's unprivileged user and group (Dockerfile), which agent pods run as.
 AGENT_UID: Final = 65532
+
+# The qemu backend's COLO connections, between the agent pods of one VM:
+# mirror, compare (primary), migration, NBD (secondary). COLO_QEMU_PORTS.
+QEMU_COLO_PORTS = (7711, 7712, 7713, 7714)

@@ -34,7 +34,15 @@ from colo_agent.constants import (
 )
 
 from . import constants as c
-from .spec import RUN_STRATEGIES, UPDATE_STRATEGIES
+from .spec import (
+    MAX_QEMU_DISK,
+    MAX_QEMU_VCPUS,
+    QEMU_INITRD,
+    QEMU_KERNEL,
+    QEMU_NICS,
+    RUN_STRATEGIES,
+    UPDATE_STRATEGIES,
+)
 
 # --------------------------------------------------------------------------- schema helpers (pure)
 
@@ -118,9 +126,65 @@ GUEST = obj(
     {
         "backend": string(
             "Guest backend. microvm is the agent's own virtual machine monitor running the "
-            "built-in key-value firmware.",
-            enum=["microvm"],
+            "built-in key-value firmware; qemu is the user's own Linux VM under QEMU's COLO "
+            "(configured in guest.qemu).",
+            enum=["microvm", "qemu"],
             default="microvm",
+        ),
+        "qemu": obj(
+            "The QEMU guest (backend qemu only). Its RAM is guest.memory (a whole number of MiB); "
+            "the secondary's QEMU needs about twice that. COLO runs single-stream.",
+            {
+                "vcpus": integer("Virtual CPUs.", minimum=1, maximum=MAX_QEMU_VCPUS, default=1),
+                "nic": string(
+                    "The guest's network device model.", enum=list(QEMU_NICS), default=QEMU_NICS[0]
+                ),
+                "kernel": string(
+                    "Path of the guest's kernel inside the agent image.", default=QEMU_KERNEL, maxLength=256,
+                    pattern="^/",
+                ),
+                "initrd": string(
+                    "Path of the guest's initramfs inside the agent image.", default=QEMU_INITRD,
+                    maxLength=256, pattern="^/",
+                ),
+                "disk": obj(
+                    "The guest's disk, replicated to the secondary by QEMU's quorum and replication "
+                    "drivers. The first primary starts from the image in the claim, or from an empty "
+                    "disk of the given size; from then on the disk lives in the agent pods (each "
+                    "secondary copies it from its primary), so a restarted VM starts from the claim "
+                    "again.",
+                    {
+                        "size": string(
+                            "Virtual size of the disk, a quantity; the image in the claim must have "
+                            "exactly this size.",
+                            maxLength=32,
+                            **{"x-kubernetes-validations": [
+                                rule("isQuantity(self)", "size must be a quantity such as 1Gi"),
+                                rule(
+                                    "!isQuantity(self) || (quantity(self).isInteger() && "
+                                    "quantity(self).compareTo(quantity('1Mi')) >= 0 && "
+                                    f"quantity(self).compareTo(quantity('{MAX_QEMU_DISK}')) <= 0)",
+                                    f"size must be a whole number of bytes between 1Mi and {MAX_QEMU_DISK}",
+                                ),
+                            ]},
+                        ),
+                        "claimName": string(
+                            "PersistentVolumeClaim in the VM's namespace holding the first primary's "
+                            "disk image; absent: an empty disk.", maxLength=253,
+                        ),
+                        "path": string(
+                            "The qcow2 image's path inside the claim.", default="disk.qcow2", maxLength=256,
+                            pattern="^[^/].*$",
+                            **{"x-kubernetes-validations": [
+                                rule("!self.split('/').exists(p, p == '..')",
+                                     "path must stay inside the claim"),
+                            ]},
+                        ),
+                    },
+                    required=["size"],
+                ),
+            },
+            required=["disk"],
         ),
         "accel": string(
             "kvm needs /dev/kvm on the node (the operator then requests it for the pod), tcg "
@@ -155,6 +219,22 @@ GUEST = obj(
         ),
     },
     default={},
+    **{
+        "x-kubernetes-validations": [
+            rule(
+                "has(self.qemu) == (has(self.backend) && self.backend == 'qemu')",
+                "guest.qemu is required with backend qemu, and only allowed with it",
+                ".qemu",
+            ),
+            rule(
+                "!has(self.backend) || self.backend != 'qemu' || !has(self.memory) || "
+                "!isQuantity(self.memory) || !quantity(self.memory).isInteger() || "
+                "quantity(self.memory).asInteger() % 1048576 == 0",
+                "a qemu guest's memory must be a whole number of MiB",
+                ".memory",
+            ),
+        ]
+    },
 )
 
 REPLICATION = obj(
@@ -448,6 +528,14 @@ SPEC = obj(
                 "resources.limits.memory must be greater than guest.memory: the guest's RAM comes on top "
                 "of the agent's own",
                 ".resources.limits",
+            ),
+            rule(
+                "!has(self.guest) || !has(self.guest.backend) || self.guest.backend != 'qemu' || "
+                "!has(self.replication) || !has(self.replication.mode) || "
+                "self.replication.mode != 'lockstep'",
+                "replication.mode lockstep is for the microvm backend: QEMU's COLO compares the guests' "
+                "output itself",
+                ".replication.mode",
             ),
         ]
     },

@@ -22,6 +22,7 @@ from .config import KvmMode, OperatorConfig
 from .decide import CreatePod
 from .placement import Place
 from .snapshot import VMView
+from .spec import QemuSpec
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,6 +288,8 @@ def agent_pod(vm: VMView, config: OperatorConfig, action: CreatePod) -> dict[str
     container = _agent_container(vm, config, action, mounts, resources)
     if container_security is not None:
         container["securityContext"] = container_security
+    if spec.guest.qemu is not None:
+        _add_qemu(container, volumes, spec.guest.qemu, action.role)
     pod_spec: dict[str, Any] = {
         "serviceAccountName": names.service_account,
         # The guest lives in the agent's memory: a restarted container would come
@@ -420,6 +423,43 @@ def _agent_probes(scheme: str) -> dict[str, Any]:
     }
 
 
+QEMU_VOLUME, QEMU_DIR = "qemu", "/var/lib/colo/qemu"
+QEMU_DISK_VOLUME, QEMU_DISK_DIR = "qemu-disk", "/var/lib/colo/disk"
+
+
+def _add_qemu(container: dict[str, Any], volumes: list[dict[str, Any]], qemu: QemuSpec, role: str) -> None:
+    """The qemu backend's settings (`colo_agent.qemu.backend`, COLO_QEMU_*) and disks.
+
+    QEMU's run directory (QMP sockets, a secondary's parent, hidden and active
+    disks, an empty first disk) is a disk-backed emptyDir. Only a pod created
+    as primary boots a fresh guest, so only it mounts the claim with the
+    first disk; every secondary copies the disk from its primary."""
+    disk = qemu.disk
+    if disk.claim_name is not None and role == c.ROLE_PRIMARY:
+        first = f"{QEMU_DISK_DIR}/{disk.path}"
+        container["volumeMounts"].append({"name": QEMU_DISK_VOLUME, "mountPath": QEMU_DISK_DIR})
+        volumes.append({"name": QEMU_DISK_VOLUME, "persistentVolumeClaim": {"claimName": disk.claim_name}})
+    else:
+        first = f"{QEMU_DIR}/disk.qcow2"  # created empty by the agent
+    container["volumeMounts"].append({"name": QEMU_VOLUME, "mountPath": QEMU_DIR})
+    # A secondary's three disks, sparse: they grow with what the guest writes.
+    limit = -(-3 * disk.size_bytes // MEBIBYTE) + 64
+    volumes.append({"name": QEMU_VOLUME, "emptyDir": {"sizeLimit": f"{limit}Mi"}})
+    container["env"] += [
+        {"name": "COLO_QEMU_KERNEL", "value": qemu.kernel},
+        {"name": "COLO_QEMU_INITRD", "value": qemu.initrd},
+        {"name": "COLO_QEMU_DISK", "value": first},
+        {"name": "COLO_QEMU_DISK_SIZE", "value": str(disk.size_bytes)},
+        {"name": "COLO_QEMU_RUN_DIR", "value": QEMU_DIR},
+        {"name": "COLO_QEMU_VCPUS", "value": str(qemu.vcpus)},
+        {"name": "COLO_QEMU_NIC", "value": qemu.nic},
+        {"name": "COLO_QEMU_PORTS", "value": ",".join(str(p) for p in c.QEMU_COLO_PORTS)},
+        {"name": "COLO_QEMU_LISTEN", "value": "0.0.0.0"},
+        # The other agent's QEMU reaches this pod's COLO ports at the pod's address.
+        {"name": "COLO_QEMU_ADVERTISE", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+    ]
+
+
 # Agent flags that differ between the two pods of one template.
 _PER_POD_FLAGS = ("--role", "--peer")
 
@@ -433,9 +473,13 @@ def _template_hash(vm: VMView, pod_spec: dict[str, Any]) -> str:
         args = list(box.get("args") or ())
         per_pod = {i + 1 for i, arg in enumerate(args) if arg in _PER_POD_FLAGS}
         kept = [a for i, a in enumerate(args) if a not in _PER_POD_FLAGS and i not in per_pod]
-        containers.append({**box, "args": kept})
+        # The qemu backend's first disk: only a pod created as primary has it.
+        mounts = [m for m in box.get("volumeMounts", ()) if m["name"] != QEMU_DISK_VOLUME]
+        env = [e for e in box.get("env", ()) if e["name"] != "COLO_QEMU_DISK"]
+        containers.append({**box, "args": kept, "volumeMounts": mounts, "env": env})
+    volumes = [v for v in pod_spec.get("volumes", ()) if v["name"] != QEMU_DISK_VOLUME]
     restarted = vm.annotations.get(c.ANNOTATION_RESTARTED_AT)
-    text = json.dumps([containers, pod_spec.get("volumes"), restarted], sort_keys=True)
+    text = json.dumps([containers, volumes, restarted], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -493,6 +537,12 @@ def certificate(vm: VMView, issuer_ref: dict[str, str]) -> dict[str, Any]:
     }
 
 
+def _agent_ports(vm: VMView) -> list[int]:
+    """Ports one agent pod of the VM reaches on another: replication, and QEMU's own COLO ports."""
+    qemu = list(c.QEMU_COLO_PORTS) if vm.spec.guest.qemu is not None else []
+    return [c.REPLICATION_PORT, *qemu]
+
+
 def network_policy(vm: VMView, operator_namespace: str, operator_labels: Mapping[str, str]) -> dict[str, Any]:
     """Who may reach the VM's agent pods: the operator the control port, the VM's own
     agents the replication port, anyone the client port (the Service's clients)."""
@@ -512,7 +562,7 @@ def network_policy(vm: VMView, operator_namespace: str, operator_labels: Mapping
                 {"from": [operator], "ports": [{"protocol": "TCP", "port": c.CONTROL_PORT}]},
                 {
                     "from": [{"podSelector": agents}],
-                    "ports": [{"protocol": "TCP", "port": c.REPLICATION_PORT}],
+                    "ports": [{"protocol": "TCP", "port": port} for port in _agent_ports(vm)],
                 },
                 {"ports": [{"protocol": "TCP", "port": c.CLIENT_PORT}]},
             ],

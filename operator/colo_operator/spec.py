@@ -27,6 +27,14 @@ from colo_agent.constants import (
 )
 
 RUN_STRATEGIES = ("Always", "Halted")
+# The qemu backend (`colo_agent.qemu`): NIC models it knows, bounds, and where the agent image
+# carries the guest's kernel and initramfs.
+QEMU_NICS = ("e1000", "virtio-net-pci")
+MAX_QEMU_VCPUS = 16
+MAX_QEMU_DISK = "1Ti"
+QEMU_KERNEL = "/usr/share/colo/guest/vmlinuz"
+QEMU_INITRD = "/usr/share/colo/guest/initrd.img"
+MEBIBYTE = 1 << 20
 UPDATE_STRATEGIES = ("Automatic", "Manual")
 
 
@@ -63,11 +71,55 @@ def _memory_bytes(memory: str) -> int:
 
 
 @dataclass(frozen=True, slots=True)
+class QemuDisk:
+    size_bytes: int
+    claim_name: str | None = None  # the first primary's image; None: an empty disk
+    path: str = "disk.qcow2"  # inside the claim
+
+
+@dataclass(frozen=True, slots=True)
+class QemuSpec:
+    disk: QemuDisk
+    vcpus: int = 1
+    nic: str = QEMU_NICS[0]
+    kernel: str = QEMU_KERNEL
+    initrd: str = QEMU_INITRD
+
+    @classmethod
+    def read(cls, r: Reader) -> QemuSpec:
+        disk = r.child("disk")
+        size = disk.string("size")
+        try:
+            amount = None if any(ch.isspace() for ch in size) else parse_quantity(size)
+        except ValueError:
+            amount = None
+        if amount is None or not amount.is_finite() or amount != amount.to_integral_value():
+            raise SpecError("guest.qemu.disk.size", f"{size!r} is not a whole number of bytes such as 1Gi")
+        if not MEBIBYTE <= amount <= parse_quantity(MAX_QEMU_DISK):
+            raise SpecError("guest.qemu.disk.size", f"{size!r} must be between 1Mi and {MAX_QEMU_DISK}")
+        path = disk.string("path", "disk.qcow2")
+        if not path or path.startswith("/") or ".." in path.split("/"):
+            raise SpecError("guest.qemu.disk.path", f"{path!r} must be a relative path inside the claim")
+        kernel, initrd = r.string("kernel", QEMU_KERNEL), r.string("initrd", QEMU_INITRD)
+        for key, value in (("kernel", kernel), ("initrd", initrd)):
+            if not value.startswith("/"):
+                raise SpecError(f"guest.qemu.{key}", f"{value!r} must be an absolute path in the agent image")
+        return cls(
+            disk=QemuDisk(int(amount), disk.optional_string("claimName", empty_is_absent=True), path),
+            vcpus=r.integer("vcpus", 1, minimum=1, maximum=MAX_QEMU_VCPUS),
+            nic=r.one_of("nic", QEMU_NICS, QEMU_NICS[0]),
+            kernel=kernel,
+            initrd=initrd,
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class GuestSpec:
     backend: str = "microvm"
     accel: str = "auto"
     memory: str = "64Mi"
     memory_bytes: int = 64 << 20
+    qemu: QemuSpec | None = None  # backend qemu only
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,6 +237,14 @@ class ColoVMSpec:
         guest = r.section("guest")
         memory = guest.string("memory", "64Mi")
         memory_bytes = _memory_bytes(memory)
+        backend = guest.one_of("backend", ("microvm", "qemu"), "microvm")
+        qemu_section = guest.optional_child("qemu")
+        if (qemu_section is not None) != (backend == "qemu"):
+            raise SpecError("guest.qemu", "is required with backend qemu, and only allowed with it")
+        qemu = None if qemu_section is None else QemuSpec.read(qemu_section)
+        if qemu is not None and memory_bytes % MEBIBYTE:
+            raise SpecError("guest.memory",
+                            f"{memory!r}: a qemu guest's memory must be a whole number of MiB")
 
         failover = r.section("failover")
         interval = failover.integer("heartbeatIntervalMs", HEARTBEAT_INTERVAL_MS, minimum=10, maximum=60000)
@@ -208,17 +268,22 @@ class ColoVMSpec:
             for t in placement.children("tolerations")
         )
         replication = r.section("replication")
+        mode = replication.one_of("mode", ("checkpoint", "lockstep"), "checkpoint")
+        if backend == "qemu" and mode == "lockstep":
+            raise SpecError("replication.mode", "lockstep is for the microvm backend: QEMU's COLO "
+                            "compares the guests' output itself")
         service = r.section("service")
         resources = r.anything("resources")
         return cls(
             guest=GuestSpec(
-                backend=guest.one_of("backend", ("microvm",), "microvm"),
+                backend=backend,
                 accel=guest.one_of("accel", ("auto", "kvm", "tcg"), "auto"),
                 memory=memory,
                 memory_bytes=memory_bytes,
+                qemu=qemu,
             ),
             replication=ReplicationSpec(
-                mode=replication.one_of("mode", ("checkpoint", "lockstep"), "checkpoint"),
+                mode=mode,
                 checkpoint_interval_ms=replication.integer(
                     "checkpointIntervalMs", CHECKPOINT_INTERVAL_MS, minimum=1, maximum=60000
                 ),

@@ -67,6 +67,16 @@ REFUSED = [
      "spec.resources.limits", "greater than guest.memory"),
     ({"resources": {"limits": {"memory": "64Mi"}}},
      "spec.resources.limits", "greater than guest.memory"),
+    ({"guest": {"backend": "qemu"}}, "spec.guest.qemu", "required with backend qemu"),
+    ({"guest": {"qemu": {"disk": {"size": "1Gi"}}}}, "spec.guest.qemu", "only allowed with it"),
+    ({"guest": {"backend": "qemu", "memory": "4100Ki", "qemu": {"disk": {"size": "1Gi"}}}},
+     "spec.guest.memory", "whole number of MiB"),
+    ({"guest": {"backend": "qemu", "qemu": {"disk": {"size": "1Gi", "path": "a/../../b"}}}},
+     "spec.guest.qemu.disk.path", "inside the claim"),
+    ({"guest": {"backend": "qemu", "qemu": {"disk": {"size": "8Ti"}}}},
+     "spec.guest.qemu.disk.size", "between 1Mi and 1Ti"),
+    ({"guest": {"backend": "qemu", "qemu": {"disk": {"size": "1Gi"}}}, "replication": {"mode": "lockstep"}},
+     "spec.replication.mode", "lockstep is for the microvm backend"),
 ]  # fmt: skip
 
 
@@ -89,6 +99,9 @@ ACCEPTED = [
     {"guest": {"memory": "32Mi"}, "resources": {"limits": {"memory": "256Mi"}}},
     {"resources": {"requests": {"cpu": "100m"}}},
     {"failover": {"heartbeatIntervalMs": 2000, "heartbeatTimeoutMs": 5000, "leaseDurationMs": 3000}},
+    {"guest": {"backend": "qemu", "memory": "256Mi", "qemu": {"disk": {"size": "1Gi"}}}},
+    {"guest": {"backend": "qemu", "qemu": {"disk": {"size": "10Gi", "claimName": "d", "path": "v/d.qcow2"},
+                                           "vcpus": 2, "nic": "virtio-net-pci"}}},
 ]  # fmt: skip
 
 

@@ -98,6 +98,7 @@ async def test_agents_fail_over_keep_every_acknowledged_write_and_reprotect(tmp_
         assert status is not None and status.totals.checkpoints >= 1, status
         assert status.last_checkpoint is not None and status.last_checkpoint.cause in ("interval", "mismatch")
         assert status.last_acked_epoch > 1  # the protection's epoch, then one per checkpoint
+        assert status.stream is not None and status.stream.state == "colo" and status.stream.channels == 1
         print(f"{status.totals.checkpoints} checkpoints, last pause {status.last_checkpoint.pause_ms:.0f} ms")
 
         # Writes still going when the primary's agent dies, its QEMU with it.

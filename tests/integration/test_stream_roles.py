@@ -154,6 +154,7 @@ async def test_the_secondary_says_where_to_stream_and_follows_the_epochs(tmp_pat
         assert st.peer.state is PeerState.CONNECTED and st.failover_possible
         assert st.totals.checkpoints >= 2 and st.last_checkpoint is not None
         assert st.last_checkpoint.cause == "interval" and st.last_checkpoint.pause_ms == 12.5
+        assert st.stream is not None and st.stream.channels == 1  # single-stream, and says so
         # The protection is epoch 1, every checkpoint after it one more; the secondary hears them.
         assert st.last_acked_epoch >= secondary.status().last_acked_epoch >= 3
         assert st.totals.checkpoints == st.last_acked_epoch - 1

@@ -133,3 +133,51 @@ def test_an_unknown_flag_fails_the_check(monkeypatch: pytest.MonkeyPatch) -> Non
     pod["spec"]["containers"][0]["args"].append("--checkpoint-budget-ms=5")
     with pytest.raises(pytest.fail.Exception, match="refuses the pod's args"):
         parse_pod(pod, monkeypatch)
+
+
+QEMU_SPECS = [
+    {"guest": {"backend": "qemu", "memory": "256Mi", "accel": "tcg", "qemu": {"disk": {"size": "1Gi"}}}},
+    {"guest": {"backend": "qemu", "memory": "512Mi", "qemu": {
+        "disk": {"size": "10Gi", "claimName": "vm-disk", "path": "images/vm.qcow2"}, "vcpus": 4,
+        "nic": "virtio-net-pci"}}},
+]
+
+
+@pytest.mark.parametrize("action", ROLES)
+@pytest.mark.parametrize("spec", QEMU_SPECS)
+def test_a_qemu_pod_configures_the_backend_as_the_spec_says(
+    spec: dict[str, Any], action: CreatePod, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from colo_agent.guest import GuestOptions
+    from colo_agent.qemu.backend import QemuSettings
+
+    view = vm(spec=spec)
+    pod = agent_pod(view, OperatorConfig(), action)
+    args = parse_pod(pod, monkeypatch)
+    check_agrees(view.spec, action, args)
+    assert args.backend == "qemu"
+    container = pod["spec"]["containers"][0]
+    env = {e["name"]: e.get("value", "10.1.2.3") for e in container["env"]}  # podIP from the downward API
+    peer = args.peer[0] if args.peer is not None else None
+    settings = QemuSettings.from_env(GuestOptions(args.memory, args.accel, 0, peer), env)
+    q = view.spec.guest.qemu
+    assert q is not None
+    assert settings.spec.memory_mib * (1 << 20) == view.spec.guest.memory_bytes
+    assert (settings.spec.vcpus, settings.spec.nic.value) == (q.vcpus, q.nic)
+    assert settings.disk_size == q.disk.size_bytes and settings.advertise == "10.1.2.3"
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    assert settings.disk is not None and any(str(settings.disk).startswith(p) for p in mounts)
+    claims = [v for v in pod["spec"]["volumes"] if "persistentVolumeClaim" in v]
+    # Only a pod created as primary boots from the claim; a secondary copies its primary's disk.
+    assert bool(claims) == (q.disk.claim_name is not None and action.role == "primary")
+    if action.role == "secondary":
+        assert settings.peer_host == "10.0.0.10"
+
+
+def test_the_first_disk_does_not_make_the_primary_look_outdated() -> None:
+    from colo_operator.manifests import template_hash
+
+    view = vm(spec=QEMU_SPECS[1])
+    primary = agent_pod(view, OperatorConfig(), ROLES[0].values[0])
+    hashed = primary["metadata"]["annotations"]["colo.dev/template-hash"]
+    assert hashed == template_hash(view, OperatorConfig())

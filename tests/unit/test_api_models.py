@@ -110,6 +110,17 @@ def test_failover_possible_is_optional_and_round_trips() -> None:
         AgentStatus.from_dict(doc)
 
 
+def test_stream_figures_are_optional_and_round_trip() -> None:
+    assert "stream" not in sample_status().to_dict()
+    status = dataclasses.replace(sample_status(), stream=models.StreamFiguresStatus("colo", 1, 4))
+    assert status.to_dict()["stream"] == {"state": "colo", "channels": 1, "mismatches": 4}
+    assert AgentStatus.from_json(status.to_json()) == status
+    doc = status.to_dict()
+    doc["stream"] = {"state": "colo", "channels": "one", "mismatches": 0}
+    with pytest.raises(ModelError, match="channels"):
+        AgentStatus.from_dict(doc)
+
+
 def test_every_response_round_trips() -> None:
     for doc in (
         sample_status(),

@@ -73,6 +73,22 @@ def test_memory_that_is_no_quantity_or_no_whole_byte_count_names_the_field(text:
         ({"placement": {"nodeSelector": {"a": 1}}}, "placement.nodeSelector"),
         ({"placement": {"tolerations": [{"operator": "Maybe"}]}}, "placement.tolerations[0].operator"),
         ({"guest": "big"}, "guest"),
+        ({"guest": {"backend": "qemu"}}, "guest.qemu"),
+        ({"guest": {"qemu": {"disk": {"size": "1Gi"}}}}, "guest.qemu"),
+        ({"guest": {"backend": "qemu", "qemu": {}}}, "guest.qemu.disk"),
+        ({"guest": {"backend": "qemu", "qemu": {"disk": {"size": "1.5"}}}}, "guest.qemu.disk.size"),
+        ({"guest": {"backend": "qemu", "qemu": {"disk": {"size": "4Ti"}}}}, "guest.qemu.disk.size"),
+        ({"guest": {"backend": "qemu", "qemu": {"disk": {"size": "1Gi", "path": "../etc"}}}},
+         "guest.qemu.disk.path"),
+        ({"guest": {"backend": "qemu", "qemu": {"disk": {"size": "1Gi"}, "vcpus": 0}}}, "guest.qemu.vcpus"),
+        ({"guest": {"backend": "qemu", "qemu": {"disk": {"size": "1Gi"}, "nic": "rtl8139"}}},
+         "guest.qemu.nic"),
+        ({"guest": {"backend": "qemu", "qemu": {"disk": {"size": "1Gi"}, "kernel": "vmlinuz"}}},
+         "guest.qemu.kernel"),
+        ({"guest": {"backend": "qemu", "memory": "4100Ki", "qemu": {"disk": {"size": "1Gi"}}}},
+         "guest.memory"),
+        ({"guest": {"backend": "qemu", "qemu": {"disk": {"size": "1Gi"}}},
+          "replication": {"mode": "lockstep"}}, "replication.mode"),
         ({"service": {"port": 70000}}, "service.port"),
     ],
 )
@@ -100,3 +116,21 @@ def test_run_strategy_defaults_to_always_and_names_the_field_when_wrong() -> Non
     assert ColoVMSpec.from_dict({"runStrategy": "Halted"}).run_strategy == "Halted"
     with pytest.raises(SpecError, match=r"spec\.runStrategy: 'Paused' is not one of Always, Halted"):
         ColoVMSpec.from_dict({"runStrategy": "Paused"})
+
+
+def test_a_qemu_guest_reads_its_disk_cpus_and_nic() -> None:
+    spec = ColoVMSpec.from_dict({"guest": {"backend": "qemu", "memory": "256Mi", "qemu": {
+        "disk": {"size": "2Gi", "claimName": "vm-disk"}, "vcpus": 2, "nic": "virtio-net-pci"}}})
+    q = spec.guest.qemu
+    assert q is not None and spec.guest.backend == "qemu"
+    assert (q.disk.size_bytes, q.disk.claim_name, q.disk.path) == (2 << 30, "vm-disk", "disk.qcow2")
+    assert (q.vcpus, q.nic) == (2, "virtio-net-pci")
+    assert q.kernel.startswith("/") and q.initrd.startswith("/")
+    assert ColoVMSpec.from_dict({}).guest.qemu is None
+
+
+def test_the_operators_nic_models_are_the_backends() -> None:
+    from colo_agent.qemu.command import NicModel
+    from colo_operator.spec import QEMU_NICS
+
+    assert set(QEMU_NICS) == {m.value for m in NicModel}

@@ -283,6 +283,24 @@ class LockstepFigures:
 
 
 @dataclass(frozen=True, slots=True)
+class StreamFiguresStatus:
+    """A backend that replicates itself (QEMU's COLO), primary: its replication now."""
+
+    state: str  # the backend's own word (QEMU: query-migrate's status, `colo` while protected)
+    # Connections the stream uses; 1 is single-stream (QEMU 10.0 cannot combine multifd with COLO).
+    channels: int = 1
+    mismatches: int = 0  # checkpoints forced because the guests' outputs differed
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"state": self.state, "channels": self.channels, "mismatches": self.mismatches}
+
+    @classmethod
+    def _parse(cls, r: Reader) -> StreamFiguresStatus:
+        return cls(state=r.string("state"), channels=r.integer("channels"),
+                   mismatches=r.integer("mismatches"))
+
+
+@dataclass(frozen=True, slots=True)
 class AgentStatus(_Document):
     """`GET /v1/status`."""
 
@@ -309,12 +327,16 @@ class AgentStatus(_Document):
     # the arbiter answers. False through an API server outage, when protected VMs keep serving
     # but nobody can take the Lease. None from agents that do not say. (Added within v1.)
     failover_possible: bool | None = None
+    # A primary whose backend replicates itself (the qemu backend). (Added within v1.)
+    stream: StreamFiguresStatus | None = None
     api_version: str = API_VERSION
 
     def to_dict(self) -> dict[str, Any]:
         out = self._to_dict()
         if self.lockstep is not None:
             out["lockstep"] = self.lockstep.to_dict()
+        if self.stream is not None:
+            out["stream"] = self.stream.to_dict()
         if self.ack_age_ms is not None:
             out["ackAgeMs"] = self.ack_age_ms
         if self.failover_possible is not None:
@@ -339,8 +361,10 @@ class AgentStatus(_Document):
     def _parse(cls, r: Reader) -> AgentStatus:
         last = r.optional_child("lastCheckpoint")
         lockstep = r.optional_child("lockstep")
+        stream = r.optional_child("stream")
         return cls(
             lockstep=None if lockstep is None else LockstepFigures._parse(lockstep),
+            stream=None if stream is None else StreamFiguresStatus._parse(stream),
             ack_age_ms=r.optional_number("ackAgeMs"),
             failover_possible=r.boolean("failoverPossible") if r.has("failoverPossible") else None,
             api_version=r.string("apiVersion"),

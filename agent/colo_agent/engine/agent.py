@@ -171,6 +171,7 @@ class Agent:
             lockstep=view.lockstep,
             ack_age_ms=self.metrics.ack_age_ms(),
             failover_possible=view.failover_possible,
+            stream=view.stream,
         )
 
     def ready(self) -> bool:

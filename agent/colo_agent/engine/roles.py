@@ -10,7 +10,14 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from colo_agent.api.metrics import AgentMetrics
-from colo_agent.api.models import CheckpointFigures, LockstepFigures, PeerStatus, ReplicationMode, Role
+from colo_agent.api.models import (
+    CheckpointFigures,
+    LockstepFigures,
+    PeerStatus,
+    ReplicationMode,
+    Role,
+    StreamFiguresStatus,
+)
 from colo_agent.arbiter.base import Arbiter
 from colo_agent.guest import ClientNic, Guest, MigrationStream, MirroredNic, PageLog
 from colo_agent.tls import PeerTls
@@ -90,6 +97,7 @@ class RoleView:
     failover_possible: bool = False
     last_checkpoint: CheckpointFigures | None = None
     lockstep: LockstepFigures | None = None
+    stream: StreamFiguresStatus | None = None
 
 
 class AgentRole(Protocol):

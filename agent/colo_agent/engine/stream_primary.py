@@ -28,7 +28,7 @@ import contextlib
 import logging
 import time
 
-from colo_agent.api.models import CheckpointFigures, PeerState, PeerStatus, Role
+from colo_agent.api.models import CheckpointFigures, PeerState, PeerStatus, Role, StreamFiguresStatus
 from colo_agent.engine.roles import RoleView, StreamParts, Tasks
 from colo_agent.guest import StreamError, StreamFigures
 from colo_agent.replication.handshake import AuthRefused
@@ -72,7 +72,8 @@ class StreamPrimaryRole:
         if self.boot:
             p.guest.start()
         else:
-            self._seen = (await p.stream.figures()).checkpoints
+            self.figures = await p.stream.figures()
+            self._seen = self.figures.checkpoints
         await p.stream.serve(s.client_host, s.client_port)
         log.info("primary of term %d serving on %s:%d (the backend replicates itself)", self.term,
                  s.client_host, s.client_port)
@@ -183,7 +184,8 @@ class StreamPrimaryRole:
         protecting.result()  # the backend's failure, if it failed
         self.protected = True
         self.epoch += 1
-        self._seen = (await self.parts.stream.figures()).checkpoints
+        self.figures = await self.parts.stream.figures()
+        self._seen = self.figures.checkpoints
         link.report(self.epoch)
         self._hold_unless_valid()
         self.parts.metrics.set_peer(up=True, synced=True)
@@ -228,7 +230,8 @@ class StreamPrimaryRole:
             await self._raise_floor()
         await self.parts.stream.continue_alone()  # which also lets a held guest run
         self._held_for_lease = False
-        self._seen = (await self.parts.stream.figures()).checkpoints
+        self.figures = await self.parts.stream.figures()
+        self._seen = self.figures.checkpoints
         self._hold_unless_valid()
 
     # ------------------------------------------------------------------ control API
@@ -240,8 +243,10 @@ class StreamPrimaryRole:
         else:
             state = PeerState.CONNECTED if self.protected else PeerState.SYNCING
             peer = PeerStatus(state, last_heartbeat_age_ms=max(0.0, (now - link.last_heard) * 1e3))
+        f = self.figures
+        stream = StreamFiguresStatus(f.state or "none", f.channels, f.mismatches) if f is not None else None
         return RoleView(Role.PRIMARY, peer, self.protected, self.epoch, self.failover_possible(),
-                        self.last_checkpoint)
+                        self.last_checkpoint, stream=stream)
 
     def ready(self) -> bool:
         return self.protected or self.parts.arbiter.is_valid()

@@ -15,7 +15,7 @@ a pod spec and on a command line:
 |---|---|---|
 | `COLO_QEMU_KERNEL`, `COLO_QEMU_INITRD` | the guest's kernel and initramfs | required |
 | `COLO_QEMU_DISK` | the primary's disk image (qcow2), e.g. on a PVC | required on a primary |
-| `COLO_QEMU_DISK_SIZE` | a secondary's disks' size in bytes (the primary's) | from `COLO_QEMU_DISK` |
+| `COLO_QEMU_DISK_SIZE` | disk size in bytes (a primary without an image: empty) | from `COLO_QEMU_DISK` |
 | `COLO_QEMU_RUN_DIR` | QMP socket, console, trace, the secondary's disks | `/tmp/colo-qemu` |
 | `COLO_QEMU_BINARY`, `COLO_QEMU_IMG` | QEMU and qemu-img | from `PATH` |
 | `COLO_QEMU_VCPUS`, `COLO_QEMU_NIC` | vCPUs; `e1000` or `virtio-net-pci` | 1, `e1000` |
@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,6 +173,11 @@ class QemuGuest:
         s = self.settings
         if s.disk is None:
             raise QemuError("a primary needs COLO_QEMU_DISK, its disk image")
+        if not s.disk.exists():
+            if s.disk_size is None:
+                raise QemuError(f"COLO_QEMU_DISK {s.disk} does not exist "
+                                "(with COLO_QEMU_DISK_SIZE the agent creates an empty one)")
+            _create_empty_disk(s.binaries.qemu_img, s.disk, s.disk_size)
         run = RunDir(s.run_dir / "primary")
         self.primary = ColoPrimary(s.binaries, s.spec, run, s.primary_ports(s.listen), s.checkpoint_ms)
         self.primary.spawn(s.disk)
@@ -268,6 +274,15 @@ class QemuGuest:
     @property
     def checkpoints(self) -> int:
         return self.primary.figures.checkpoints if self.primary is not None else 0
+
+
+def _create_empty_disk(qemu_img: str, path: Path, size: int) -> None:
+    """A fresh guest without a disk image gets an empty one (qcow2, sparse)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    out = subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", str(path), str(size)],
+                         capture_output=True, text=True, timeout=60)
+    if out.returncode != 0:
+        raise QemuError(f"qemu-img create {path}: {(out.stdout + out.stderr).strip()}")
 
 
 def qmp_sync(path: Path, command: str, timeout: float = 10.0) -> object:
