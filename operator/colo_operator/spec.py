@@ -121,6 +121,21 @@ class GuestSpec:
     memory_bytes: int = 64 << 20
     qemu: QemuSpec | None = None  # backend qemu only
 
+    @classmethod
+    def read(cls, guest: Reader) -> GuestSpec:
+        memory = guest.string("memory", "64Mi")
+        memory_bytes = _memory_bytes(memory)
+        backend = guest.one_of("backend", ("microvm", "qemu"), "microvm")
+        qemu_section = guest.optional_child("qemu")
+        if (qemu_section is not None) != (backend == "qemu"):
+            raise SpecError("guest.qemu", "is required with backend qemu, and only allowed with it")
+        qemu = None if qemu_section is None else QemuSpec.read(qemu_section)
+        if qemu is not None and memory_bytes % MEBIBYTE:
+            raise SpecError("guest.memory",
+                            f"{memory!r}: a qemu guest's memory must be a whole number of MiB")
+        return cls(backend=backend, accel=guest.one_of("accel", ("auto", "kvm", "tcg"), "auto"),
+                   memory=memory, memory_bytes=memory_bytes, qemu=qemu)
+
 
 @dataclass(frozen=True, slots=True)
 class ReplicationSpec:
@@ -234,17 +249,8 @@ class ColoVMSpec:
     @classmethod
     def from_dict(cls, spec: object) -> ColoVMSpec:
         r = Reader(spec if spec is not None else {}, "", _spec_error)
-        guest = r.section("guest")
-        memory = guest.string("memory", "64Mi")
-        memory_bytes = _memory_bytes(memory)
-        backend = guest.one_of("backend", ("microvm", "qemu"), "microvm")
-        qemu_section = guest.optional_child("qemu")
-        if (qemu_section is not None) != (backend == "qemu"):
-            raise SpecError("guest.qemu", "is required with backend qemu, and only allowed with it")
-        qemu = None if qemu_section is None else QemuSpec.read(qemu_section)
-        if qemu is not None and memory_bytes % MEBIBYTE:
-            raise SpecError("guest.memory",
-                            f"{memory!r}: a qemu guest's memory must be a whole number of MiB")
+        guest = GuestSpec.read(r.section("guest"))
+        backend = guest.backend
 
         failover = r.section("failover")
         interval = failover.integer("heartbeatIntervalMs", HEARTBEAT_INTERVAL_MS, minimum=10, maximum=60000)
@@ -275,13 +281,7 @@ class ColoVMSpec:
         service = r.section("service")
         resources = r.anything("resources")
         return cls(
-            guest=GuestSpec(
-                backend=backend,
-                accel=guest.one_of("accel", ("auto", "kvm", "tcg"), "auto"),
-                memory=memory,
-                memory_bytes=memory_bytes,
-                qemu=qemu,
-            ),
+            guest=guest,
             replication=ReplicationSpec(
                 mode=mode,
                 checkpoint_interval_ms=replication.integer(
