@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -18,7 +19,7 @@ from colo_agent.api.models import (
     Role,
     StreamFiguresStatus,
 )
-from colo_agent.arbiter.base import Arbiter
+from colo_agent.arbiter.base import Arbiter, ArbiterError
 from colo_agent.guest import ClientNic, Guest, MigrationStream, MirroredNic, PageLog
 from colo_agent.tls import PeerTls
 
@@ -110,6 +111,33 @@ class AgentRole(Protocol):
     def view(self, now: float) -> RoleView: ...
 
     def ready(self) -> bool: ...
+
+
+class ArbiterWatch:
+    """A secondary's reads of the arbiter while it follows a primary.
+
+    It reads the record every renew interval, so the clock on the primary's
+    last renewal is already running when a promotion comes, and so status can
+    say whether a promotion could take the arbiter at all. Store errors are
+    retried: observing is advisory.
+    """
+
+    def __init__(self, arbiter: Arbiter) -> None:
+        self.arbiter = arbiter
+        self.read_at = -float("inf")  # monotonic time of the last successful read
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.arbiter.observe()
+                self.read_at = time.monotonic()
+            except ArbiterError as exc:
+                log.debug("arbiter: observation failed: %s", exc)
+            await asyncio.sleep(self.arbiter.renew_interval)
+
+    def answered_recently(self) -> bool:
+        """The arbiter answered within the last lease duration."""
+        return time.monotonic() - self.read_at < self.arbiter.lease_duration
 
 
 class Tasks:

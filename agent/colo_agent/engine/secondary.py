@@ -15,9 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from colo_agent.api.models import PeerState, PeerStatus, Role
-from colo_agent.arbiter.base import ArbiterError
 from colo_agent.engine.lockstep import SecondaryMirror, unpack_state
-from colo_agent.engine.roles import Parts, RoleView, Tasks
+from colo_agent.engine.roles import ArbiterWatch, Parts, RoleView, Tasks
 from colo_agent.replication.cache import CacheMode, ColoCache, default_capacity, image_digest
 from colo_agent.replication.handshake import AuthRefused
 from colo_agent.replication.protocol import RemoteProtocolError
@@ -58,11 +57,11 @@ class SecondaryRole:
         self.peer_lost: str | None = None
         self.guest_started = False
         self._promoted = False
-        self._arbiter_read_at = -float("inf")  # monotonic time of the last successful read
+        self._arbiter = ArbiterWatch(parts.arbiter)
 
     async def start(self) -> None:
         self.parts.metrics.set_role(Role.SECONDARY, 0)
-        self.tasks.spawn(self._observe_arbiter(), "arbiter observation")
+        self.tasks.spawn(self._arbiter.run(), "arbiter observation")
         self.tasks.spawn(self._follow(), "replication")
 
     async def close(self) -> None:
@@ -82,24 +81,9 @@ class SecondaryRole:
         committed = self.cache.committed
         return None if committed is None else committed.epoch
 
-    async def _observe_arbiter(self) -> None:
-        """Read the record every renew interval, so the clock on the primary's last renewal
-        is already running when a promotion comes, and so status can say whether a
-        promotion could take the arbiter at all. Store errors are retried: observing
-        is advisory."""
-        arbiter = self.parts.arbiter
-        while True:
-            try:
-                await arbiter.observe()
-                self._arbiter_read_at = time.monotonic()
-            except ArbiterError as exc:
-                log.debug("arbiter: observation failed: %s", exc)
-            await asyncio.sleep(arbiter.renew_interval)
-
     def failover_possible(self) -> bool:
         """A committed image exists and the arbiter answered within the last lease duration."""
-        recent = time.monotonic() - self._arbiter_read_at < self.parts.arbiter.lease_duration
-        return self.promotable and recent
+        return self.promotable and self._arbiter.answered_recently()
 
     # ------------------------------------------------------------------ following the primary
 

@@ -21,8 +21,7 @@ import logging
 import time
 
 from colo_agent.api.models import PeerState, PeerStatus, Role
-from colo_agent.arbiter.base import ArbiterError
-from colo_agent.engine.roles import RoleView, StreamParts, Tasks
+from colo_agent.engine.roles import ArbiterWatch, RoleView, StreamParts, Tasks
 from colo_agent.engine.secondary import Handover
 from colo_agent.replication.handshake import AuthRefused
 from colo_agent.replication.protocol import RemoteProtocolError
@@ -45,11 +44,11 @@ class StreamSecondaryRole:
         self.epoch = 0  # of the image; 0: none yet
         self.peer_lost: str | None = None
         self._promoted = False
-        self._arbiter_read_at = -float("inf")
+        self._arbiter = ArbiterWatch(parts.arbiter)
 
     async def start(self) -> None:
         self.parts.metrics.set_role(Role.SECONDARY, 0)
-        self.tasks.spawn(self._observe_arbiter(), "arbiter observation")
+        self.tasks.spawn(self._arbiter.run(), "arbiter observation")
         self.tasks.spawn(self._follow(), "replication")
 
     async def close(self) -> None:
@@ -64,20 +63,8 @@ class StreamSecondaryRole:
     def image(self) -> tuple[int, int] | None:
         return (self.term, self.epoch) if self.promotable else None
 
-    async def _observe_arbiter(self) -> None:
-        """As the page-log secondary does: keep the clock on the primary's renewals running."""
-        arbiter = self.parts.arbiter
-        while True:
-            try:
-                await arbiter.observe()
-                self._arbiter_read_at = time.monotonic()
-            except ArbiterError as exc:
-                log.debug("arbiter: observation failed: %s", exc)
-            await asyncio.sleep(arbiter.renew_interval)
-
     def failover_possible(self) -> bool:
-        recent = time.monotonic() - self._arbiter_read_at < self.parts.arbiter.lease_duration
-        return self.promotable and recent
+        return self.promotable and self._arbiter.answered_recently()
 
     # ------------------------------------------------------------------ following the primary
 
