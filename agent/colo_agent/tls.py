@@ -10,10 +10,9 @@ A peer is admitted when its chain verifies against the CA *and* its URI
 name is one the caller allows (`colo_agent.api.identity`): the CA says the
 operator issued it, the name says for which VM.
 
-The replication stream keeps raw non-blocking sockets (an `SSLSocket`
-wrapped around them): `SSLSocket.recv_into` decrypts straight into the
-cache slot the session picked and `SSLSocket.send` encrypts straight from
-the staged pages, so TLS adds the cipher and no Python-level copy.
+The replication stream keeps plain non-blocking sockets and runs TLS over
+memory BIOs (`colo_agent.tls_stream`), so that it reads and writes
+ciphertext in large pieces and ciphers on more than one thread.
 """
 
 from __future__ import annotations

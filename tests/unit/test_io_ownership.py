@@ -15,8 +15,8 @@ import colo_agent
 ROOT = Path(colo_agent.__file__).resolve().parent
 OWNER = ROOT / "replication" / "transport.py"
 # Sockets that are not replication sockets: the guest's clients, and the TLS
-# hook the transport calls to wrap its own sockets.
-OTHER_SOCKETS = {ROOT / "bridge.py", ROOT / "tls.py"}
+# hooks the transport calls to secure its own sockets.
+OTHER_SOCKETS = {ROOT / "bridge.py", ROOT / "tls.py", ROOT / "tls_stream.py"}
 # Where no socket may appear at all, not even an import.
 NO_SOCKETS = [ROOT / "replication", ROOT / "engine"]
 _LOOP_SOCKET_CALLS = {"sock_recv", "sock_recv_into", "sock_sendall", "sock_sendto", "sock_accept",

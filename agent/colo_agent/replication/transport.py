@@ -27,12 +27,12 @@ import errno
 import logging
 import secrets
 import socket
-import ssl
 import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -82,6 +82,7 @@ from colo_agent.replication.session import (
 )
 from colo_agent.replication.stream import StreamSession, TargetKnown
 from colo_agent.tls import PeerTls, wait_ready
+from colo_agent.tls_stream import TlsStream, secure
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,13 @@ MIRROR = Channel(ChannelKind.MIRROR)
 Clock = Callable[[], float]
 HANDSHAKE_TIMEOUT = 5.0
 _SCRATCH = 1 << 16
+# Ciphertext is read from the socket this much at a time.
+_CIPHERTEXT_READ = 1 << 18
+# Encrypting or decrypting at least this much goes to the connection's thread:
+# below it, the hop between threads costs more than the cipher.
+_CIPHER_OFFLOAD = 1 << 16
+_T = TypeVar("_T")
+_IOV_MAX = 1024
 _YIELD_EVERY = 1 << 20
 
 
@@ -103,12 +111,15 @@ class PeerLostError(ConnectionError):
 class Connection:
     """A non-blocking TCP socket with framed sends and in-place receives.
 
-    Over TLS (an `ssl.SSLSocket`, see `colo_agent.tls`) sends encrypt from
-    the caller's buffers and receives decrypt into the destination: the
-    same zero-copy paths, with the cipher in between.
+    Over TLS (a `TlsStream`) the socket stays the same plain one and
+    carries ciphertext in large reads and writes; sends encrypt from the
+    caller's buffers and receives decrypt into the destination. Large
+    encryptions and decryptions run on this connection's own thread
+    (OpenSSL releases the GIL), so the channels of a pairing cipher in
+    parallel while the loop moves bytes.
     """
 
-    def __init__(self, sock: socket.socket, name: str) -> None:
+    def __init__(self, sock: socket.socket, name: str, tls: TlsStream | None = None) -> None:
         sock.setblocking(False)
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -121,12 +132,14 @@ class Connection:
         self._scratch = bytearray(_SCRATCH)
         self._loop = asyncio.get_running_loop()
         self._closed = False
-        self._tls = isinstance(sock, ssl.SSLSocket)
+        self._tls = tls
+        self._ciphertext = memoryview(bytearray(_CIPHERTEXT_READ)) if tls is not None else None
+        self._cipher_thread: ThreadPoolExecutor | None = None
         self._unyielded = 0
 
     @property
     def tls(self) -> bool:
-        return self._tls
+        return self._tls is not None
 
     async def send(self, msg: Message) -> None:
         await self.sendmsg([self.encoder.encode(msg)])
@@ -136,17 +149,30 @@ class Connection:
         await self.sendmsg(buffers)
 
     async def sendmsg(self, buffers: list[bytes | memoryview]) -> None:
-        """Send every buffer, in order, without joining them."""
+        """Send every buffer, in order, without joining them (over TLS: their records)."""
+        if self._tls is not None:
+            if sum(memoryview(b).nbytes for b in buffers) >= _CIPHER_OFFLOAD:
+                wire = await self._on_cipher_thread(self._tls.encrypt, buffers)
+            else:
+                wire = self._tls.encrypt(buffers)
+            buffers = [wire]
+        await self.send_wire(buffers)
+
+    def encrypt(self, data: bytes) -> bytes:
+        """What goes on the wire for `data` (itself in clear); any thread, in
+        the order the wire will carry it (see `ThreadSafeLink`)."""
+        return data if self._tls is None else self._tls.encrypt([data])
+
+    async def send_wire(self, buffers: list[bytes | memoryview]) -> None:
+        """Send bytes as they are (ciphertext already, over TLS), in order."""
         views = [memoryview(b).cast("B") for b in buffers]
         while views:
             try:
-                # SSLSocket has no sendmsg: one TLS write per buffer, no join.
-                n = self.sock.send(views[0]) if self._tls else self.sock.sendmsg(views)
-            except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError):
+                # At most IOV_MAX buffers a call (EMSGSIZE beyond): a busy
+                # mirror link's outbox holds thousands of small frames.
+                n = self.sock.sendmsg(views[:_IOV_MAX] if len(views) > _IOV_MAX else views)
+            except (BlockingIOError, InterruptedError):
                 await self._writable()
-                continue
-            except ssl.SSLWantReadError:
-                await wait_ready(self.sock, write=False)
                 continue
             self.bytes_sent += n
             while n:
@@ -161,35 +187,46 @@ class Connection:
     async def _writable(self) -> None:
         await wait_ready(self.sock, write=True)
 
+    async def _on_cipher_thread(self, fn: Callable[[Any], _T], arg: Any) -> _T:
+        if self._closed:
+            raise ConnectionError(f"{self.name}: closed")
+        if self._cipher_thread is None:
+            self._cipher_thread = ThreadPoolExecutor(1, thread_name_prefix=f"tls {self.name}")
+        return await self._loop.run_in_executor(self._cipher_thread, fn, arg)
+
     async def _recv_into(self, buf: memoryview) -> int:
-        if self._tls:
-            return await self._tls_recv_into(buf)
+        if self._tls is not None:
+            return await self._tls_recv_into(self._tls, buf)
         n = await self._loop.sock_recv_into(self.sock, buf)
         self.bytes_received += n
         return n
 
-    async def _tls_recv_into(self, buf: memoryview) -> int:
-        # Try first: decrypted bytes may wait inside the TLS object while the
+    async def _tls_recv_into(self, tls: TlsStream, buf: memoryview) -> int:
+        # Decrypt first: ciphertext may be waiting in the stream while the
         # socket itself has nothing to read.
+        raw = self._ciphertext
+        assert raw is not None
         while True:
-            try:
-                n = self.sock.recv_into(buf)
-            except ssl.SSLWantReadError:
-                await wait_ready(self.sock, write=False)
-                continue
-            except ssl.SSLWantWriteError:
-                await self._writable()
-                continue
-            except ssl.SSLZeroReturnError:
-                return 0
-            self.bytes_received += n
-            self._unyielded += n
-            if self._unyielded >= _YIELD_EVERY:
-                # A stream that never runs dry would never suspend this task:
-                # let the heartbeat and the other channels run.
-                self._unyielded = 0
-                await asyncio.sleep(0)
-            return n
+            if tls.pending >= _CIPHER_OFFLOAD and len(buf) >= _CIPHER_OFFLOAD:
+                n = await self._on_cipher_thread(tls.decrypt_into, buf)
+            else:
+                n = tls.decrypt_into(buf)
+            if n is not None:
+                break
+            got = await self._loop.sock_recv_into(self.sock, raw)
+            if got:
+                tls.feed(raw[:got])
+            else:
+                tls.feed_eof()
+        self.bytes_received += n
+        self._unyielded += n
+        if self._unyielded >= _YIELD_EVERY:
+            # Ciphertext already read never makes the loop wait: a stream that
+            # never runs dry would never suspend this task. Let the heartbeat
+            # and the other channels run.
+            self._unyielded = 0
+            await asyncio.sleep(0)
+        return n
 
     async def next_event(
         self, on_pages: Callable[[PagesHeader], memoryview | None] | None = None
@@ -226,9 +263,7 @@ class Connection:
     def yank(self) -> None:
         """Shut the socket down so that any task blocked on it wakes up."""
         with contextlib.suppress(OSError):
-            # The plain socket's shutdown: SSLSocket.shutdown would also drop
-            # its TLS state, and a late read would then see ciphertext.
-            socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
+            self.sock.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
         if not self._closed:
@@ -241,6 +276,10 @@ class Connection:
                 self._loop.remove_reader(fd)
                 self._loop.remove_writer(fd)
             self.sock.close()
+            if self._cipher_thread is not None:
+                # Wait for a decryption in progress: its destination (a cache
+                # slot) may be handed to the next pairing as soon as we return.
+                self._cipher_thread.shutdown(wait=True)
 
 
 class ThreadSafeLink:
@@ -253,7 +292,9 @@ class ThreadSafeLink:
     what the socket does not take waits in the outbox for the loop's writer;
     nothing is sent directly while the outbox is not empty or the writer is
     sending, so sends never reorder. Frames are numbered under the same lock,
-    in the order they go out. Receiving happens on the loop.
+    in the order they go out; over TLS the calling thread encrypts them
+    there too, so records go out in the order they were made. Receiving
+    happens on the loop.
     """
 
     def __init__(self, conn: Connection, name: str) -> None:
@@ -275,10 +316,8 @@ class ThreadSafeLink:
         with self._lock:
             if self.failed is not None:
                 return
-            out: bytes | memoryview = self.conn.encoder.encode(msg)
-            # A TLS connection is used by the loop's thread only: OpenSSL's
-            # state must not be driven from two threads at once.
-            if not self._outbox and not self._writing and not self.conn.tls:
+            out: bytes | memoryview = self.conn.encrypt(self.conn.encoder.encode(msg))
+            if not self._outbox and not self._writing:
                 try:
                     sent = self.conn.sock.send(out)
                 except (BlockingIOError, InterruptedError):
@@ -314,7 +353,7 @@ class ThreadSafeLink:
                         self._writing = bool(batch)
                     if not batch:
                         break
-                    await self.conn.sendmsg(batch)
+                    await self.conn.send_wire(batch)
         except OSError as exc:
             self.failed = f"send failed: {exc}"
         finally:
@@ -817,9 +856,10 @@ async def _secure_and_authenticate(
     """TLS (the primary is the server side) then the HELLO; closes the socket on failure."""
     conn: Connection | None = None
     try:
+        stream = None
         if tls is not None:
-            sock, _ = await asyncio.wait_for(tls.secure(sock, server_side=True), HANDSHAKE_TIMEOUT)
-        conn = Connection(sock, name)
+            stream = await asyncio.wait_for(secure(tls, sock, server_side=True), HANDSHAKE_TIMEOUT)
+        conn = Connection(sock, name, stream)
         return conn, await asyncio.wait_for(_client_handshake(conn, hs), HANDSHAKE_TIMEOUT)
     except BaseException:
         if conn is not None:
@@ -952,14 +992,14 @@ class CheckpointReceiver:
         """Authenticate one connection (we answer the primary's HELLO) and attach it.
 
         The secondary dials, so it is the TLS client."""
+        stream: TlsStream | None = None
         if self.tls is not None:
             try:
-                secure = self.tls.secure(sock, server_side=False)
-                sock, _ = await asyncio.wait_for(secure, HANDSHAKE_TIMEOUT)
+                stream = await asyncio.wait_for(secure(self.tls, sock, server_side=False), HANDSHAKE_TIMEOUT)
             except BaseException:
                 sock.close()
                 raise
-        conn = Connection(sock, where)
+        conn = Connection(sock, where, stream)
         hs = ServerHandshake(
             secret=self._secret, vm=self.vm, term=self.term, page_count=self.cache.page_count,
             cache_pages=self.cache.capacity, policy=policy,
@@ -1259,13 +1299,14 @@ class StreamLink:
 
 
 async def _secured(sock: socket.socket, name: str, tls: PeerTls | None, *, server_side: bool) -> Connection:
+    stream: TlsStream | None = None
     if tls is not None:
         try:
-            sock, _ = await asyncio.wait_for(tls.secure(sock, server_side=server_side), HANDSHAKE_TIMEOUT)
+            stream = await asyncio.wait_for(secure(tls, sock, server_side=server_side), HANDSHAKE_TIMEOUT)
         except BaseException:
             sock.close()
             raise
-    return Connection(sock, name)
+    return Connection(sock, name, stream)
 
 
 async def _server_handshake(conn: Connection, hs: ServerHandshake) -> Hello | None:
