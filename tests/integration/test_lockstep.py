@@ -53,7 +53,9 @@ def _write_for(agent: AgentProcess, seconds: float, clients: int = 3) -> WriteLo
 
 @pytest.mark.parametrize("group", ACCELS, indirect=True)
 def test_identical_input_is_released_on_match_without_extra_checkpoints(group: AgentGroup) -> None:
-    primary, secondary = group.pair(extra=LOCKSTEP)
+    # A compare timeout far above any scheduling delay of a loaded machine: a timeout
+    # checkpoint here means the secondary stalled, not that the host was busy.
+    primary, secondary = group.pair(extra=(*LOCKSTEP, "--compare-timeout-ms", "10000"))
     before = _causes(primary)
     writes = _write_for(primary, 2.0)
     assert not writes.errors
