@@ -12,6 +12,7 @@ TCG (these machines cannot run QEMU guests under KVM).
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import time
@@ -110,20 +111,20 @@ async def test_agents_fail_over_keep_every_acknowledged_write_and_reprotect(tmp_
         term = status.term
         primary.kill()
         killed = time.monotonic()
-        for _ in range(100):
-            if not any(_alive(pid) for pid in old_qemu):
-                break
-            await asyncio.sleep(0.05)
-        assert old_qemu and not any(_alive(pid) for pid in old_qemu), "the killed agent's QEMU lives on"
-        await asyncio.wait_for(writing, 60.0)
-        assert late.acked, "no write was acknowledged before the kill"
-
+        # The test plays the operator: promote as soon as the secondary reports its primary lost.
         await _wait(secondary, "aware of the lost primary", lambda s: s.peer.state is PeerState.LOST, 30)
+        lost = time.monotonic() - killed
         reply = await asyncio.to_thread(secondary.promote, term + 1, group.secret, 60.0)
         assert reply.status_code == 200, reply.text
+        promoted_at = time.monotonic() - killed
         await wait_redis(_client(secondary), 60.0)
         answered = time.monotonic() - killed
-        print(f"failover: first answer {answered:.2f}s after the kill (lease {LEASE_MS} ms)")
+        print(f"failover: lost after {lost:.2f}s, promoted after {promoted_at:.2f}s (lease {LEASE_MS} ms), "
+              f"first answer {answered:.2f}s after the kill")
+        assert not any(_alive(pid) for pid in old_qemu), "the killed agent's QEMU lives on"
+        assert old_qemu
+        await asyncio.wait_for(writing, 60.0)
+        assert late.acked, "no write was acknowledged before the kill"
         for w in (before, during, late):
             assert await missing(_client(secondary), w.prefix, w.acked) == [], w.prefix
         promoted = secondary.status()
@@ -143,6 +144,19 @@ async def test_agents_fail_over_keep_every_acknowledged_write_and_reprotect(tmp_
             assert await missing(_client(secondary), w.prefix, w.acked) == [], w.prefix
         final = secondary.status()
         assert final is not None and final.totals.checkpoints >= 1 and final.totals.failovers == 1, final
+
+        # The new secondary dies: the primary raises the epoch floor, QEMU goes on alone, writes go on.
+        third.kill()
+        await _wait(secondary, "unprotected", lambda s: not s.synced and s.peer.state is PeerState.NONE, 60)
+        record = json.loads(group.arbiter.read_text())
+        assert record["epochFloor"] > final.last_acked_epoch, record
+        lone = Writer(_client(secondary), "lone")
+        await lone.run(asyncio.Event(), 20)
+        assert len(lone.acked) == 20
+        for w in (before, during, late, alone, after, lone):
+            assert await missing(_client(secondary), w.prefix, w.acked) == [], w.prefix
+        status = secondary.status()
+        assert status is not None and status.stream is not None and status.stream.state != "colo", status
     finally:
         pids = [pid for agent in group.agents for pid in _qemu_pids(agent)]
         group.close()

@@ -17,6 +17,8 @@ from functools import cache
 from pathlib import Path
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from colo_agent.qemu.colo import Binaries
 from colo_agent.qemu.command import Endpoint, GuestSpec
@@ -53,6 +55,19 @@ def qemu_tools() -> QemuTools:
     return QemuTools(Binaries(qemu=str(qemu), qemu_img=str(qemu.parent / "qemu-img")), guest)
 
 
+def redis_client(client: Endpoint, timeout: float, connect_timeout: float | None = None) -> aioredis.Redis:
+    """A client that tries each command once.
+
+    redis-py retries a failed command on its own (10 times, with exponential
+    backoff and jitter up to 10 s between tries, by default). Around a
+    failover that hides what the client saw and when: a write to the dead
+    primary would be retried for up to a minute, and the first answer of the
+    promoted one would be measured after the client's own sleep, which
+    grows with how slowly the machine let the new primary open its port."""
+    return aioredis.Redis(host=client.host, port=client.port, socket_timeout=timeout,
+                          socket_connect_timeout=connect_timeout or timeout, retry=Retry(NoBackoff(), 0))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -67,7 +82,7 @@ async def wait_redis(client: Endpoint, timeout: float) -> float:
     """Seconds until the guest's redis answers PING on `client`."""
     start = time.monotonic()
     while True:
-        r = aioredis.Redis(host=client.host, port=client.port, socket_timeout=2.0, socket_connect_timeout=2.0)
+        r = redis_client(client, 2.0)
         try:
             if await r.ping():
                 return time.monotonic() - start
@@ -92,7 +107,7 @@ class Writer:
     async def run(
         self, stop: asyncio.Event, count: int, pause: float = 0.0, value: bytes | None = None
     ) -> None:
-        r = aioredis.Redis(host=self.client.host, port=self.client.port, socket_timeout=5.0)
+        r = redis_client(self.client, 5.0)
         try:
             for i in range(count):
                 if stop.is_set():
@@ -110,7 +125,7 @@ class Writer:
 
 
 async def missing(client: Endpoint, prefix: str, keys: list[int]) -> list[int]:
-    r = aioredis.Redis(host=client.host, port=client.port, socket_timeout=10.0)
+    r = redis_client(client, 10.0)
     try:
         values = await r.mget([f"{prefix}:{i}" for i in keys]) if keys else []
     finally:
@@ -120,7 +135,7 @@ async def missing(client: Endpoint, prefix: str, keys: list[int]) -> list[int]:
 
 async def reload_from_disk(client: Endpoint) -> None:
     """Make redis drop its RAM and load the append-only file from the replicated disk."""
-    r = aioredis.Redis(host=client.host, port=client.port, socket_timeout=60.0)
+    r = redis_client(client, 60.0)
     try:
         await r.execute_command("DEBUG", "LOADAOF")
     finally:

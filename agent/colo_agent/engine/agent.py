@@ -197,7 +197,7 @@ class Agent:
         handover = await role.hand_over()
         self.metrics.failed_over()
         log.info("promoted with term %d from epoch %d of term %d (%s)", term, handover.epoch, handover.term,
-                 "guest boots from the image" if handover.boot else "lockstep guest continues")
+                 "guest boots from the image" if handover.boot else "the running guest continues")
         await self._swap(self._primary_role(term, boot=handover.boot))
         return PromoteResult(role=Role.PRIMARY, term=term, resumed_from_epoch=handover.epoch)
 
