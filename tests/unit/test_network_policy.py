@@ -106,8 +106,8 @@ def _operator_pod(*values: str) -> tuple[Pod, OperatorConfig]:
     return Pod(RELEASE_NAMESPACE, template["metadata"]["labels"]), OperatorConfig.from_env(env)
 
 
-def _agent(name: str, vm_name: str = "vm", namespace: str = "ns") -> Pod:
-    view = dataclasses.replace(vm(), name=vm_name, namespace=namespace)
+def _agent(name: str, vm_name: str = "vm", namespace: str = "ns", spec: dict[str, Any] | None = None) -> Pod:
+    view = dataclasses.replace(vm(spec=spec), name=vm_name, namespace=namespace)
     action = CreatePod(name=name, serial=1, role="primary", peer=None, place=Place(("n1",), (), ()))
     return Pod(namespace, agent_pod(view, OperatorConfig(), action)["metadata"]["labels"])
 
@@ -141,6 +141,24 @@ def test_only_the_operator_reaches_control_and_only_the_vms_agents_reach_replica
     # The policy isolates this VM's agents only: another VM's pods are its own policy's business.
     assert admits(policy, client, other_vm, c.REPLICATION_PORT)
     assert admits(policy, client, Pod("ns", operator.labels), c.CONTROL_PORT)
+
+
+QEMU_VM = {"guest": {"backend": "qemu", "memory": "256Mi", "qemu": {"disk": {"size": "1Gi"}}}}
+
+
+def test_qemus_colo_ports_open_between_the_vms_own_agents_only() -> None:
+    """QEMU's COLO connections are in clear: the policy is what keeps other pods off them."""
+    policy = network_policy(vm(spec=QEMU_VM), "colo-system", {"app.kubernetes.io/name": "colo-operator"})
+    ours, peer = _agent("vm-0", spec=QEMU_VM), _agent("vm-1", spec=QEMU_VM)
+    other_vm = _agent("other-0", vm_name="other", spec=QEMU_VM)
+    operator = Pod("colo-system", {"app.kubernetes.io/name": "colo-operator"})
+    for port in (*c.QEMU_COLO_PORTS, c.REPLICATION_PORT):
+        assert admits(policy, peer, ours, port)
+        for src in (other_vm, operator, Pod("ns", {"app": "web"})):
+            assert not admits(policy, src, ours, port), (src, port)
+    # A micro-VM's agents listen on no QEMU port, and the policy opens none.
+    plain = network_policy(vm(), "colo-system", {"app.kubernetes.io/name": "colo-operator"})
+    assert not any(admits(plain, _agent("vm-1"), _agent("vm-0"), port) for port in c.QEMU_COLO_PORTS)
 
 
 def test_the_evaluator_refuses_what_it_does_not_understand() -> None:
