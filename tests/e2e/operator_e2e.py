@@ -1,16 +1,18 @@
-"""What the operator's end-to-end tests share: waiting, helm, and a small RESP client."""
+"""What the operator's end-to-end tests share: waiting, helm, and a writer that records what a
+Service acknowledged."""
 
 from __future__ import annotations
 
-import contextlib
-import socket
+import json
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+
+from support.resp import RespClient, RespError
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "colo-operator"
@@ -29,6 +31,43 @@ def wait_for(predicate: Callable[[], T | None], timeout: float, what: str, inter
         time.sleep(interval)
 
 
+def operator_installed(cluster: Any, namespace: str) -> Iterator[None]:
+    """For a module's `operator` fixture: the chart installed (the operator polling every half
+    second) and `namespace` created for the test's ColoVMs; both removed after."""
+    result = helm(
+        cluster, "upgrade", "--install", RELEASE, str(CHART), "--namespace", RELEASE_NAMESPACE,
+        "--create-namespace", "--wait", "--timeout", "300s", "--set-json", "operator.pollIntervalSeconds=0.5",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    cluster.kubectl("create", "namespace", namespace, check=False)
+    yield
+    cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+    helm(cluster, "uninstall", RELEASE, "--namespace", RELEASE_NAMESPACE, "--wait")
+
+
+def cvm_status(cluster: Any, namespace: str, name: str) -> dict[str, Any]:
+    """The ColoVM's status ({} while it has none, or does not exist)."""
+    result = cluster.kubectl("get", "cvm", name, "-n", namespace, "-o", "json", check=False)
+    return json.loads(result.stdout).get("status") or {} if result.returncode == 0 else {}
+
+
+def kubectl_apply(cluster: Any, namespace: str, obj: dict[str, Any]) -> None:
+    from cluster import build
+
+    binary = build.bin_dir() / "kubectl"
+    subprocess.run(
+        [str(binary) if binary.exists() else "kubectl", f"--kubeconfig={cluster.kubeconfig}",
+         "apply", "-n", namespace, "-f", "-"],
+        input=json.dumps(obj), capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+
+
+def colovm(name: str, **spec: Any) -> dict[str, Any]:
+    """A ColoVM of a 16 MiB guest; `spec` adds to (or replaces parts of) its spec."""
+    return {"apiVersion": "colo.dev/v1alpha1", "kind": "ColoVM", "metadata": {"name": name},
+            "spec": {"guest": {"memory": "16Mi"}, **spec}}  # fmt: skip
+
+
 def helm(cluster: Any, *args: str) -> subprocess.CompletedProcess[str]:
     from cluster import build
 
@@ -39,67 +78,13 @@ def helm(cluster: Any, *args: str) -> subprocess.CompletedProcess[str]:
     )  # fmt: skip
 
 
-# --------------------------------------------------------------------------- a RESP client
-
-
-def resp_command(*args: str) -> bytes:
-    parts = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        data = arg.encode()
-        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(parts)
-
-
-class RespConnection:
-    """One blocking RESP connection; enough for SET and MGET."""
-
-    def __init__(self, address: tuple[str, int], timeout: float) -> None:
-        self.sock = socket.create_connection(address, timeout=timeout)
-        self.file = self.sock.makefile("rb")
-
-    def call(self, *args: str) -> Any:
-        self.sock.sendall(resp_command(*args))
-        return self._reply()
-
-    def _reply(self) -> Any:
-        line = self.file.readline()
-        if not line.endswith(b"\r\n"):
-            raise ConnectionError(f"connection closed inside a reply ({line!r})")
-        kind, body = line[:1], line[1:-2]
-        if kind == b"+":
-            return body
-        if kind == b"-":
-            raise ConnectionError(f"error reply: {body.decode(errors='replace')}")
-        if kind == b":":
-            return int(body)
-        if kind == b"$":
-            n = int(body)
-            if n < 0:
-                return None
-            data = self.file.read(n + 2)
-            if len(data) != n + 2:
-                raise ConnectionError("connection closed inside a bulk string")
-            return data[:-2]
-        if kind == b"*":
-            n = int(body)
-            return None if n < 0 else [self._reply() for _ in range(n)]
-        raise ConnectionError(f"not a RESP reply: {line!r}")
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.file.close()
-            self.sock.close()
+# --------------------------------------------------------------------------- checking writes
 
 
 def missing(address: tuple[str, int], acknowledged: dict[str, str]) -> list[str]:
     keys = sorted(acknowledged)
-    conn = RespConnection(address, timeout=30.0)
-    try:
-        values: list[Any] = []
-        for start in range(0, len(keys), 256):
-            values += conn.call("MGET", *keys[start : start + 256])
-    finally:
-        conn.close()
+    with RespClient.connect(*address, timeout=30.0) as conn:
+        values = conn.mget(keys)
     return [k for k, v in zip(keys, values, strict=True) if v != acknowledged[k].encode()]
 
 
@@ -146,7 +131,7 @@ class Writer:
                 time.sleep(0.1)
                 continue
             try:
-                conn = RespConnection(address, timeout=self.reply_timeout)
+                conn = RespClient.connect(*address, timeout=self.reply_timeout)
             except OSError as exc:
                 self.errors.append(f"connect {address}: {exc!r}")
                 time.sleep(0.1)
@@ -163,7 +148,7 @@ class Writer:
                     self.ack_times.append(now)
                     self.ack_at[key] = now
                     self.acks_by_address[address] = self.acks_by_address.get(address, 0) + 1
-            except (OSError, ConnectionError) as exc:
+            except (OSError, RespError) as exc:
                 self.errors.append(f"{address}: {exc!r}")
                 time.sleep(0.1)
             finally:

@@ -17,9 +17,9 @@ import sys
 import textwrap
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import kubernetes
 import pytest
@@ -35,8 +35,7 @@ from kubernetes.client import (
     V1Service,
     V1ServiceAccount,
 )
-
-T = TypeVar("T")
+from operator_e2e import wait_for
 
 # A pod's program: an HTTP server that answers /healthz and reports its env.
 WEB_SERVER = textwrap.dedent(
@@ -85,17 +84,6 @@ RBAC_PROBE = textwrap.dedent(
     sys.exit(0 if ok else 1)
     """
 )
-
-
-def wait_for(predicate: Callable[[], T | None], timeout: float, what: str, interval: float = 0.25) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
 
 
 @pytest.fixture

@@ -6,30 +6,14 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import Any, TypeVar
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
+from operator_e2e import CHART, RELEASE, RELEASE_NAMESPACE, ROOT, wait_for
 
-ROOT = Path(__file__).resolve().parents[2]
-CHART = ROOT / "charts" / "colo-operator"
-RELEASE, RELEASE_NAMESPACE = "colo", "colo-system"
 SERVICE_ACCOUNT = f"system:serviceaccount:{RELEASE_NAMESPACE}:colo-colo-operator"
 NAMESPACE = "colo-chart-e2e"
-T = TypeVar("T")
-
-
-def wait_for(predicate: Callable[[], T | None], timeout: float, what: str, interval: float = 0.5) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
 
 
 def helm_binary() -> str:

@@ -5,20 +5,18 @@ Service follows it) and is re-protected on the third node."""
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from operator_e2e import CHART, RELEASE, RELEASE_NAMESPACE, helm, wait_for
+from operator_e2e import colovm, cvm_status, kubectl_apply, operator_installed, wait_for
 
 NAMESPACE = "colo-failover-e2e"
 
 
 def status(cluster: Any, name: str) -> dict[str, Any]:
-    result = cluster.kubectl("get", "cvm", name, "-n", NAMESPACE, "-o", "json", check=False)
-    return json.loads(result.stdout).get("status") or {} if result.returncode == 0 else {}
+    return cvm_status(cluster, NAMESPACE, name)
 
 
 def endpoints(cluster: Any, service: str) -> list[str]:
@@ -41,20 +39,11 @@ def endpoints(cluster: Any, service: str) -> list[str]:
 def operator(cluster: Any) -> Iterator[None]:
     if cluster.local is None:
         pytest.skip("killing a node needs --e2e-driver local")
-    result = helm(
-        cluster, "upgrade", "--install", RELEASE, str(CHART), "--namespace", RELEASE_NAMESPACE,
-        "--create-namespace", "--wait", "--timeout", "300s", "--set-json", "operator.pollIntervalSeconds=0.5",
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout + result.stderr
-    cluster.kubectl("create", "namespace", NAMESPACE, check=False)
-    yield
-    cluster.kubectl("delete", "namespace", NAMESPACE, "--wait=false", check=False)
-    helm(cluster, "uninstall", RELEASE, "--namespace", RELEASE_NAMESPACE, "--wait")
+    yield from operator_installed(cluster, NAMESPACE)
 
 
 def test_node_loss_promotes_the_secondary_and_reprotects(cluster: Any, operator: None) -> None:
-    vm = {"apiVersion": "colo.dev/v1alpha1", "kind": "ColoVM", "metadata": {"name": "fo"},
-          "spec": {"guest": {"memory": "16Mi"}}}  # fmt: skip
+    vm = colovm("fo")
     _apply(cluster, vm)
     before = wait_for(
         lambda: (s := status(cluster, "fo")).get("phase") == "Protected" and s, 240, "Protected"
@@ -101,11 +90,4 @@ def test_node_loss_promotes_the_secondary_and_reprotects(cluster: Any, operator:
 
 
 def _apply(cluster: Any, obj: dict[str, Any]) -> None:
-    from cluster import build
-
-    binary = build.bin_dir() / "kubectl"
-    subprocess.run(
-        [str(binary) if binary.exists() else "kubectl", f"--kubeconfig={cluster.kubeconfig}",
-         "apply", "-n", NAMESPACE, "-f", "-"],
-        input=json.dumps(obj), capture_output=True, text=True, timeout=60, check=True,
-    )  # fmt: skip
+    kubectl_apply(cluster, NAMESPACE, obj)

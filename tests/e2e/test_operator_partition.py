@@ -13,41 +13,33 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from operator_e2e import CHART, RELEASE, RELEASE_NAMESPACE, Writer, helm, missing, wait_for
+from operator_e2e import (
+    RELEASE,
+    RELEASE_NAMESPACE,
+    Writer,
+    colovm,
+    cvm_status,
+    kubectl_apply,
+    missing,
+    operator_installed,
+    wait_for,
+)
 
 NAMESPACE = "colo-partition-e2e"
 CLIENT_PORT = 6379
 
 
 def status(cluster: Any, name: str) -> dict[str, Any]:
-    result = cluster.kubectl("get", "cvm", name, "-n", NAMESPACE, "-o", "json", check=False)
-    return json.loads(result.stdout).get("status") or {} if result.returncode == 0 else {}
+    return cvm_status(cluster, NAMESPACE, name)
 
 
 def apply(cluster: Any, obj: dict[str, Any]) -> None:
-    from cluster import build
-
-    binary = build.bin_dir() / "kubectl"
-    subprocess.run(
-        [str(binary) if binary.exists() else "kubectl", f"--kubeconfig={cluster.kubeconfig}",
-         "apply", "-n", NAMESPACE, "-f", "-"],
-        input=json.dumps(obj), capture_output=True, text=True, timeout=60, check=True,
-    )  # fmt: skip
-
-
-def colovm(name: str, lease_s: int) -> dict[str, Any]:
-    return {
-        "apiVersion": "colo.dev/v1alpha1",
-        "kind": "ColoVM",
-        "metadata": {"name": name},
-        "spec": {"guest": {"memory": "16Mi"}, "failover": {"leaseDurationMs": lease_s * 1000}},
-    }
+    kubectl_apply(cluster, NAMESPACE, obj)
 
 
 # --------------------------------------------------------------------------- a RESP writer
@@ -57,15 +49,7 @@ def colovm(name: str, lease_s: int) -> dict[str, Any]:
 def operator(cluster: Any) -> Iterator[None]:
     if cluster.local is None:
         pytest.skip("partitions and node loss need --e2e-driver local")
-    result = helm(
-        cluster, "upgrade", "--install", RELEASE, str(CHART), "--namespace", RELEASE_NAMESPACE,
-        "--create-namespace", "--wait", "--timeout", "300s", "--set-json", "operator.pollIntervalSeconds=0.5",
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout + result.stderr
-    cluster.kubectl("create", "namespace", NAMESPACE, check=False)
-    yield
-    cluster.kubectl("delete", "namespace", NAMESPACE, "--wait=false", check=False)
-    helm(cluster, "uninstall", RELEASE, "--namespace", RELEASE_NAMESPACE, "--wait")
+    yield from operator_installed(cluster, NAMESPACE)
 
 
 def operator_pods(cluster: Any) -> list[dict[str, Any]]:
@@ -86,7 +70,7 @@ def protected(cluster: Any, name: str) -> dict[str, Any] | None:
 
 def test_partitioned_primary_stops_before_the_secondary_takes_over(cluster: Any, operator: None) -> None:
     name, lease_s = "part", 3
-    apply(cluster, colovm(name, lease_s))
+    apply(cluster, colovm(name, failover={"leaseDurationMs": lease_s * 1000}))
     before = wait_for(lambda: protected(cluster, name), 240, "Protected")
     primary, secondary = before["primary"], before["secondary"]
     assert primary["node"] != secondary["node"]
@@ -166,7 +150,7 @@ def test_operator_restart_mid_failover_converges(cluster: Any, kube_api: Any, op
     # A long lease keeps the failover in progress (the secondary waits it out) long enough to
     # restart the operator in the middle of it.
     name, lease_s = "restart", 10
-    apply(cluster, colovm(name, lease_s))
+    apply(cluster, colovm(name, failover={"leaseDurationMs": lease_s * 1000}))
     before = wait_for(lambda: protected(cluster, name), 240, "Protected")
     primary, secondary = before["primary"], before["secondary"]
     old = (primary["address"], CLIENT_PORT)

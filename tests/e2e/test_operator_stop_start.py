@@ -6,21 +6,20 @@ way, with a Warning event saying its state was lost."""
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from cluster.testing import ready_endpoints
-from operator_e2e import CHART, RELEASE, RELEASE_NAMESPACE, RespConnection, helm, wait_for
+from operator_e2e import colovm, cvm_status, kubectl_apply, operator_installed, wait_for
+from support.resp import RespClient
 
 NAMESPACE = "colo-stop-e2e"
 
 
 def status(cluster: Any, name: str) -> dict[str, Any]:
-    result = cluster.kubectl("get", "cvm", name, "-n", NAMESPACE, "-o", "json", check=False)
-    return json.loads(result.stdout).get("status") or {} if result.returncode == 0 else {}
+    return cvm_status(cluster, NAMESPACE, name)
 
 
 def pods(cluster: Any, name: str) -> list[str]:
@@ -47,33 +46,17 @@ def phase_is(cluster: Any, name: str, phase: str) -> dict[str, Any] | None:
 
 @pytest.fixture(scope="module")
 def operator(cluster: Any) -> Iterator[None]:
-    result = helm(
-        cluster, "upgrade", "--install", RELEASE, str(CHART), "--namespace", RELEASE_NAMESPACE,
-        "--create-namespace", "--wait", "--timeout", "300s", "--set-json", "operator.pollIntervalSeconds=0.5",
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout + result.stderr
-    cluster.kubectl("create", "namespace", NAMESPACE, check=False)
-    yield
-    cluster.kubectl("delete", "namespace", NAMESPACE, "--wait=false", check=False)
-    helm(cluster, "uninstall", RELEASE, "--namespace", RELEASE_NAMESPACE, "--wait")
+    yield from operator_installed(cluster, NAMESPACE)
 
 
 def _protected(cluster: Any, name: str) -> dict[str, Any]:
-    vm = {"apiVersion": "colo.dev/v1alpha1", "kind": "ColoVM", "metadata": {"name": name},
-          "spec": {"guest": {"memory": "16Mi"}}}  # fmt: skip
+    vm = colovm(name)
     _apply(cluster, vm)
     return wait_for(lambda: phase_is(cluster, name, "Protected"), 240, f"{name} Protected")
 
 
 def _apply(cluster: Any, obj: dict[str, Any]) -> None:
-    from cluster import build
-
-    binary = build.bin_dir() / "kubectl"
-    subprocess.run(
-        [str(binary) if binary.exists() else "kubectl", f"--kubeconfig={cluster.kubeconfig}",
-         "apply", "-n", NAMESPACE, "-f", "-"],
-        input=json.dumps(obj), capture_output=True, text=True, timeout=60, check=True,
-    )  # fmt: skip
+    kubectl_apply(cluster, NAMESPACE, obj)
 
 
 def _call(kube_api: Any, name: str, *command: str) -> Any:
@@ -82,11 +65,8 @@ def _call(kube_api: Any, name: str, *command: str) -> Any:
         60,
         f"one ready endpoint of {name}",
     )
-    conn = RespConnection(address, timeout=10.0)
-    try:
+    with RespClient.connect(*address, timeout=10.0) as conn:
         return conn.call(*command)
-    finally:
-        conn.close()
 
 
 def test_stop_frees_the_pods_and_start_boots_a_fresh_guest(

@@ -18,15 +18,14 @@ from typing import Any
 
 import pytest
 from cluster.testing import ready_endpoints
-from operator_e2e import CHART, RELEASE, RELEASE_NAMESPACE, Writer, helm, missing, wait_for
+from operator_e2e import Writer, colovm, cvm_status, kubectl_apply, missing, operator_installed, wait_for
 
 NAMESPACE = "colo-switchover-e2e"
 KUBECTL_COLO = Path(sys.executable).parent / "kubectl-colo"
 
 
 def status(cluster: Any, name: str) -> dict[str, Any]:
-    result = cluster.kubectl("get", "cvm", name, "-n", NAMESPACE, "-o", "json", check=False)
-    return json.loads(result.stdout).get("status") or {} if result.returncode == 0 else {}
+    return cvm_status(cluster, NAMESPACE, name)
 
 
 # --------------------------------------------------------------------------- a RESP writer
@@ -62,32 +61,16 @@ class Writers:
 
 @pytest.fixture(scope="module")
 def operator(cluster: Any) -> Iterator[None]:
-    result = helm(
-        cluster, "upgrade", "--install", RELEASE, str(CHART), "--namespace", RELEASE_NAMESPACE,
-        "--create-namespace", "--wait", "--timeout", "300s", "--set-json", "operator.pollIntervalSeconds=0.5",
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout + result.stderr
-    cluster.kubectl("create", "namespace", NAMESPACE, check=False)
-    yield
-    cluster.kubectl("delete", "namespace", NAMESPACE, "--wait=false", check=False)
-    helm(cluster, "uninstall", RELEASE, "--namespace", RELEASE_NAMESPACE, "--wait")
+    yield from operator_installed(cluster, NAMESPACE)
 
 
 def _apply(cluster: Any, obj: dict[str, Any]) -> None:
-    from cluster import build
-
-    binary = build.bin_dir() / "kubectl"
-    subprocess.run(
-        [str(binary) if binary.exists() else "kubectl", f"--kubeconfig={cluster.kubeconfig}",
-         "apply", "-n", NAMESPACE, "-f", "-"],
-        input=json.dumps(obj), capture_output=True, text=True, timeout=60, check=True,
-    )  # fmt: skip
+    kubectl_apply(cluster, NAMESPACE, obj)
 
 
 def _protected(cluster: Any, kube_api: Any, name: str) -> tuple[dict[str, Any], tuple[str, int]]:
     """Create ColoVM `name`, wait for Protected and for its Service on the primary."""
-    vm = {"apiVersion": "colo.dev/v1alpha1", "kind": "ColoVM", "metadata": {"name": name},
-          "spec": {"guest": {"memory": "16Mi"}}}  # fmt: skip
+    vm = colovm(name)
     _apply(cluster, vm)
     before = wait_for(
         lambda: (s := status(cluster, name)).get("phase") == "Protected" and s, 240, "Protected"
