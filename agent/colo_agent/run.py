@@ -92,7 +92,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    who = p.add_argument_group("identity")
+    _identity_flags(p.add_argument_group("identity"))
+    _guest_flags(p.add_argument_group("guest"))
+    _replication_flags(p.add_argument_group("replication"))
+    _failover_flags(p.add_argument_group("failover"))
+    _serving_flags(p.add_argument_group("serving"))
+    p.set_defaults(func=run_command)
+
+
+def _identity_flags(who: argparse._ArgumentGroup) -> None:
     env_arg(who, "--role", "COLO_ROLE", required=True, choices=["primary", "secondary"],
             help="role at start; a secondary becomes primary when promoted")
     env_arg(who, "--vm", "COLO_VM", default="default/colo-vm", type=_arg_type(_vm),
@@ -110,7 +118,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             metavar="{true,false}", help="explicit opt-out: replicate guest memory and serve the control "
             "API without TLS, readable by anyone on the path (default: false)")
 
-    guest = p.add_argument_group("guest")
+
+def _guest_flags(guest: argparse._ArgumentGroup) -> None:
     env_arg(guest, "--backend", "COLO_BACKEND", default=DEFAULT_BACKEND, choices=sorted(BACKENDS),
             help="what runs the guest: microvm is the agent's own monitor (default: %(default)s)")
     env_arg(guest, "--memory", "COLO_MEMORY", default="64Mi", type=_arg_type(parse_memory),
@@ -120,7 +129,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     env_arg(guest, "--dirty-rate", "COLO_DIRTY_RATE", default="0", type=_arg_type(validate_dirty_rate),
             metavar="PAGES_PER_S", help="pages per second the firmware dirties while idle (default: 0)")
 
-    rep = p.add_argument_group("replication")
+
+def _replication_flags(rep: argparse._ArgumentGroup) -> None:
     env_arg(rep, "--mode", "COLO_MODE", default="checkpoint", choices=["checkpoint", "lockstep"],
             help="checkpoint: output waits for its epoch's acknowledgement; lockstep: both guests run "
             "and matching output leaves at once (default: checkpoint)")
@@ -145,7 +155,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     env_arg(rep, "--peer", "COLO_PEER", default=None, type=_arg_type(parse_address), metavar="HOST:PORT",
             help="the primary's replication address (secondary only)")
 
-    fo = p.add_argument_group("failover")
+
+def _failover_flags(fo: argparse._ArgumentGroup) -> None:
     env_arg(fo, "--heartbeat-interval-ms", "COLO_HEARTBEAT_INTERVAL_MS", default=str(HEARTBEAT_INTERVAL_MS),
             type=_arg_type(_positive_ms), help="heartbeat period (default: %(default)s)")
     env_arg(fo, "--heartbeat-timeout-ms", "COLO_HEARTBEAT_TIMEOUT_MS", default=str(HEARTBEAT_TIMEOUT_MS),
@@ -155,14 +166,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     env_arg(fo, "--lease-duration-ms", "COLO_LEASE_DURATION_MS", default="2000", type=_arg_type(_positive_ms),
             help="how long a renewal of the arbiter is valid (default: 2000)")
 
-    srv = p.add_argument_group("serving")
+
+def _serving_flags(srv: argparse._ArgumentGroup) -> None:
     env_arg(srv, "--host", "COLO_HOST", default="0.0.0.0",
             help="address the client port listens on (default: 0.0.0.0)")
     env_arg(srv, "--port", "COLO_PORT", default=str(CLIENT_PORT), type=_arg_type(_port),
             help="client port, open on the primary only (default: %(default)s)")
     env_arg(srv, "--control-port", "COLO_CONTROL_PORT", default=str(CONTROL_PORT), type=_arg_type(_port),
             help="control API: /v1/status, /v1/promote, /metrics, probes (default: %(default)s)")
-    p.set_defaults(func=run_command)
 
 
 def run_command(args: argparse.Namespace) -> int:
