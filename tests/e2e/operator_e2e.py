@@ -31,6 +31,19 @@ def wait_for(predicate: Callable[[], T | None], timeout: float, what: str, inter
         time.sleep(interval)
 
 
+def helm(cluster: Any, *args: str) -> subprocess.CompletedProcess[str]:
+    from cluster import build
+
+    binary = build.bin_dir() / "helm"
+    return subprocess.run(
+        [str(binary) if binary.exists() else "helm", f"--kubeconfig={cluster.kubeconfig}", *args],
+        capture_output=True, text=True, timeout=400, check=False,
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------- the operator and ColoVMs
+
+
 def operator_installed(cluster: Any, namespace: str) -> Iterator[None]:
     """For a module's `operator` fixture: the chart installed (the operator polling every half
     second) and `namespace` created for the test's ColoVMs; both removed after."""
@@ -66,16 +79,6 @@ def colovm(name: str, **spec: Any) -> dict[str, Any]:
     """A ColoVM of a 16 MiB guest; `spec` adds to (or replaces parts of) its spec."""
     return {"apiVersion": "colo.dev/v1alpha1", "kind": "ColoVM", "metadata": {"name": name},
             "spec": {"guest": {"memory": "16Mi"}, **spec}}  # fmt: skip
-
-
-def helm(cluster: Any, *args: str) -> subprocess.CompletedProcess[str]:
-    from cluster import build
-
-    binary = build.bin_dir() / "helm"
-    return subprocess.run(
-        [str(binary) if binary.exists() else "helm", f"--kubeconfig={cluster.kubeconfig}", *args],
-        capture_output=True, text=True, timeout=400, check=False,
-    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------- checking writes
