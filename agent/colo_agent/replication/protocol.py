@@ -469,17 +469,7 @@ def _check_u(value: int, bits: int, what: str) -> None:
 def encode_payload(msg: Message) -> tuple[MessageType, bytes]:
     """Payload bytes of every message except `Pages` (see `FrameEncoder`)."""
     if isinstance(msg, Hello):
-        vm = msg.vm.encode("utf-8")
-        if not vm or len(vm) > 253:
-            raise LocalProtocolError("VM identity must be 1..253 bytes of UTF-8")
-        if len(msg.nonce) != NONCE_SIZE:
-            raise LocalProtocolError(f"nonce must be {NONCE_SIZE} bytes")
-        if not 1 <= msg.channels <= MAX_CHANNELS:
-            raise LocalProtocolError(f"channels must be 1..{MAX_CHANNELS}")
-        return MessageType.HELLO, _HELLO.pack(
-            msg.version, msg.role, msg.kind, msg.index, msg.channels, msg.session, msg.term,
-            msg.page_count, msg.cache_pages, msg.nonce,
-        ) + _U16.pack(len(vm)) + vm
+        return MessageType.HELLO, _hello_payload(msg)
     if isinstance(msg, AuthChallenge):
         if len(msg.nonce) != NONCE_SIZE:
             raise LocalProtocolError(f"nonce must be {NONCE_SIZE} bytes")
@@ -523,24 +513,46 @@ def encode_payload(msg: Message) -> tuple[MessageType, bytes]:
     if isinstance(msg, Goodbye):
         return MessageType.GOODBYE, _U16.pack(msg.reason) + _text(msg.text)
     if isinstance(msg, StreamTarget):
-        _check_u(msg.term, 64, "term")
-        if not msg.address or len(msg.address.encode("utf-8")) > MAX_TEXT:
-            raise LocalProtocolError(f"a stream target must be 1..{MAX_TEXT} bytes of UTF-8")
-        return MessageType.STREAM_TARGET, _U64.pack(msg.term) + _text(msg.address)
+        return MessageType.STREAM_TARGET, _stream_target_payload(msg)
     if isinstance(msg, MirrorInput):
         _check_u(msg.term, 64, "term")
         head = _MIRROR_INPUT.pack(msg.term, msg.position & 0xFFFFFFFF)
         return MessageType.MIRROR_INPUT, head + bytes(msg.data)
     if isinstance(msg, MirrorOutput):
-        for value, bits, what in (
-            (msg.generation, 64, "generation"), (msg.conn, 32, "connection"), (msg.offset, 64, "offset"),
-        ):
-            _check_u(value, bits, what)
-        head = _MIRROR_OUTPUT.pack(msg.generation, msg.conn, msg.offset, int(msg.closed))
-        return MessageType.MIRROR_OUTPUT, head + bytes(msg.data)
+        return MessageType.MIRROR_OUTPUT, _mirror_output_payload(msg)
     if isinstance(msg, Pages):
         raise LocalProtocolError("Pages frames are encoded by FrameEncoder.encode_pages")
     raise LocalProtocolError(f"not a protocol message: {msg!r}")
+
+
+def _hello_payload(msg: Hello) -> bytes:
+    vm = msg.vm.encode("utf-8")
+    if not vm or len(vm) > 253:
+        raise LocalProtocolError("VM identity must be 1..253 bytes of UTF-8")
+    if len(msg.nonce) != NONCE_SIZE:
+        raise LocalProtocolError(f"nonce must be {NONCE_SIZE} bytes")
+    if not 1 <= msg.channels <= MAX_CHANNELS:
+        raise LocalProtocolError(f"channels must be 1..{MAX_CHANNELS}")
+    return _HELLO.pack(
+        msg.version, msg.role, msg.kind, msg.index, msg.channels, msg.session, msg.term,
+        msg.page_count, msg.cache_pages, msg.nonce,
+    ) + _U16.pack(len(vm)) + vm
+
+
+def _stream_target_payload(msg: StreamTarget) -> bytes:
+    _check_u(msg.term, 64, "term")
+    if not msg.address or len(msg.address.encode("utf-8")) > MAX_TEXT:
+        raise LocalProtocolError(f"a stream target must be 1..{MAX_TEXT} bytes of UTF-8")
+    return _U64.pack(msg.term) + _text(msg.address)
+
+
+def _mirror_output_payload(msg: MirrorOutput) -> bytes:
+    for value, bits, what in (
+        (msg.generation, 64, "generation"), (msg.conn, 32, "connection"), (msg.offset, 64, "offset"),
+    ):
+        _check_u(value, bits, what)
+    head = _MIRROR_OUTPUT.pack(msg.generation, msg.conn, msg.offset, int(msg.closed))
+    return head + bytes(msg.data)
 
 
 def _check_counts(counts: tuple[int, ...]) -> None:
