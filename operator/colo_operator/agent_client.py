@@ -131,6 +131,7 @@ class AgentClient:
         self._tls: TlsSource | None = (lambda: tls) if isinstance(tls, ssl.SSLContext) else tls
         self._context: ssl.SSLContext | None = None
         self._pools: dict[str, httpx.AsyncClient] = {}  # by peer name
+        self._retired: list[httpx.AsyncClient] = []  # replaced, closed after a grace period
         self._closing: set[asyncio.Task[None]] = set()
 
     def _base(self, ip: str, port: int, secure: bool) -> str:
@@ -157,11 +158,13 @@ class AgentClient:
     def _retire(self, pools: list[httpx.AsyncClient]) -> None:
         if not pools:
             return
+        self._retired.extend(pools)
         grace = self._timeout_s * (self._attempts + 1) + 1.0
 
         async def close_later() -> None:
             await asyncio.sleep(grace)
             for pool in pools:
+                self._retired.remove(pool)
                 await pool.aclose()
 
         task = asyncio.get_running_loop().create_task(close_later())
@@ -178,9 +181,10 @@ class AgentClient:
         await self._http.aclose()
         for task in list(self._closing):
             task.cancel()
-        for pool in list(self._pools.values()):
+        for pool in [*self._pools.values(), *self._retired]:
             await pool.aclose()
         self._pools.clear()
+        self._retired.clear()
 
     async def _send(
         self, method: str, url: str, *, peer: str | None, attempts: int | None = None, **kwargs: Any

@@ -96,3 +96,16 @@ async def test_a_named_peer_needs_tls_and_an_answer_without_a_checked_name_is_no
         await c.demote("10.0.0.1", 8080, "token", peer="spiffe://colo.dev/ns/a/colovm/b")
     assert refused.value.reason == WRONG_PEER
     await c.aclose()
+
+
+async def test_a_renewed_client_context_opens_new_connections_and_closes_the_old_ones() -> None:
+    contexts = [ssl.create_default_context()]
+    c = AgentClient(tls=lambda: contexts[0], timeout_s=0.01, attempts=1)
+    first = c._pool("spiffe://colo.dev/ns/a/colovm/b")
+    assert c._pool("spiffe://colo.dev/ns/a/colovm/b") is first
+    assert c._pool("spiffe://colo.dev/ns/a/colovm/c") is not first  # one pool per VM name
+    contexts[0] = ssl.create_default_context()  # renewed
+    second = c._pool("spiffe://colo.dev/ns/a/colovm/b")
+    assert second is not first and not first.is_closed  # requests in flight finish
+    await c.aclose()
+    assert first.is_closed and second.is_closed
