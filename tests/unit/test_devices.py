@@ -325,3 +325,52 @@ def test_every_input_byte_arrives_in_order_per_connection(
                 got[conn] += payload
     for index, conn in enumerate(conns):
         assert bytes(got[conn]) == b"".join(d for w, d in sends if w == index)
+
+
+def test_while_the_guest_runs_input_is_in_the_ring_as_it_arrives(dev: DeviceModel, ram: memoryview) -> None:
+    guest = RingGuest(ram)
+    taps: list[tuple[int, str]] = []
+    dev.set_rx_tap(lambda pos, raw: taps.append((pos, threading.current_thread().name)))
+    dev.allow_waits()  # what the machine does when the vCPU starts or resumes
+    conn = dev.open_connection()
+    dev.send_input(conn, b"PING\r\n")
+    # No flush by the vCPU: the frames are published already, by this thread.
+    assert guest.receive() == [(conn, abi.FrameType.OPEN, b""), (conn, abi.FrameType.DATA, b"PING\r\n")]
+    assert {name for _, name in taps} == {threading.current_thread().name}
+
+
+def test_from_the_pause_to_the_resume_input_only_queues(dev: DeviceModel, ram: memoryview) -> None:
+    """A checkpoint takes the dirty pages, then the RX head: nothing may be published
+    between the two, or the head would count frames the staged pages lack."""
+    guest = RingGuest(ram)
+    dev.allow_waits()
+    conn = dev.open_connection()
+    guest.receive()
+    dev.interrupt_waits()  # the pause
+    dev.collect_dirty()
+    head = dev.host_state().rx_head
+    dev.send_input(conn, b"GET k\r\n")
+    dev.close_connection(conn)
+    assert dev.host_state().rx_head == head
+    assert len(dev.collect_dirty()) == 0
+    assert dev.input_backlog(conn) == len(b"GET k\r\n")
+    dev.allow_waits()  # the resume: the next arrival (or the vCPU) publishes
+    dev.flush_rx()
+    assert guest.receive() == [(conn, abi.FrameType.DATA, b"GET k\r\n"), (conn, abi.FrameType.CLOSE, b"")]
+
+
+def test_published_on_arrival_a_drained_backlog_still_releases_its_client(
+    dev: DeviceModel, ram: memoryview
+) -> None:
+    guest = RingGuest(ram)
+    drained: list[int] = []
+    dev.set_input_drained_callback(drained.append)
+    dev.allow_waits()
+    conn = dev.open_connection()
+    dev.send_input(conn, b"y" * (INPUT_HIGH_WATER + 1))
+    assert dev.input_backlog(conn) > INPUT_LOW_WATER  # more than the ring holds
+    assert drained == []
+    while dev.input_backlog(conn) > INPUT_LOW_WATER:
+        guest.receive()
+        dev.send_input(conn, b"z")  # each arrival publishes what now fits
+    assert drained == [conn]
