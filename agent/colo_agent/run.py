@@ -121,7 +121,8 @@ def _identity_flags(who: argparse._ArgumentGroup) -> None:
 
 def _guest_flags(guest: argparse._ArgumentGroup) -> None:
     env_arg(guest, "--backend", "COLO_BACKEND", default=DEFAULT_BACKEND, choices=sorted(BACKENDS),
-            help="what runs the guest: microvm is the agent's own monitor (default: %(default)s)")
+            help="what runs the guest: microvm is the agent's own monitor; qemu is your Linux VM under "
+            "QEMU's COLO, configured by COLO_QEMU_* (docs/qemu-backend.md) (default: %(default)s)")
     env_arg(guest, "--memory", "COLO_MEMORY", default="64Mi", type=_arg_type(parse_memory),
             help="guest RAM, e.g. 64Mi or 1Gi (default: 64Mi)")
     env_arg(guest, "--accel", "COLO_ACCEL", default="auto", type=_arg_type(_accel), metavar="{auto,kvm,tcg}",
