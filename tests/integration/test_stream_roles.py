@@ -9,6 +9,7 @@ image, the epoch floor before a primary goes on alone, fencing.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -197,5 +198,22 @@ async def test_a_lost_secondary_raises_the_floor_before_the_primary_goes_on_alon
         with pytest.raises(ArbiterConflict):
             await asyncio.wait_for(secondary.promote(term + 1), 10)
         assert not sg.took_over
+    finally:
+        await _end([primary, secondary], tasks)
+
+
+async def test_an_unprotected_primary_runs_only_while_its_lease_is_valid(tmp_path: Path) -> None:
+    primary, pg, secondary, _, tasks = await _pair(tmp_path)
+    try:
+        await secondary.role.close()  # type: ignore[attr-defined]
+        await _until("alone", lambda: pg.alone_calls == 1 and pg.running)
+        # The store stops answering (its lock held elsewhere): renewals fail, the lease runs out.
+        with (tmp_path / "arbiter.json.lock").open("w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            await _until("held while the lease is not valid", lambda: pg.paused, timeout=LEASE * 6)
+            assert not primary.parts.arbiter.is_valid()
+            assert primary.status().role is Role.PRIMARY  # not fenced: nobody took the term
+        await _until("running again after a renewal", lambda: not pg.paused, timeout=LEASE * 6)
+        assert primary.parts.arbiter.is_valid()
     finally:
         await _end([primary, secondary], tasks)
