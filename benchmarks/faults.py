@@ -66,6 +66,7 @@ class History:
 
     lock: threading.Lock = field(default_factory=threading.Lock)
     acked: dict[str, int] = field(default_factory=dict)  # key -> value
+    acked_by: dict[str, str] = field(default_factory=dict)  # key -> the agent that acknowledged it
     attempted_incr: int = 0
     acked_incr: int = 0
     ack_times: list[float] = field(default_factory=list)
@@ -151,6 +152,7 @@ def _client_loop(cluster: Cluster, name: str, history: History, stop: threading.
                         if c.call("SET", key, str(n)) == b"OK":
                             with history.lock:
                                 history.acked[key] = n
+                                history.acked_by[key] = agent.name
                                 history.ack(agent.name, sent)
         except (OSError, ConnectionError, RespError) as exc:
             with history.lock:
@@ -195,9 +197,11 @@ def _inject(kind: str, cluster: Cluster, rng: random.Random, history: History) -
     elif kind == "split_brain":
         old = cluster.primary
         stop = threading.Event()
-        # Clients that stay attached to the old primary across its promotion-and-thaw.
+        # Clients that stay attached to the old primary across its promotion-and-thaw (keys
+        # named after it: an agent is probed once, so no key is written by two probes).
         probes = [
-            threading.Thread(target=_client_loop, args=(cluster, f"probe{i}", history, stop, False, old))
+            threading.Thread(target=_client_loop, args=(cluster, f"probe-{old.name}-{i}", history, stop,
+                                                        False, old))
             for i in range(2)
         ]
         for t in probes:
@@ -273,8 +277,11 @@ def run_campaign(mode: str, faults: int, seed: int, workdir: Path) -> dict[str, 
             except (OSError, ConnectionError, RespError) as exc:
                 unrecovered = f"checking after fault {i} ({kind}): {exc!r}"
                 break
-            if set(missing) - lost:
-                print(f"  LOST after fault {i + 1} ({kind}): {sorted(set(missing) - lost)[:10]}", flush=True)
+            if new := sorted(set(missing) - lost):
+                with history.lock:
+                    by = Counter(history.acked_by[k] for k in new)
+                print(f"  LOST after fault {i + 1} ({kind}): {len(new)}, acknowledged by {dict(by)}; "
+                      f"{new[:10]}", flush=True)
             lost.update(missing)
             if bad:
                 counter_errors.append(f"after fault {i} ({kind}): {bad}")
