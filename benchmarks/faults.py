@@ -74,6 +74,8 @@ class History:
     # fenced-primary check
     acks_by: list[tuple[str, float]] = field(default_factory=list)
     errors: Counter[str] = field(default_factory=Counter)
+    # split-brain probes whose primary was frozen holding the file arbiter's lock (no failover)
+    store_blocked: int = 0
 
     def ack(self, agent: str, sent: float) -> None:
         self.ack_times.append(time.monotonic())
@@ -105,18 +107,23 @@ class Cluster:
         self.proxy = LinkProxy(self.primary.replication_port)
         return self._spawn("secondary", peer_address=self.proxy.address)
 
-    def promote(self, frozen_at: float | None = None) -> None:
+    def promote(self, frozen_at: float | None = None) -> bool:
         """The operator's failover: term + 1 to the secondary, which becomes primary.
 
         `frozen_at`: the old primary was stopped then and is still alive; whatever it runs
-        from then on runs after its term was taken."""
+        from then on runs after its term was taken. False: it was stopped in the middle of a
+        write of the file arbiter and holds its lock, so the store is down until it runs again
+        (as an API server outage would be) and no failover is possible."""
         r = self.secondary.promote(self.term + 1, self.group.secret)
+        if r.status_code == 503 and frozen_at is not None and "stayed locked" in r.text:
+            return False
         if r.status_code != 200:
             raise HarnessError(f"promote refused: {r.status_code} {r.text}\n{self.secondary.tail()}")
         result = PromoteResult.from_json(r.text)
         self.fenced[self.primary.name] = time.monotonic() if frozen_at is None else frozen_at
         self.term = result.term
         self.primary = self.secondary
+        return True
 
     def reprotect(self) -> None:
         self.secondary = self._new_secondary()
@@ -210,14 +217,19 @@ def _inject(kind: str, cluster: Cluster, rng: random.Random, history: History) -
         old.signal(signal.SIGSTOP)
         frozen_at = time.monotonic() + 0.05  # once every thread of it has surely stopped
         time.sleep(lease * 2)
-        cluster.promote(frozen_at)
+        promoted = cluster.promote(frozen_at)
         old.signal(signal.SIGCONT)
         time.sleep(lease * 3)  # the thawed primary finds itself fenced
         stop.set()
         for t in probes:
             t.join(30)
-        old.kill()
-        cluster.reprotect()
+        if promoted:
+            old.kill()
+            cluster.reprotect()
+        else:  # the store was down while it was frozen: it is still the primary
+            with history.lock:
+                history.store_blocked += 1
+            wait_protected(cluster.primary, cluster.secondary)
     else:
         assert cluster.proxy is not None
         getattr(cluster.proxy, kind.removeprefix("link_"))(1)
@@ -307,6 +319,7 @@ def run_campaign(mode: str, faults: int, seed: int, workdir: Path) -> dict[str, 
         "acknowledged_writes": len(history.acked), "acknowledged_incr": history.acked_incr,
         "attempted_incr": history.attempted_incr, "lost": sorted(lost), "fenced_acks": fenced_acks,
         "counter_errors": counter_errors, "unrecovered": unrecovered,
+        "split_brain_store_blocked": history.store_blocked,
         "worst_unavailability_s": round(worst, 3),
         "client_errors": dict(history.errors), "seconds": round(time.monotonic() - started, 1),
     }
@@ -318,6 +331,7 @@ def summary(r: dict[str, Any]) -> str:
             f"acknowledged {r['acknowledged_writes']} writes + {r['acknowledged_incr']} INCR; "
             f"lost {len(r['lost'])}; fenced acks {len(r['fenced_acks'])}; "
             f"counter errors {len(r['counter_errors'])}; "
+            f"split-brain probes with the store held by the frozen primary {r['split_brain_store_blocked']}; "
             f"{'NOT RE-PROTECTED ' + r['unrecovered'] + '; ' if r['unrecovered'] else ''}"
             f"worst unavailability {r['worst_unavailability_s']:.2f} s "
             f"(seed {r['seed']}, {r['seconds']:.0f} s)")
