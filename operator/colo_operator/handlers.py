@@ -40,6 +40,7 @@ from .decide import (
     LabelPod,
     Plan,
     PromoteAgent,
+    TransitionKind,
     decide,
 )
 from .kube import Kube, KubeError, merge_patch
@@ -205,14 +206,27 @@ async def _token(rt: Runtime, vm: VMView) -> str:
     return rt.tokens[key]
 
 
+def _failing_over_from(body: Mapping[str, Any]) -> str | None:
+    """The pod an unplanned failover in progress moves away from (found lost already)."""
+    transition = (body.get("status") or {}).get("transition") or {}
+    if TransitionKind.parse(transition.get("kind")) is TransitionKind.FAILOVER:
+        frm = transition.get("from")
+        return frm if isinstance(frm, str) else None
+    return None
+
+
 async def _poll(
-    rt: Runtime, pods: tuple[PodView, ...], nodes: Mapping[str, NodeView], peer: str | None
+    rt: Runtime, pods: tuple[PodView, ...], nodes: Mapping[str, NodeView], peer: str | None,
+    lost: str | None = None,
 ) -> dict[str, AgentReport]:
+    """Every running agent's report. `lost`: the pod a failover moves away from; it is asked
+    once, briefly (whether it answers again matters, but a dead agent on a node that is
+    still Ready must not cost each pass of the failover two full timeouts)."""
     live = [p for p in pods if p.ip and p.phase == "Running" and not p.deleting]
 
     def suspect(pod: PodView) -> bool:
         node = nodes.get(pod.node or "")
-        return node is None or node.health is not NodeHealth.READY
+        return node is None or node.health is not NodeHealth.READY or pod.name == lost
 
     reports = await asyncio.gather(
         *(rt.agents.status(p.ip or "", rt.control_port, peer=peer, suspect=suspect(p)) for p in live)
@@ -237,7 +251,7 @@ async def read_world(rt: Runtime, namespace: str, name: str) -> tuple[dict[str, 
     )
     pods = tuple(pod_view(p) for p in raw_pods)
     nodes = await _nodes(rt, pods)  # the watch cache, listed only when it lacks a node
-    agents = await _poll(rt, pods, nodes, _peer(vm))
+    agents = await _poll(rt, pods, nodes, _peer(vm), _failing_over_from(body))
     snapshot = Snapshot(
         vm=vm,
         pods=pods,
