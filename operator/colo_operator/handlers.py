@@ -228,9 +228,20 @@ async def _poll(
         node = nodes.get(pod.node or "")
         return node is None or node.health is not NodeHealth.READY or pod.name == lost
 
-    reports = await asyncio.gather(
+    reports = list(await asyncio.gather(
         *(rt.agents.status(p.ip or "", rt.control_port, peer=peer, suspect=suspect(p)) for p in live)
-    )
+    ))
+    if any(r.status is None for r in reports):
+        # A silent agent kept this poll waiting for its timeouts, and what its peers said
+        # (the age of its last heartbeat) is as old as the start of the poll: ask them again,
+        # so a dead primary is judged on a peer's view of now, not of a second ago.
+        answered = [i for i, r in enumerate(reports) if r.status is not None]
+        fresh = await asyncio.gather(
+            *(rt.agents.status(live[i].ip or "", rt.control_port, peer=peer, suspect=True) for i in answered)
+        )
+        for i, r in zip(answered, fresh, strict=True):
+            if r.status is not None:
+                reports[i] = r
     out = {p.name: UNPOLLED for p in pods}
     out.update({p.name: r for p, r in zip(live, reports, strict=True)})
     return out
