@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from _common import write_results
-from support.agents import AgentGroup, AgentProcess, HarnessError, RespError, wait_protected
+from support.agents import SYNC_TIMEOUT, AgentGroup, AgentProcess, HarnessError, RespError, wait_protected
 from support.linkproxy import LinkProxy
 
 from colo_agent.api.models import PromoteResult
@@ -186,6 +186,16 @@ def _check(cluster: Cluster, history: History) -> tuple[list[str], str | None]:
     return lost, bad
 
 
+def _settled(cluster: Cluster) -> None:
+    """Protected now: the secondary holds an image and commits epochs. A pairing that the last
+    fault broke a moment ago (noticed only after a heartbeat timeout) re-syncs, and until then a
+    promotion has nothing to resume from, so the next fault waits for an epoch committed after
+    this check."""
+    seen = cluster.secondary.wait_for("synced", lambda s: s.synced, SYNC_TIMEOUT).last_acked_epoch
+    cluster.secondary.wait_for("committing epochs", lambda s: s.synced and s.last_acked_epoch > seen,
+                               SYNC_TIMEOUT)
+
+
 def _inject(kind: str, cluster: Cluster, rng: random.Random, history: History) -> None:
     lease = cluster.group.lease_duration_ms / 1000
     if kind == "kill_primary":
@@ -276,6 +286,7 @@ def run_campaign(mode: str, faults: int, seed: int, workdir: Path) -> dict[str, 
             time.sleep(rng.uniform(0.3, 1.0))
             t0 = time.monotonic()
             try:
+                _settled(cluster)
                 _inject(kind, cluster, rng, history)
             except HarnessError as exc:
                 # Not protected again in time: a finding, and the end of this campaign.
