@@ -237,7 +237,7 @@ async def _poll(
         # so a dead primary is judged on a peer's view of now, not of a second ago.
         answered = [i for i, r in enumerate(reports) if r.status is not None]
         fresh = await asyncio.gather(
-            *(rt.agents.status(live[i].ip or "", rt.control_port, peer=peer, suspect=True) for i in answered)
+            *(rt.agents.status(live[i].ip or "", rt.control_port, peer=peer) for i in answered)
         )
         for i, r in zip(answered, fresh, strict=True):
             if r.status is not None:
