@@ -35,13 +35,25 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "tests" / "e2e"))
 
 import kubernetes  # noqa: E402
 from _common import write_results  # noqa: E402
 from cluster import LocalCluster  # noqa: E402
 from cluster.testing import ClusterHandle, ready_endpoints  # noqa: E402
-from operator_e2e import CHART, RELEASE, RELEASE_NAMESPACE, Writer, helm, missing, wait_for  # noqa: E402
+from operator_e2e import (  # noqa: E402
+    CHART,
+    RELEASE,
+    RELEASE_NAMESPACE,
+    Writer,
+    colovm,
+    cvm_status,
+    helm,
+    kubectl_apply,
+    missing,
+    wait_for,
+)
 
 NAMESPACE = "colo-failover-bench"
 CLIENT_PORT = 6379
@@ -49,8 +61,7 @@ PHASES = ("detection_s", "decision_to_lease_s", "promotion_s", "service_s", "fir
 
 
 def _status(cluster: ClusterHandle, name: str) -> dict[str, Any]:
-    result = cluster.kubectl("get", "cvm", name, "-n", NAMESPACE, "-o", "json", check=False)
-    return json.loads(result.stdout).get("status") or {} if result.returncode == 0 else {}
+    return cvm_status(cluster, NAMESPACE, name)
 
 
 def _wall(stamp: str) -> float:
@@ -68,16 +79,8 @@ def _logged_at(log: str, needle: str) -> float | None:
     return None
 
 
-def _apply(cluster: ClusterHandle, name: str) -> None:
-    vm = {"apiVersion": "colo.dev/v1alpha1", "kind": "ColoVM", "metadata": {"name": name},
-          "spec": {"guest": {"memory": "16Mi"}}}  # fmt: skip
-    path = Path(cluster.kubeconfig).parent / f"{name}.json"
-    path.write_text(json.dumps(vm))
-    cluster.kubectl("apply", "-n", NAMESPACE, "-f", str(path))
-
-
 def one_run(cluster: ClusterHandle, api: Any, name: str) -> dict[str, Any]:
-    _apply(cluster, name)
+    kubectl_apply(cluster, NAMESPACE, colovm(name))
     before = wait_for(lambda: (s := _status(cluster, name)).get("phase") == "Protected"
                       and not s.get("transition") and s, 300, "Protected")
     primary, secondary = before["primary"], before["secondary"]
