@@ -98,7 +98,17 @@ class SelfReplicating:
         return self.count
 
 
-def _agent(tmp: Path, name: str, role: Role, port: int, peer: int | None) -> tuple[Agent, SelfReplicating]:
+class SlowToReturn(FileArbiter):
+    """Takes the arbiter, then answers late (a slow store): the record already says the new term."""
+
+    async def wait_acquire(self, term: int, timeout: float, image: tuple[int, int] | None = None) -> bool:
+        taken = await super().wait_acquire(term, timeout, image=image)
+        await asyncio.sleep(3 * LEASE)
+        return taken
+
+
+def _agent(tmp: Path, name: str, role: Role, port: int, peer: int | None,
+           arbiter: type[FileArbiter] = FileArbiter) -> tuple[Agent, SelfReplicating]:
     settings = AgentSettings(
         vm="tests/stream", identity=name, role=role, mode=ReplicationMode.CHECKPOINT, interval=0.1,
         channels=1,
@@ -106,7 +116,7 @@ def _agent(tmp: Path, name: str, role: Role, port: int, peer: int | None) -> tup
         secret=SECRET, heartbeat_interval=0.05, heartbeat_timeout=0.4, client_host="127.0.0.1", client_port=0,
     )
     guest = SelfReplicating(name)
-    return Agent(settings, guest, FileArbiter(tmp / "arbiter.json", name, LEASE), CollectorRegistry()), guest
+    return Agent(settings, guest, arbiter(tmp / "arbiter.json", name, LEASE), CollectorRegistry()), guest
 
 
 async def _until(what: str, check: Callable[[], bool], timeout: float = 10.0) -> None:
@@ -125,12 +135,14 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def _pair(tmp: Path) -> tuple[Agent, SelfReplicating, Agent, SelfReplicating, list[asyncio.Task[None]]]:
+async def _pair(
+    tmp: Path, secondary_arbiter: type[FileArbiter] = FileArbiter,
+) -> tuple[Agent, SelfReplicating, Agent, SelfReplicating, list[asyncio.Task[None]]]:
     port = _free_port()
     primary, pg = _agent(tmp, "a", Role.PRIMARY, port, None)
     tasks = [asyncio.create_task(primary.run())]
     await _until("primary", lambda: primary.status().role is Role.PRIMARY and pg.serving is not None)
-    secondary, sg = _agent(tmp, "b", Role.SECONDARY, _free_port(), port)
+    secondary, sg = _agent(tmp, "b", Role.SECONDARY, _free_port(), port, secondary_arbiter)
     tasks.append(asyncio.create_task(secondary.run()))
     await _until("protected", lambda: primary.status().synced and secondary.status().synced)
     return primary, pg, secondary, sg, tasks
@@ -215,5 +227,21 @@ async def test_an_unprotected_primary_runs_only_while_its_lease_is_valid(tmp_pat
             assert primary.status().role is Role.PRIMARY  # not fenced: nobody took the term
         await _until("running again after a renewal", lambda: not pg.paused, timeout=LEASE * 6)
         assert primary.parts.arbiter.is_valid()
+    finally:
+        await _end([primary, secondary], tasks)
+
+
+async def test_a_slow_promotion_is_not_taken_for_a_primary_that_went_on(tmp_path: Path) -> None:
+    primary, _, secondary, sg, tasks = await _pair(tmp_path, SlowToReturn)
+    try:
+        await _until("an epoch past the first", lambda: secondary.status().last_acked_epoch >= 2)
+        term = primary.status().term
+        await primary.role.close()  # type: ignore[attr-defined]
+        await _until("aware of the loss", lambda: secondary.status().peer.state is PeerState.LOST)
+        await asyncio.sleep(2 * LEASE)  # the secondary watches the record a while before the promotion
+        result = await secondary.promote(term + 1)
+        assert result.role is Role.PRIMARY and sg.took_over
+        assert secondary.failed is None, secondary.failed
+        assert not secondary.stopping.is_set()
     finally:
         await _end([primary, secondary], tasks)

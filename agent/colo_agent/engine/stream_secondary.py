@@ -116,12 +116,15 @@ class StreamSecondaryRole:
 
     async def _wait_for_promotion(self) -> None:
         """The image stays for a promotion. A primary whose lease record moved on a whole
-        lease after the loss is alive and went on without us (with the epoch floor
-        raised past our image): this secondary is of no more use, and ends."""
+        lease after the loss, still in the image's term, is alive and went on without us
+        (with the epoch floor raised past our image): this secondary is of no more use,
+        and ends. A record of a later term is a promotion (ours, being written while this
+        loop sleeps, or another's) and is left to the promote rules."""
         arbiter, lost_at = self.parts.arbiter, time.monotonic()
         while not self._promoted:
             now = time.monotonic()
-            if now > lost_at + arbiter.lease_duration and arbiter.acquirable_at() > now:
+            renewed = now > lost_at + arbiter.lease_duration and arbiter.acquirable_at() > now
+            if renewed and arbiter.term == self.term and not arbiter.holding:
                 self.tasks.fail("the primary went on without this secondary, whose backend cannot join "
                                 "a new replication; a fresh secondary protects it again")
                 return
