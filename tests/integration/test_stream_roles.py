@@ -245,3 +245,17 @@ async def test_a_slow_promotion_is_not_taken_for_a_primary_that_went_on(tmp_path
         assert not secondary.stopping.is_set()
     finally:
         await _end([primary, secondary], tasks)
+
+
+async def test_a_secondary_whose_primary_went_on_alone_ends(tmp_path: Path) -> None:
+    primary, pg, secondary, _, tasks = await _pair(tmp_path)
+    try:
+        await _until("an epoch past the first", lambda: secondary.status().last_acked_epoch >= 2)
+        link = primary.role.link  # type: ignore[attr-defined]
+        link._pairing.yank("cut")  # the link breaks; both agents live on
+        await _until("alone", lambda: pg.alone_calls == 1)
+        await _until("the stale secondary ended", lambda: secondary.failed is not None, timeout=10 * LEASE)
+        assert "went on without this secondary" in (secondary.failed or "")
+        assert primary.failed is None and primary.status().role is Role.PRIMARY
+    finally:
+        await _end([primary, secondary], tasks)

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
 from colo_agent.api.models import PeerState, PeerStatus, Role
+from colo_agent.arbiter.base import ArbiterError
 from colo_agent.engine.roles import ArbiterWatch, RoleView, StreamParts, Tasks
 from colo_agent.engine.secondary import Handover
 from colo_agent.replication.handshake import AuthRefused
@@ -115,19 +115,26 @@ class StreamSecondaryRole:
             self.epoch = link.checkpoints
 
     async def _wait_for_promotion(self) -> None:
-        """The image stays for a promotion. A primary whose lease record moved on a whole
-        lease after the loss, still in the image's term, is alive and went on without us
-        (with the epoch floor raised past our image): this secondary is of no more use,
-        and ends. A record of a later term is a promotion (ours, being written while this
-        loop sleeps, or another's) and is left to the promote rules."""
-        arbiter, lost_at = self.parts.arbiter, time.monotonic()
+        """The image stays for a promotion. A primary that writes the Lease record again
+        after the loss (twice, in the image's term) is alive and went on without us,
+        with the epoch floor raised past our image: this secondary is of no more use,
+        and ends. The record is read here, after the loss: whatever a dead primary
+        wrote is already in the first read, so a later version is a live one. A record
+        of a later term is a promotion (ours, or another's): the promote rules decide."""
+        arbiter, identity = self.parts.arbiter, self.parts.settings.identity
+        versions: set[str] = set()
         while not self._promoted:
-            now = time.monotonic()
-            renewed = now > lost_at + arbiter.lease_duration and arbiter.acquirable_at() > now
-            if renewed and arbiter.term == self.term and not arbiter.holding:
-                self.tasks.fail("the primary went on without this secondary, whose backend cannot join "
-                                "a new replication; a fresh secondary protects it again")
-                return
+            try:
+                record = await arbiter.observe()
+            except ArbiterError as exc:
+                log.debug("arbiter: observation failed: %s", exc)
+                record = None
+            if record is not None and record.term == self.term and record.holder != identity:
+                versions.add(record.version)
+                if len(versions) >= 3 and not self._promoted:
+                    self.tasks.fail("the primary went on without this secondary, whose backend cannot "
+                                    "join a new replication; a fresh secondary protects it again")
+                    return
             await asyncio.sleep(PAIR_RETRY)
 
     # ------------------------------------------------------------------ promotion
