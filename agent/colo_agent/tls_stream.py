@@ -7,9 +7,8 @@ that owns the socket, the event loop's. Here the TLS state lives in an
 non-blocking one, so the transport keeps its own paths (`sendmsg`,
 `recv_into`, the yank) and moves ciphertext in large reads and writes.
 Encryption and decryption are plain calls that any thread may make (a lock
-keeps OpenSSL's state to one thread at a time); OpenSSL releases the GIL
-while it ciphers, so the transport runs large ones on a thread of their
-connection and two channels cipher on two cores while the loop moves bytes.
+keeps OpenSSL's state to one thread at a time): the lockstep mirror
+encrypts in the vCPU thread that produced a message.
 """
 
 from __future__ import annotations

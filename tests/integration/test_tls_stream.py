@@ -36,10 +36,11 @@ async def tls_pair(tmp_path: Path) -> tuple[Connection, Connection, socket.socke
     return Connection(a, "client", client), Connection(b, "server", server), b
 
 
-async def test_page_frames_ciphered_on_their_thread_and_small_frames_arrive_in_order(tmp_path: Path) -> None:
+async def test_large_page_frames_and_small_frames_arrive_in_order(tmp_path: Path) -> None:
     tx, rx, _ = await tls_pair(tmp_path)
     rng = np.random.default_rng(5)
-    batches = [rng.integers(0, 256, (n, PAGE_SIZE), dtype=np.uint8) for n in (768, 16, 1)]  # 3 MiB .. 4 KiB
+    # 3 MiB (many ciphertext reads) down to 4 KiB (part of one record).
+    batches = [rng.integers(0, 256, (n, PAGE_SIZE), dtype=np.uint8) for n in (768, 16, 1)]
     small = [MirrorInput(1, i, bytes([i]) * (10 + 1000 * i)) for i in range(3)]
     dest = np.zeros((800, PAGE_SIZE), dtype=np.uint8)
     try:

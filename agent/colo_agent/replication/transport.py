@@ -30,9 +30,8 @@ import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -93,10 +92,6 @@ HANDSHAKE_TIMEOUT = 5.0
 _SCRATCH = 1 << 16
 # Ciphertext is read from the socket this much at a time.
 _CIPHERTEXT_READ = 1 << 18
-# Encrypting or decrypting at least this much goes to the connection's thread:
-# below it, the hop between threads costs more than the cipher.
-_CIPHER_OFFLOAD = 1 << 16
-_T = TypeVar("_T")
 _IOV_MAX = 1024
 _YIELD_EVERY = 1 << 20
 
@@ -113,10 +108,10 @@ class Connection:
 
     Over TLS (a `TlsStream`) the socket stays the same plain one and
     carries ciphertext in large reads and writes; sends encrypt from the
-    caller's buffers and receives decrypt into the destination. Large
-    encryptions and decryptions run on this connection's own thread
-    (OpenSSL releases the GIL), so the channels of a pairing cipher in
-    parallel while the loop moves bytes.
+    caller's buffers and receives decrypt into the destination, on the
+    loop's thread: ciphering on a thread of the connection was measured
+    slower and dearer, each 16 KiB record handing the GIL back and forth
+    with the loop.
     """
 
     def __init__(self, sock: socket.socket, name: str, tls: TlsStream | None = None) -> None:
@@ -134,7 +129,6 @@ class Connection:
         self._closed = False
         self._tls = tls
         self._ciphertext = memoryview(bytearray(_CIPHERTEXT_READ)) if tls is not None else None
-        self._cipher_thread: ThreadPoolExecutor | None = None
         self._unyielded = 0
 
     @property
@@ -151,11 +145,7 @@ class Connection:
     async def sendmsg(self, buffers: list[bytes | memoryview]) -> None:
         """Send every buffer, in order, without joining them (over TLS: their records)."""
         if self._tls is not None:
-            if sum(memoryview(b).nbytes for b in buffers) >= _CIPHER_OFFLOAD:
-                wire = await self._on_cipher_thread(self._tls.encrypt, buffers)
-            else:
-                wire = self._tls.encrypt(buffers)
-            buffers = [wire]
+            buffers = [self._tls.encrypt(buffers)]
         await self.send_wire(buffers)
 
     def encrypt(self, data: bytes) -> bytes:
@@ -187,13 +177,6 @@ class Connection:
     async def _writable(self) -> None:
         await wait_ready(self.sock, write=True)
 
-    async def _on_cipher_thread(self, fn: Callable[[Any], _T], arg: Any) -> _T:
-        if self._closed:
-            raise ConnectionError(f"{self.name}: closed")
-        if self._cipher_thread is None:
-            self._cipher_thread = ThreadPoolExecutor(1, thread_name_prefix=f"tls {self.name}")
-        return await self._loop.run_in_executor(self._cipher_thread, fn, arg)
-
     async def _recv_into(self, buf: memoryview) -> int:
         if self._tls is not None:
             return await self._tls_recv_into(self._tls, buf)
@@ -207,10 +190,7 @@ class Connection:
         raw = self._ciphertext
         assert raw is not None
         while True:
-            if tls.pending >= _CIPHER_OFFLOAD and len(buf) >= _CIPHER_OFFLOAD:
-                n = await self._on_cipher_thread(tls.decrypt_into, buf)
-            else:
-                n = tls.decrypt_into(buf)
+            n = tls.decrypt_into(buf)
             if n is not None:
                 break
             got = await self._loop.sock_recv_into(self.sock, raw)
@@ -276,10 +256,6 @@ class Connection:
                 self._loop.remove_reader(fd)
                 self._loop.remove_writer(fd)
             self.sock.close()
-            if self._cipher_thread is not None:
-                # Wait for a decryption in progress: its destination (a cache
-                # slot) may be handed to the next pairing as soon as we return.
-                self._cipher_thread.shutdown(wait=True)
 
 
 class ThreadSafeLink:
