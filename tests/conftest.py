@@ -30,10 +30,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("colo-e2e", "end-to-end cluster")
     group.addoption(
         "--e2e-driver",
-        choices=("local", "existing"),
+        choices=("local", "kind", "existing"),
         default=os.environ.get("COLO_E2E_DRIVER", "local"),
         help="local: start etcd, the control plane and process nodes here (default); "
-        "existing: use the cluster of $KUBECONFIG (e.g. kind)",
+        "kind: create a kind cluster of the offline node image (bash .ci/kind builds it) with "
+        "colo-operator:dev loaded; existing: use the cluster of $KUBECONFIG",
     )
     group.addoption(
         "--e2e-keep-logs",

@@ -31,12 +31,20 @@ def wait_for(predicate: Callable[[], T | None], timeout: float, what: str, inter
         time.sleep(interval)
 
 
+def with_chart_values(cluster: Any, args: tuple[str, ...]) -> tuple[str, ...]:
+    """`helm install/upgrade` args plus what points the chart at the image under test (kind)."""
+    if args and args[0] in ("install", "upgrade"):
+        return (*args, *getattr(cluster, "chart_values", ()))
+    return args
+
+
 def helm(cluster: Any, *args: str) -> subprocess.CompletedProcess[str]:
     from cluster import build
 
     binary = build.bin_dir() / "helm"
     return subprocess.run(
-        [str(binary) if binary.exists() else "helm", f"--kubeconfig={cluster.kubeconfig}", *args],
+        [str(binary) if binary.exists() else "helm", f"--kubeconfig={cluster.kubeconfig}",
+         *with_chart_values(cluster, args)],
         capture_output=True, text=True, timeout=400, check=False,
     )  # fmt: skip
 

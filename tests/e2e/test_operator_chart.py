@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from operator_e2e import CHART, RELEASE, RELEASE_NAMESPACE, ROOT, wait_for
+from operator_e2e import CHART, RELEASE, RELEASE_NAMESPACE, ROOT, wait_for, with_chart_values
 
 SERVICE_ACCOUNT = f"system:serviceaccount:{RELEASE_NAMESPACE}:colo-colo-operator"
 NAMESPACE = "colo-chart-e2e"
@@ -25,7 +25,7 @@ def helm_binary() -> str:
 
 def helm(cluster: Any, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [helm_binary(), f"--kubeconfig={cluster.kubeconfig}", *args],
+        [helm_binary(), f"--kubeconfig={cluster.kubeconfig}", *with_chart_values(cluster, args)],
         capture_output=True, text=True, timeout=400, check=check,
     )  # fmt: skip
 

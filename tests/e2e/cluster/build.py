@@ -180,13 +180,12 @@ def _go(args: Sequence[str], cwd: Path) -> str:
     return done.stdout
 
 
-def check_kubernetes_replaces() -> None:
-    """Fail early if the wrapper's replace block and k8s.io/kubernetes's differ.
+def check_kubernetes_replaces(module_dir: Path = GO_DIR / "kubernetes") -> None:
+    """Fail early if a wrapper's replace block and k8s.io/kubernetes's differ.
 
     A staging module missing from the wrapper would resolve to v0.0.0 and
     fail deep inside the build with an unhelpful message.
     """
-    module_dir = GO_DIR / "kubernetes"
     module = f"k8s.io/kubernetes@{KUBERNETES_VERSION}"
     info = json.loads(_go(["mod", "download", "-json", module], module_dir))
     upstream = _replaced_paths(Path(info["GoMod"]).read_text())
@@ -194,7 +193,7 @@ def check_kubernetes_replaces() -> None:
     ours = _replaced_paths(ours_text)
     if upstream != ours:
         raise BuildError(
-            "tests/e2e/cluster/go/kubernetes/go.mod does not replace the same staging modules as "
+            f"{module_dir}/go.mod does not replace the same staging modules as "
             f"k8s.io/kubernetes {KUBERNETES_VERSION}: missing {sorted(upstream - ours)}, "
             f"extra {sorted(ours - upstream)}"
         )

@@ -7,12 +7,15 @@ import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from . import build
 from .cluster import LocalCluster
+
+if TYPE_CHECKING:
+    from kindhost.cluster import KindCluster
 
 FAILED = pytest.StashKey[bool]()
 
@@ -43,16 +46,30 @@ class ClusterHandle:
     kubeconfig: Path
     node_names: list[str]
     local: LocalCluster | None = None
+    kind: KindCluster | None = None
+    # `helm install/upgrade` arguments that point the chart at the image under test.
+    chart_values: tuple[str, ...] = ()
+
+    @property
+    def can_kill_nodes(self) -> bool:
+        return self.local is not None or self.kind is not None
 
     def _need_local(self, what: str) -> LocalCluster:
         if self.local is None:
-            pytest.skip(f"{what} needs --e2e-driver local (with kind: docker stop the node's container)")
+            pytest.skip(f"{what} needs --e2e-driver local")
         return self.local
 
     def kill_node(self, name: str) -> None:
+        """Power loss of a node: its processes (local) or its container (kind) SIGKILLed."""
+        if self.kind is not None:
+            self.kind.kill_node(name)
+            return
         self._need_local("kill_node").kill_node(name)
 
     def revive_node(self, name: str) -> None:
+        if self.kind is not None:
+            self.kind.revive_node(name)
+            return
         self._need_local("revive_node").revive_node(name)
 
     def partition(self, a: str, b: str) -> None:
@@ -71,7 +88,9 @@ class ClusterHandle:
         return self._need_local("run_in_node").run_in_node(name, argv, timeout=timeout)
 
     def pod_log(self, namespace: str, pod: str, container: str) -> str:
-        """A container's output (local driver: the runner's log file of it)."""
+        """A container's output (local driver: the runner's log file of it; kind: kubectl logs)."""
+        if self.kind is not None:
+            return self.kubectl("logs", "-n", namespace, pod, "-c", container, check=False).stdout
         return self._need_local("pod_log").pod_log(namespace, pod, container)
 
     def kubectl(

@@ -62,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dockerhost: base {base.PYTHON_SLIM.tag}: {base.ensure(eng)}", file=sys.stderr)
         seconds = image.build(eng, args.tag)
         print(f"dockerhost: image {args.tag}: built in {seconds:.1f}s", file=sys.stderr)
+        # Each rebuild leaves the previous image untagged; drop those older than an hour
+        # (a younger one may be a step of a build running now).
+        eng.docker("image", "prune", "--force", "--filter", "until=1h", check=False)
         if args.warm:
             print(
                 f"dockerhost: rebuild after a source edit: {_warm_rebuild(eng, args.tag):.1f}s",
