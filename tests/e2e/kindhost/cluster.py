@@ -333,7 +333,10 @@ class KindCluster:
 
     def load_image(self, image: str) -> float:
         started = time.monotonic()
-        self.kind("load", "docker-image", image, "--name", self.name)
+        # Only the workers run agent and operator pods (the control plane keeps its taint).
+        self.kind(
+            "load", "docker-image", image, "--name", self.name, "--nodes", ",".join(self.worker_names())
+        )
         return time.monotonic() - started
 
     def kill_node(self, node: str) -> None:
