@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from cluster import ControlPlane, build
+from support.crd import install_crd
 
 from colo_agent.config import FailoverTimings
 
@@ -28,12 +29,7 @@ def kubectl(plane: ControlPlane, *args: str, stdin: str | None = None) -> subpro
 
 @pytest.fixture(scope="module")
 def api(kube_apiserver: ControlPlane) -> Iterator[ControlPlane]:
-    done = kubectl(kube_apiserver, "apply", "-f", str(ROOT / "crds" / "colovm.yaml"))
-    assert done.returncode == 0, done.stderr
-    done = kubectl(
-        kube_apiserver, "wait", "--for=condition=Established", "crd/colovms.colo.dev", "--timeout=60s"
-    )
-    assert done.returncode == 0, done.stderr
+    install_crd([str(build.bin_dir() / "kubectl"), f"--kubeconfig={kube_apiserver.kubeconfig}"])
     # Left installed: the API server is this session's own, and other modules use the CRD too.
     yield kube_apiserver
 

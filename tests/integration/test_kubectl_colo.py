@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import yaml
 from cluster import ControlPlane, build
+from support.crd import install_crd
 
 from colo_operator import constants as c
 from colo_operator.kube import Kube
@@ -60,10 +61,7 @@ def cluster_with_vms(
     kube_apiserver: ControlPlane, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Path]:
     kubectl = [str(build.bin_dir() / "kubectl"), f"--kubeconfig={kube_apiserver.kubeconfig}"]
-    subprocess.run([*kubectl, "apply", "-f", str(ROOT / "crds" / "colovm.yaml")],
-                   check=True, capture_output=True)  # fmt: skip
-    subprocess.run([*kubectl, "wait", "--for=condition=Established", "crd/colovms.colo.dev", "--timeout=60s"],
-                   check=True, capture_output=True)  # fmt: skip
+    install_crd(kubectl)
     for ns in ("plugin-a", "plugin-b"):
         subprocess.run([*kubectl, "create", "namespace", ns], check=False, capture_output=True)
 

@@ -13,6 +13,7 @@ import urllib.request
 from pathlib import Path
 
 from cluster import ControlPlane, build
+from support.crd import install_crd
 
 ROOT = Path(__file__).resolve().parents[2]
 NAMESPACE = "metrics-e2e"
@@ -33,10 +34,7 @@ def scrape(port: int) -> str:
 
 def test_the_operator_serves_its_metrics(kube_apiserver: ControlPlane, tmp_path: Path) -> None:
     kubectl = [str(build.bin_dir() / "kubectl"), f"--kubeconfig={kube_apiserver.kubeconfig}"]
-    subprocess.run([*kubectl, "apply", "-f", str(ROOT / "crds" / "colovm.yaml")],
-                   check=True, capture_output=True)  # fmt: skip
-    subprocess.run([*kubectl, "wait", "--for=condition=Established", "crd/colovms.colo.dev", "--timeout=60s"],
-                   check=True, capture_output=True)  # fmt: skip
+    install_crd(kubectl)
     subprocess.run([*kubectl, "create", "namespace", NAMESPACE], check=False, capture_output=True)
     # The operator's own namespace (the chart's release namespace) holds the cluster CA it creates
     # at start-up; in a cluster it always exists, since the operator runs there.
