@@ -129,7 +129,7 @@ class PrimaryMirror:
         nic.set_rx_tap(self._on_rx_batch)
 
     def _on_rx_batch(self, position: int, data: bytes) -> None:
-        """Under the device lock, in the thread that published the batch: forward as is."""
+        """vCPU thread, under the device lock: forward as is."""
         self._link.send_threadsafe(MirrorInput(self.term, position, data))
 
     def primary_output(self, conn: int, offset: int, data: bytes, closed: bool) -> None:

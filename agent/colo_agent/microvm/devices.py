@@ -107,14 +107,6 @@ class DeviceModel:
         # exit parks the vCPU thread on it.
         self._wakeup = threading.Condition(self._lock)
         self._waits_interrupted = False
-        # While the guest runs, input goes into the RX ring as it arrives, in
-        # the host thread that brings it (the event loop's): the vCPU finds it
-        # there instead of copying it after it wakes, and a lockstep primary
-        # mirrors it at once, so the secondary starts on it in parallel. Off
-        # from the pause to the resume: a checkpoint takes the dirty pages and
-        # then the RX head, and a batch published between the two would be
-        # in the head but not in the pages.
-        self._publish_on_arrival = False
 
         self._dirty = np.zeros(len(ram) // abi.PAGE_SIZE, dtype=np.bool_)
 
@@ -159,9 +151,8 @@ class DeviceModel:
             conn = self._allocate_id()
             self._open.add(conn)
             self._queue(conn, abi.FrameType.OPEN, b"")
-            drained = self._arrived_locked()
-        self._notify_drained(drained)
-        return conn
+            self._wakeup.notify_all()
+            return conn
 
     def send_input(self, conn_id: int, data: bytes) -> None:
         """Queue client bytes; dropped if the connection is closed (the guest may close first)."""
@@ -173,8 +164,7 @@ class DeviceModel:
             self._queue(conn_id, abi.FrameType.DATA, bytes(data))
             if self._pending_bytes[conn_id] > INPUT_HIGH_WATER:
                 self._throttled.add(conn_id)
-            drained = self._arrived_locked()
-        self._notify_drained(drained)
+            self._wakeup.notify_all()
 
     def close_connection(self, conn_id: int) -> None:
         """The client went away: the guest gets a CLOSE after any data still queued."""
@@ -184,20 +174,10 @@ class DeviceModel:
             self._open.discard(conn_id)
             self._throttled.discard(conn_id)
             self._queue(conn_id, abi.FrameType.CLOSE, b"")
-            drained = self._arrived_locked()
-        self._notify_drained(drained)
-
-    def _arrived_locked(self) -> list[int]:
-        """Input was queued: publish it now if the guest runs, and wake a WAIT."""
-        drained = []
-        if self._publish_on_arrival and self._mirror_rx is None:
-            drained = self._flush_rx_locked()
-        self._wakeup.notify_all()
-        return drained
+            self._wakeup.notify_all()
 
     def set_rx_tap(self, tap: Callable[[int, bytes], None] | None) -> None:
-        """`tap(position, ring_bytes)` under the device lock for every RX batch, in the
-        thread that publishes it (the vCPU's, or the one that brought the input)."""
+        """`tap(position, ring_bytes)` in the vCPU thread, under the device lock, for every RX batch."""
         self._rx_tap = tap
 
     def enable_rx_mirror(self) -> None:
@@ -232,19 +212,14 @@ class DeviceModel:
             return frozenset(self._open)
 
     def interrupt_waits(self) -> None:
-        """End any WAIT in progress and make later ones return at once (pause, stop).
-
-        Input is queued, not published, until `allow_waits`."""
+        """End any WAIT in progress and make later ones return at once (pause, stop)."""
         with self._lock:
             self._waits_interrupted = True
-            self._publish_on_arrival = False
             self._wakeup.notify_all()
 
     def allow_waits(self) -> None:
-        """The guest runs (start, resume): WAITs wait, input is published as it arrives."""
         with self._lock:
             self._waits_interrupted = False
-            self._publish_on_arrival = True
 
     def collect_dirty(self) -> npt.NDArray[np.int64]:
         """Sorted indices of pages this model wrote since the previous call."""

@@ -219,7 +219,6 @@ class Machine:
                 raise MachineError("the machine was already started")
             self._started = True
             self._parked = False
-        self.devices.allow_waits()
         self._thread = threading.Thread(target=self._vcpu_main, name=f"vcpu-{self.accelerator}", daemon=True)
         self._thread.start()
 
