@@ -38,7 +38,7 @@ from colo_agent.engine.compare import Cause, Mark, OutputComparator, Release
 from colo_agent.engine.lockstep import OutputOffsets, PrimaryMirror, pack_state
 from colo_agent.engine.output import OutputGate
 from colo_agent.engine.pacing import CheckpointPacer
-from colo_agent.engine.roles import Parts, RoleView, Tasks
+from colo_agent.engine.roles import EpochFloor, Parts, RoleView, Tasks
 from colo_agent.replication.cache import StagingBuffer, image_digest, page_view
 from colo_agent.replication.handshake import AuthRefused
 from colo_agent.replication.protocol import RemoteProtocolError
@@ -122,11 +122,10 @@ class PrimaryRole:
         self._releasing = True
         # Output that may leave, in order; what left alone waits for a renewal (`_release`).
         self._lease_wait: deque[tuple[_Output, bool]] = deque()
-        # Epoch floor (see `_unprotect`): wanted value for the renewal task, and
+        # Epoch floor (see `_unprotect`): written by the renewal task, and
         # whether output may leave while no secondary is paired.
-        self._floor_wanted = 0
+        self._floor = EpochFloor()
         self._floor_ok = True
-        self._floor_raised = asyncio.Event()
         self._release_event = asyncio.Event()
         self._loop = asyncio.get_running_loop()
         self._renewal: asyncio.Task[None] | None = None
@@ -241,13 +240,7 @@ class PrimaryRole:
         floor when the secondary is lost (`_unprotect` asks for it)."""
         arbiter, metrics = self.parts.arbiter, self.parts.metrics
         while True:
-            wanted = self._floor_wanted
-            if wanted and await arbiter.raise_floor(wanted):
-                self._floor_wanted = 0
-                self._floor_raised.set()
-                ok = True
-            else:
-                ok = await arbiter.renew()
+            ok = await self._floor.write_or_renew(arbiter)
             metrics.set_lease_valid(arbiter.is_valid())
             if not arbiter.holding and not self._demoting:
                 log.error("lost the arbiter: another agent took over; stopping the guest")
@@ -261,16 +254,14 @@ class PrimaryRole:
                 log.warning("lease renewal failed; output waits while it stays so")
             elif self._lease_wait:
                 self._deliver_waiting()  # what waited for this renewal
-            await asyncio.sleep(min(FLOOR_RETRY, arbiter.renew_interval) if self._floor_wanted
+            await asyncio.sleep(min(FLOOR_RETRY, arbiter.renew_interval) if self._floor.wanted
                                 else arbiter.renew_interval)
 
     async def _raise_floor(self) -> None:
         """Have the renewal task write the epoch floor past every epoch the lost secondary
         may hold: the last one sent, whose ACK may be all that went missing."""
         self._floor_ok = False
-        self._floor_raised.clear()
-        self._floor_wanted = max(self.last_acked_epoch, self.last_sent_epoch) + 1
-        await self._floor_raised.wait()
+        await self._floor.ask(max(self.last_acked_epoch, self.last_sent_epoch) + 1)
         self._floor_ok = True
 
     # ------------------------------------------------------------------ pairing

@@ -173,3 +173,33 @@ class Tasks:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+
+
+class EpochFloor:
+    """The epoch floor a primary asks its renewal task to write in place of a renewal.
+
+    The renewal task is the one writer of the arbiter while primary; a role that lost
+    its secondary asks for a floor here and waits until it is written.
+    """
+
+    def __init__(self) -> None:
+        self.wanted = 0
+        self._raised = asyncio.Event()
+
+    async def ask(self, epoch: int) -> None:
+        """Wait until a floor of `epoch` (or a later one) is in the arbiter."""
+        self._raised.clear()
+        self.wanted = epoch
+        await self._raised.wait()
+
+    async def write_or_renew(self, arbiter: Arbiter) -> bool:
+        """One write of the renewal task: the floor if one is wanted, else a renewal.
+        True when the write succeeded (a written floor renews the lease too)."""
+        wanted = self.wanted
+        if wanted and await arbiter.raise_floor(wanted):
+            if self.wanted == wanted:
+                self.wanted = 0
+                self._raised.set()
+            return True
+        return await arbiter.renew()
+

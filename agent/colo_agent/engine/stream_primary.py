@@ -29,7 +29,7 @@ import logging
 import time
 
 from colo_agent.api.models import CheckpointFigures, PeerState, PeerStatus, Role, StreamFiguresStatus
-from colo_agent.engine.roles import RoleView, StreamParts, Tasks
+from colo_agent.engine.roles import EpochFloor, RoleView, StreamParts, Tasks
 from colo_agent.guest import StreamError, StreamFigures
 from colo_agent.replication.handshake import AuthRefused
 from colo_agent.replication.protocol import RemoteProtocolError
@@ -59,8 +59,7 @@ class StreamPrimaryRole:
         self.last_checkpoint: CheckpointFigures | None = None
         self.figures: StreamFigures | None = None
         self._seen = 0  # the backend's checkpoint count already turned into epochs
-        self._floor_wanted = 0
-        self._floor_raised = asyncio.Event()
+        self._floor = EpochFloor()  # written by the renewal task
         self._held_for_lease = False  # the guest is paused until the lease is valid again
 
     # ------------------------------------------------------------------ lifecycle
@@ -92,13 +91,7 @@ class StreamPrimaryRole:
         and the unprotected guest held still while the lease is not valid."""
         arbiter, metrics = self.parts.arbiter, self.parts.metrics
         while True:
-            wanted = self._floor_wanted
-            if wanted and await arbiter.raise_floor(wanted):
-                self._floor_wanted = 0
-                self._floor_raised.set()
-                ok = True
-            else:
-                ok = await arbiter.renew()
+            ok = await self._floor.write_or_renew(arbiter)
             metrics.set_lease_valid(arbiter.is_valid())
             if not arbiter.holding:
                 log.error("lost the arbiter: another agent took over; stopping the guest")
@@ -108,7 +101,7 @@ class StreamPrimaryRole:
             self._hold_unless_valid()
             if not ok:
                 log.warning("lease renewal failed")
-            wait = ARBITER_RETRY if (self._floor_wanted or not ok) else arbiter.renew_interval
+            wait = ARBITER_RETRY if (self._floor.wanted or not ok) else arbiter.renew_interval
             # Wake up no later than the lease runs out, to hold an unprotected guest in time.
             until_invalid = arbiter.valid_until - time.monotonic()
             await asyncio.sleep(max(ARBITER_RETRY, min(wait, until_invalid)))
@@ -126,9 +119,7 @@ class StreamPrimaryRole:
 
     async def _raise_floor(self) -> None:
         """Have the renewal task write the epoch floor past the last epoch the secondary may hold."""
-        self._floor_raised.clear()
-        self._floor_wanted = self.epoch + 1
-        await self._floor_raised.wait()
+        await self._floor.ask(self.epoch + 1)
 
     # ------------------------------------------------------------------ pairing
 
