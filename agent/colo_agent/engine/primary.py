@@ -479,11 +479,16 @@ class PrimaryRole:
             await mirror.close()
 
     async def _drop_mirror(self) -> None:
+        """A pairing that ended other than by losing the peer (a step-down, or an error that
+        ends the agent): what the comparator still holds was neither matched nor acknowledged,
+        and no epoch floor covers it, so it is dropped, never released alone. A lost peer goes
+        through `_unprotect`, which writes the floor first and then releases."""
         mirror, self.mirror = self.mirror, None
         if mirror is None:
             return
-        # Synchronously, before any newer output can be delivered directly.
-        self._release_mirrored(mirror.comparator.release_all(), alone=True)
+        held = mirror.comparator.release_all()
+        if held:
+            log.warning("pairing ended: dropping %d chunks of output no secondary matched", len(held))
         await mirror.close()
 
     # ------------------------------------------------------------------ control API
