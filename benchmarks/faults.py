@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import itertools
 import os
 import random
 import signal
@@ -37,8 +36,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from _common import write_results
-from support.agents import SYNC_TIMEOUT, AgentGroup, AgentProcess, HarnessError, RespError, wait_protected
+from _history import History, Tally, client_loop, failed, summary
+from support.agents import SYNC_TIMEOUT, AgentGroup, AgentProcess, HarnessError, wait_protected
 from support.linkproxy import LinkProxy
 
 from colo_agent.api.models import PromoteResult
@@ -58,28 +56,6 @@ KINDS = (
 MODES = {"checkpoint": ("--mode", "checkpoint"), "lockstep": ("--mode", "lockstep", "--interval-ms", "1000")}
 MEMORY = "32Mi"
 WRITERS = 2
-
-
-@dataclass
-class History:
-    """What the clients saw; shared by their threads."""
-
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    acked: dict[str, int] = field(default_factory=dict)  # key -> value
-    acked_by: dict[str, str] = field(default_factory=dict)  # key -> the agent that acknowledged it
-    attempted_incr: int = 0
-    acked_incr: int = 0
-    ack_times: list[float] = field(default_factory=list)
-    # (agent name, when the request was sent) of every acknowledgement, for the
-    # fenced-primary check
-    acks_by: list[tuple[str, float]] = field(default_factory=list)
-    errors: Counter[str] = field(default_factory=Counter)
-    # split-brain probes whose primary was frozen holding the file arbiter's lock (no failover)
-    store_blocked: int = 0
-
-    def ack(self, agent: str, sent: float) -> None:
-        self.ack_times.append(time.monotonic())
-        self.acks_by.append((agent, sent))
 
 
 class Cluster:
@@ -125,6 +101,10 @@ class Cluster:
         self.primary = self.secondary
         return True
 
+    def current(self) -> AgentProcess:
+        """The primary now, for the clients."""
+        return self.primary
+
     def reprotect(self) -> None:
         self.secondary = self._new_secondary()
         wait_protected(self.primary, self.secondary)
@@ -133,57 +113,6 @@ class Cluster:
         if self.proxy is not None:
             self.proxy.close()
         self.group.close()
-
-
-def _client_loop(cluster: Cluster, name: str, history: History, stop: threading.Event,
-                 counter: bool, pinned: AgentProcess | None = None) -> None:
-    """Write unique keys (or INCR the counter) through the current primary until `stop`."""
-    n = 0
-    while not stop.is_set():
-        agent = pinned or cluster.primary
-        try:
-            with agent.client(timeout=5.0) as c:
-                while not stop.is_set() and (pinned is not None or agent is cluster.primary):
-                    n += 1
-                    sent = time.monotonic()
-                    if counter:
-                        with history.lock:
-                            history.attempted_incr += 1
-                        reply = c.call("INCR", "counter")
-                        if isinstance(reply, int):
-                            with history.lock:
-                                history.acked_incr += 1
-                                history.ack(agent.name, sent)
-                    else:
-                        key = f"{name}:{n}"
-                        if c.call("SET", key, str(n)) == b"OK":
-                            with history.lock:
-                                history.acked[key] = n
-                                history.acked_by[key] = agent.name
-                                history.ack(agent.name, sent)
-        except (OSError, ConnectionError, RespError) as exc:
-            with history.lock:
-                history.errors[type(exc).__name__] += 1
-            if pinned is not None:
-                return
-            time.sleep(0.05)
-
-
-def _check(cluster: Cluster, history: History) -> tuple[list[str], str | None]:
-    """Lost acknowledged writes, and a counter violation if any."""
-    with history.lock:
-        acked = dict(history.acked)
-        low = history.acked_incr
-    with cluster.primary.client(timeout=60.0) as c:
-        keys = sorted(acked)
-        values = c.mget(keys)
-        counter = c.call("GET", "counter")
-    with history.lock:
-        high = history.attempted_incr
-    lost = [k for k, v in zip(keys, values, strict=True) if v != str(acked[k]).encode()]
-    value = int(counter) if isinstance(counter, bytes) else 0
-    bad = None if low <= value <= high else f"counter {value} outside [{low}, {high}]"
-    return lost, bad
 
 
 def _settled(cluster: Cluster) -> None:
@@ -217,8 +146,8 @@ def _inject(kind: str, cluster: Cluster, rng: random.Random, history: History) -
         # Clients that stay attached to the old primary across its promotion-and-thaw (keys
         # named after it: an agent is probed once, so no key is written by two probes).
         probes = [
-            threading.Thread(target=_client_loop, args=(cluster, f"probe-{old.name}-{i}", history, stop,
-                                                        False, old))
+            threading.Thread(target=client_loop,
+                             args=(cluster.current, f"probe-{old.name}-{i}", history, stop, False, old))
             for i in range(2)
         ]
         for t in probes:
@@ -250,12 +179,6 @@ def _inject(kind: str, cluster: Cluster, rng: random.Random, history: History) -
         wait_protected(cluster.primary, cluster.secondary)
 
 
-def _worst_gap(times: list[float], start: float, end: float) -> float:
-    points = sorted(t for t in times if start <= t <= end)
-    edges = [start, *points, end]
-    return max(b - a for a, b in itertools.pairwise(edges))
-
-
 def schedule(seed: int, faults: int) -> list[str]:
     """The seeded order of fault kinds."""
     rng = random.Random(seed)
@@ -270,14 +193,10 @@ def run_campaign(mode: str, faults: int, seed: int, workdir: Path) -> dict[str, 
     cluster = Cluster(workdir, mode)
     history = History()
     stop = threading.Event()
-    clients = [threading.Thread(target=_client_loop, args=(cluster, f"w{i}", history, stop, False))
+    clients = [threading.Thread(target=client_loop, args=(cluster.current, f"w{i}", history, stop, False))
                for i in range(WRITERS)]
-    clients.append(threading.Thread(target=_client_loop, args=(cluster, "incr", history, stop, True)))
-    by_kind: Counter[str] = Counter()
-    lost: set[str] = set()
-    counter_errors: list[str] = []
-    unrecovered: str | None = None
-    worst = 0.0
+    clients.append(threading.Thread(target=client_loop, args=(cluster.current, "incr", history, stop, True)))
+    tally = Tally(mode, faults)
     started = time.monotonic()
     try:
         for t in clients:
@@ -289,63 +208,24 @@ def run_campaign(mode: str, faults: int, seed: int, workdir: Path) -> dict[str, 
                 _settled(cluster)
                 _inject(kind, cluster, rng, history)
             except HarnessError as exc:
-                # Not protected again in time: a finding, and the end of this campaign.
-                unrecovered = f"after fault {i} ({kind}): {str(exc).splitlines()[0]}"
-                by_kind[kind] += 1
+                tally.failed(i, kind, exc)
                 break
             time.sleep(0.3)
-            by_kind[kind] += 1
-            try:
-                missing, bad = _check(cluster, history)
-            except (OSError, ConnectionError, RespError) as exc:
-                unrecovered = f"checking after fault {i} ({kind}): {exc!r}"
+            if not tally.after_fault(i, kind, t0, history, lambda: cluster.primary.client(timeout=60.0)):
                 break
-            if new := sorted(set(missing) - lost):
-                with history.lock:
-                    by = Counter(history.acked_by[k] for k in new)
-                print(f"  LOST after fault {i + 1} ({kind}): {len(new)}, acknowledged by {dict(by)}; "
-                      f"{new[:10]}", flush=True)
-            lost.update(missing)
-            if bad:
-                counter_errors.append(f"after fault {i} ({kind}): {bad}")
-            with history.lock:
-                worst = max(worst, _worst_gap(history.ack_times, t0, time.monotonic()))
-            print(f"  {mode} fault {i + 1}/{faults}: {kind}, acknowledged {len(history.acked)}, "
-                  f"lost {len(lost)}", flush=True)
     finally:
         stop.set()
         for t in clients:
             t.join(30)
-        # A request sent after its agent's term was taken can only have run after it: an
-        # acknowledgement of it came from a fenced primary. (Output of an epoch acknowledged
-        # before the promotion may still reach its client after it, and that is safe.)
-        fenced_acks = [f"{agent} acknowledged a request sent {sent - cluster.fenced[agent]:.3f}s "
-                       "after its term was taken"
-                       for agent, sent in history.acks_by
-                       if agent in cluster.fenced and sent > cluster.fenced[agent]]
         cluster.close()
-    return {
-        "mode": mode, "seed": seed, "faults": dict(sorted(by_kind.items())),
-        "faults_total": sum(by_kind.values()),
-        "acknowledged_writes": len(history.acked), "acknowledged_incr": history.acked_incr,
-        "attempted_incr": history.attempted_incr, "lost": sorted(lost), "fenced_acks": fenced_acks,
-        "counter_errors": counter_errors, "unrecovered": unrecovered,
-        "split_brain_store_blocked": history.store_blocked,
-        "worst_unavailability_s": round(worst, 3),
-        "client_errors": dict(history.errors), "seconds": round(time.monotonic() - started, 1),
-    }
+    return {"mode": mode, "seed": seed, **tally.figures(history, cluster.fenced),
+            "split_brain_store_blocked": history.store_blocked,
+            "seconds": round(time.monotonic() - started, 1)}
 
 
-def summary(r: dict[str, Any]) -> str:
-    kinds = " ".join(f"{k}={v}" for k, v in r["faults"].items())
-    return (f"{r['mode']}: {r['faults_total']} faults ({kinds}); "
-            f"acknowledged {r['acknowledged_writes']} writes + {r['acknowledged_incr']} INCR; "
-            f"lost {len(r['lost'])}; fenced acks {len(r['fenced_acks'])}; "
-            f"counter errors {len(r['counter_errors'])}; "
-            f"split-brain probes with the store held by the frozen primary {r['split_brain_store_blocked']}; "
-            f"{'NOT RE-PROTECTED ' + r['unrecovered'] + '; ' if r['unrecovered'] else ''}"
-            f"worst unavailability {r['worst_unavailability_s']:.2f} s "
-            f"(seed {r['seed']}, {r['seconds']:.0f} s)")
+def summary_line(r: dict[str, Any]) -> str:
+    return summary(r["mode"], r, "split-brain probes with the store held by the frozen primary "
+                                 f"{r['split_brain_store_blocked']}; ")
 
 
 def main() -> int:
@@ -361,13 +241,12 @@ def main() -> int:
         with tempfile.TemporaryDirectory(prefix=f"colo-faults-{mode}-") as tmp:
             results.append(run_campaign(mode, args.faults, args.seed, Path(tmp)))
     for r in results:
-        print(summary(r))
+        print(summary_line(r))
     load = os.getloadavg()
     name = "faults" if args.mode == "both" else f"faults-{args.mode}"
     write_results(name, {"load_average": load, "runs": results})
     print(f"load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
-    failed = any(r["lost"] or r["fenced_acks"] or r["counter_errors"] or r["unrecovered"] for r in results)
-    return 1 if failed else 0
+    return 1 if any(failed(r) for r in results) else 0
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ def _faults() -> ModuleType:
 def test_a_seeded_fault_campaign_loses_nothing(tmp_path: Path, mode: str) -> None:
     faults = _faults()
     r = faults.run_campaign(mode, FAULTS, seed=SEED, workdir=tmp_path)
-    print(faults.summary(r))
+    print(faults.summary_line(r))
     assert r["faults_total"] == FAULTS
     assert r["lost"] == [], r
     assert r["fenced_acks"] == [], r
