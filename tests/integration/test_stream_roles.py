@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from colo_agent.api.models import ArbiterConflict, PeerState, ReplicationMode, Role
+from colo_agent.api.models import ArbiterConflict, NotReady, PeerState, ReplicationMode, Role
 from colo_agent.arbiter.local import FileArbiter
 from colo_agent.engine.agent import Agent, AgentSettings
 from colo_agent.guest import ClientNic, MigrationStream, MirroredNic, PageLog, StreamCheckpoint, StreamFigures
@@ -257,5 +257,46 @@ async def test_a_secondary_whose_primary_went_on_alone_ends(tmp_path: Path) -> N
         await _until("the stale secondary ended", lambda: secondary.failed is not None, timeout=10 * LEASE)
         assert "went on without this secondary" in (secondary.failed or "")
         assert primary.failed is None and primary.status().role is Role.PRIMARY
+    finally:
+        await _end([primary, secondary], tasks)
+
+
+async def test_a_switchover_ends_the_primary_guest_frees_the_lease_and_promotes_without_a_floor(
+    tmp_path: Path,
+) -> None:
+    primary, pg, secondary, sg, tasks = await _pair(tmp_path)
+    try:
+        await _until("an epoch past the first", lambda: secondary.status().last_acked_epoch >= 2)
+        term = primary.status().term
+        before = primary.status().last_acked_epoch
+        done = await primary.checkpoint()  # the backend's next checkpoint, as the operator asks first
+        assert done.term == term and done.epoch > before
+        result = await primary.demote()
+        assert result.term == term and not result.releasing
+        assert not pg.started and not pg.running  # the guest ended with the step-down
+        assert pg.alone_calls == 0  # never went on alone: nothing left without the secondary
+        assert not primary.ready() and not primary.parts.arbiter.holding
+        record = json.loads((tmp_path / "arbiter.json").read_text())
+        assert record.get("epochFloor", 0) <= secondary.status().last_acked_epoch, record
+        assert not record.get("holder"), record  # freed: the promotion need not wait out the lease
+        started = asyncio.get_running_loop().time()
+        promoted = await secondary.promote(term + 1)
+        assert asyncio.get_running_loop().time() - started < LEASE
+        assert promoted.role is Role.PRIMARY and promoted.term == term + 1
+        assert promoted.resumed_from_epoch >= done.epoch
+        assert sg.took_over and secondary.status().role is Role.PRIMARY
+        assert primary.failed is None  # it waits, stepped down, for the operator to retire it
+    finally:
+        await _end([primary, secondary], tasks)
+
+
+async def test_an_unprotected_stream_primary_refuses_to_step_down(tmp_path: Path) -> None:
+    primary, pg, secondary, _, tasks = await _pair(tmp_path)
+    try:
+        await secondary.role.close()  # type: ignore[attr-defined]
+        await _until("alone", lambda: pg.alone_calls == 1 and not primary.status().synced)
+        with pytest.raises(NotReady):
+            await primary.demote()
+        assert pg.running and primary.parts.arbiter.holding
     finally:
         await _end([primary, secondary], tasks)

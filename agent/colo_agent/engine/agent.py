@@ -201,11 +201,9 @@ class Agent:
         await self._swap(self._primary_role(term, boot=handover.boot))
         return PromoteResult(role=Role.PRIMARY, term=term, resumed_from_epoch=handover.epoch)
 
-    def _primary(self) -> PrimaryRole:
+    def _primary(self) -> PrimaryRole | StreamPrimaryRole:
         role = self.role
-        if isinstance(role, StreamPrimaryRole):
-            raise NotReady("the backend checkpoints on its own schedule and has no planned switchover yet")
-        if not isinstance(role, PrimaryRole):
+        if not isinstance(role, PrimaryRole | StreamPrimaryRole):
             raise WrongRole("only a primary takes checkpoints or steps down")
         return role
 
@@ -228,6 +226,11 @@ class Agent:
         role = self._primary()
         if not role.protected:
             raise NotReady("no synced secondary: stepping down now would lose the guest")
+        if isinstance(role, StreamPrimaryRole):
+            # The backend's secondary already matched every output released (colo-compare):
+            # its guest goes on from where it is, so the primary's guest just ends.
+            await role.step_down()
+            return DemoteResult(role=Role.PRIMARY, term=self.arbiter.term, releasing=False)
         role.begin_demotion()
         result = await self.checkpoint()
         return DemoteResult(role=Role.PRIMARY, term=result.term, releasing=False)

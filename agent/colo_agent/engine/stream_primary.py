@@ -244,3 +244,32 @@ class StreamPrimaryRole:
 
     def failover_possible(self) -> bool:
         return self.protected and self.parts.arbiter.is_valid()
+
+    # ------------------------------------------------------------------ planned switchover
+
+    async def checkpoint(self, timeout: float) -> int | None:
+        """The next checkpoint the backend takes (on its own schedule, or forced by a
+        mismatch): its epoch, or None if the secondary was lost first. TimeoutError if none
+        came within `timeout`."""
+        target = self.epoch + 1
+        async with asyncio.timeout(timeout):
+            while self.protected and self.epoch < target:
+                await asyncio.sleep(FIGURES_INTERVAL / 5)
+        return self.epoch if self.epoch >= target else None
+
+    async def step_down(self) -> None:
+        """Planned switchover: the guest ends here, the lease is freed, and the secondary,
+        promoted next, goes on from its own running guest.
+
+        Nothing acknowledged is lost and no floor is raised: the backend released only
+        output its secondary produced too (QEMU: colo-compare), so the secondary's guest
+        is where every client saw the primary's; what was still held is dropped with the
+        guest. Order: the pairing and renewals end first (no floor may be written, since the
+        secondary's image must stay promotable), then the guest, then the lease."""
+        self.protected = False
+        await self.tasks.cancel()
+        await asyncio.to_thread(self.parts.guest.stop)
+        self.parts.metrics.set_peer(up=False, synced=False)
+        await self.parts.arbiter.release()
+        log.info("stepped down after epoch %d of term %d: the guest ended, the lease is free; the "
+                 "secondary goes on from its own guest", self.epoch, self.term)
