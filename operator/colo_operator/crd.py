@@ -650,6 +650,17 @@ STATUS = obj(
                 "sampledAt": time("When these figures were read from the primary agent."),
             },
         ),
+        "stream": obj(
+            "The primary's replication when the backend replicates itself (backend qemu: QEMU's COLO).",
+            {
+                "state": string("QEMU's migration status (query-migrate): colo while protected."),
+                "channels": int64(
+                    "Connections the checkpoint stream uses: 1, single-stream (QEMU 10.0 cannot combine "
+                    "multifd with COLO)."
+                ),
+                "mismatches": int64("Checkpoints colo-compare forced because the guests' outputs differed."),
+            },
+        ),
         "failovers": int64("Promotions (failovers and switchovers) since the VM was created."),
         "lastFailover": obj(
             "The most recent completed failover or switchover.",
@@ -691,6 +702,9 @@ PRINTER_COLUMNS: list[Schema] = [
     {"name": "Pause-ms", "type": "number",
      "description": "Guest pause of the last acknowledged checkpoint, in milliseconds.",
      "jsonPath": ".status.lastCheckpoint.pauseMs"},
+    {"name": "Mismatches", "type": "integer", "priority": 1,
+     "description": "Checkpoints colo-compare forced because the guests' outputs differed (backend qemu).",
+     "jsonPath": ".status.stream.mismatches"},
     {"name": "Up-To-Date", "type": "string",
      "description": "Agent pods running the desired pod template, of all agent pods.",
      "jsonPath": ".status.upToDate"},

@@ -2,6 +2,7 @@
 
     kubectl colo list [-A]                   every ColoVM of the namespace (or of all): phase, nodes, lag
     kubectl colo status NAME                 roles, nodes, term, epoch, checkpoints/s, pause, lag, failovers
+                                             (backend qemu: QEMU's stream state, channels, mismatches)
     kubectl colo switchover NAME             planned, zero-loss move of the primary to the secondary
     kubectl colo upgrade NAME                start the rolling update to the current pod template
     kubectl colo restart NAME                replace both agent pods by a rolling update
@@ -116,7 +117,9 @@ def status_tables(vm: Mapping[str, Any], now: dt.datetime) -> tuple[Table, Table
     checkpoints = status.get("checkpoints") or {}
     failover = status.get("lastFailover") or {}
     figures = Table(show_header=True)
-    for column in ("TERM", "LAST EPOCH", "CHECKPOINTS/S", "LAST PAUSE", "LAG", "FAILOVERS", "LAST FAILOVER"):
+    stream = status.get("stream")
+    columns = ("TERM", "LAST EPOCH", "CHECKPOINTS/S", "LAST PAUSE", "LAG", "FAILOVERS", "LAST FAILOVER")
+    for column in (*columns, *(("STREAM",) if stream else ())):
         figures.add_column(column)
     last_failover = "-"
     if failover:
@@ -132,8 +135,16 @@ def status_tables(vm: Mapping[str, Any], now: dt.datetime) -> tuple[Table, Table
         lag(vm, now),
         _num(status.get("failovers")),
         last_failover,
+        *((stream_figure(stream),) if stream else ()),
     )
     return replicas, figures
+
+
+def stream_figure(stream: Mapping[str, Any]) -> str:
+    """`status.stream` of a backend that replicates itself (QEMU), in a few words."""
+    channels = stream.get("channels")
+    width = "single-stream" if channels == 1 else f"{_num(channels)} channels"
+    return f"{stream.get('state', '-')}, {width}, {_num(stream.get('mismatches'))} mismatches"
 
 
 LIST_COLUMNS = ("NAMESPACE", "NAME", "PHASE", "PRIMARY", "SECONDARY", "TERM", "EPOCH", "CKPT/S",

@@ -155,11 +155,12 @@ def transition_events(previous: Mapping[str, Any], new: Mapping[str, Any]) -> li
 
 # Figures alone are written at most this often; anything else is written at once.
 FIGURES_PERIOD_S = 5.0
-_FIGURE_KEYS = ("epoch", "lastCheckpoint", "checkpoints")
+_FIGURE_KEYS = ("epoch", "lastCheckpoint", "checkpoints", "stream")
 
 
 def figures(previous: Mapping[str, Any], primary: AgentStatus | None, now: dt.datetime) -> dict[str, Any]:
-    """`epoch`, `lastCheckpoint` and `checkpoints` from the primary agent's report.
+    """`epoch`, `lastCheckpoint`, `checkpoints` and, for a backend that replicates itself
+    (QEMU), `stream` from the primary agent's report.
 
     Without a report the previous figures stay (the last thing known is more
     useful than nothing; `observedAt` tells how old it is).
@@ -168,6 +169,12 @@ def figures(previous: Mapping[str, Any], primary: AgentStatus | None, now: dt.da
     if primary is None:
         return out
     out["epoch"] = primary.last_acked_epoch
+    if primary.stream is not None:
+        # QEMU's migration state (colo while protected), its channels (1: single-stream) and
+        # the checkpoints colo-compare forced because the guests' outputs differed.
+        out["stream"] = primary.stream.to_dict()
+    else:
+        out.pop("stream", None)
     last = primary.last_checkpoint
     if last is not None:
         before = previous.get("lastCheckpoint") or {}

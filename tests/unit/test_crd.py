@@ -153,9 +153,19 @@ def test_printer_columns() -> None:
         "Secondary": ".status.secondary.node",
         "Term": ".status.term",
         "Pause-ms": ".status.lastCheckpoint.pauseMs",
+        "Mismatches": ".status.stream.mismatches",
         "Up-To-Date": ".status.upToDate",
         "Age": ".metadata.creationTimestamp",
     }
+    # QEMU's figure is for `kubectl get -o wide` only: a micro-VM has none.
+    wide = [col["name"] for col in VERSION["additionalPrinterColumns"] if col.get("priority", 0) > 0]
+    assert wide == ["Mismatches"]
+
+
+def test_the_status_keeps_a_qemu_primarys_stream_figures() -> None:
+    stream = SCHEMA["properties"]["status"]["properties"]["stream"]
+    assert set(stream["properties"]) == {"state", "channels", "mismatches"}
+    assert "single-stream" in stream["properties"]["channels"]["description"]
 
 
 def test_every_status_field_the_operator_writes_is_in_the_schema() -> None:

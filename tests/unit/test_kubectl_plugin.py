@@ -88,6 +88,13 @@ def test_status_table_shows_roles_nodes_and_figures() -> None:
     assert condition_lines(vm()) == ["Protected=True (SecondarySynced): ok"]
 
 
+def test_status_table_shows_a_qemu_vms_stream_and_nothing_of_it_for_a_micro_vm() -> None:
+    stream = {"state": "colo", "channels": 1, "mismatches": 7}
+    qemu = render(*status_tables(vm({**STATUS, "stream": stream}), NOW))
+    assert "STREAM" in qemu and "colo, single-stream, 7 mismatches" in qemu
+    assert "STREAM" not in render(*status_tables(vm(), NOW))
+
+
 def test_status_of_a_fresh_vm_does_not_crash() -> None:
     text = render(*status_tables(vm({}), NOW))
     assert "Unknown" in text and "none" in text

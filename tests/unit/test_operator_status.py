@@ -86,3 +86,20 @@ def test_the_primarys_ack_age_is_kept_with_the_sample_it_was_measured_in() -> No
     assert out["checkpoints"]["sampledAt"] == "2026-11-25T20:00:00Z"
     # An agent that does not report it (older, or a secondary) leaves it out.
     assert "ackAgeMs" not in figures({}, agent(Role.PRIMARY, epoch=5).status, NOW)["lastCheckpoint"]
+
+
+def test_a_qemu_primarys_stream_figures_are_kept_and_a_micro_vm_primary_has_none() -> None:
+    from dataclasses import replace
+
+    from colo_agent.api.models import StreamFiguresStatus
+
+    report = replace(agent(Role.PRIMARY, epoch=5).status, stream=StreamFiguresStatus("colo", 1, 3))
+    out = figures({}, report, NOW)
+    assert out["stream"] == {"state": "colo", "channels": 1, "mismatches": 3}
+    # A new primary without a stream (the micro-VM's roles) does not inherit the old figures.
+    assert "stream" not in figures(out, agent(Role.PRIMARY, epoch=6).status, LATER)
+    # Without a report the last figures stay, as the others do.
+    assert figures(out, None, LATER)["stream"] == out["stream"]
+    # A change of the stream alone is a figure: written at most every few seconds.
+    more = figures(out, replace(report, stream=StreamFiguresStatus("colo", 1, 4)), NOW)
+    assert not should_write({"phase": "Protected", **out}, {"phase": "Protected", **more}, NOW)
