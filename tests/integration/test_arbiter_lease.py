@@ -14,11 +14,14 @@ import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pykube
 import pytest
+import yaml
 from cluster import ControlPlane
+from support.proxy import CuttableProxy
 
 from colo_agent.arbiter.base import ArbiterError, LeaseRecord, TermTooLow
 from colo_agent.arbiter.lease import DURATION_ANNOTATION, KubeLeaseArbiter, Lease
@@ -229,3 +232,45 @@ async def test_an_unreachable_api_server_fails_renewals_without_losing_the_term(
     assert a.holding and a.valid_until == deadline
     a._client().url = real_url
     assert await a.renew()
+
+
+@pytest.fixture
+def slow_api(kube_apiserver: ControlPlane, tmp_path: Path) -> Iterator[tuple[CuttableProxy, Path]]:
+    """A kubeconfig that reaches the API server through a proxy that can slow its answers."""
+    port = int(kube_apiserver.server.rsplit(":", 1)[1])
+    proxy = CuttableProxy("127.0.0.1", port)
+    config = yaml.safe_load(kube_apiserver.kubeconfig.read_text())
+    config["clusters"][0]["cluster"]["server"] = f"https://127.0.0.1:{proxy.port}"
+    path = tmp_path / "slow.kubeconfig"
+    path.write_text(yaml.safe_dump(config))
+    try:
+        yield proxy, path
+    finally:
+        proxy.close()
+
+
+async def test_a_fresh_primary_takes_its_term_through_a_slow_api_server(
+    api: pykube.HTTPClient, slow_api: tuple[CuttableProxy, Path], arbiters: list[Traced], lease_name: str
+) -> None:
+    # Every answer comes after the first request timeout (0.8 s at a 1 s lease): writes land
+    # and their replies are lost. An agent starting so used to exit ("outcome unknown").
+    proxy, kubeconfig = slow_api
+    create_lease(api, lease_name)
+    proxy.reply_delay = 1.2
+    client = pykube.HTTPClient(pykube.KubeConfig.from_file(str(kubeconfig)))
+    a = Traced(NAMESPACE, lease_name, "db-a", 1.0, api=client)
+    arbiters.append(a)
+    assert await a.take_next_term(patience=3.0, retry=0.1) == 1
+    spec = server_lease(api, lease_name)["spec"]
+    assert (spec["holderIdentity"], spec["leaseTransitions"]) == ("db-a", 1)
+    assert a.timeout.current > 1.2  # the timeout now fits the server
+    # Renewals get through while it stays slow (they extend nothing past the validity
+    # window, but the record stays ours, with no conflict to sort out)...
+    for _ in range(3):
+        assert await a.renew() or a.holding
+    assert a.holding
+    # ...and once it is quick again, they keep the lease valid.
+    proxy.reply_delay = 0.0
+    assert await a.renew()
+    assert await a.renew() and a.is_valid()
+    assert a.timeout.current == pytest.approx(a.timeout.floor)

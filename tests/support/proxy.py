@@ -7,6 +7,10 @@ requests time out rather than being refused.
 `mute_upstream()` is the one-way partition: what the client sends is thrown
 away while the target's bytes still reach the client (a peer that still
 hears but is no longer heard).
+
+`reply_delay` (seconds) holds each chunk of the target's answer that long
+before passing it on: a slow server. The request has reached the target, so
+a client that times out meanwhile does not know whether its write landed.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ class CuttableProxy:
         self.target = (target_host, target_port)
         self.cut_now = False
         self.upstream_muted = False
+        self.reply_delay = 0.0
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="cuttable-proxy", daemon=True)
         self._thread.start()
@@ -53,6 +58,8 @@ class CuttableProxy:
             while data := await r.read(1 << 16):
                 if upstream and self.upstream_muted:
                     continue
+                if not upstream and self.reply_delay > 0:
+                    await asyncio.sleep(self.reply_delay)
                 w.write(data)
                 await w.drain()
         except (OSError, asyncio.IncompleteReadError):

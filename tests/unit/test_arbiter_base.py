@@ -15,6 +15,7 @@ from colo_agent.arbiter.base import (
     AcquireVerdict,
     Arbiter,
     ArbiterError,
+    ArbiterUnavailable,
     LeaseObservation,
     LeaseRecord,
     TermTooLow,
@@ -366,3 +367,70 @@ async def test_wait_acquire_rides_out_store_errors_until_its_deadline(store: Sto
     assert not await b.wait_acquire(2, timeout=0.05, poll=0.01)  # held, not an error
     with pytest.raises(TermTooLow):
         await b.wait_acquire(1, timeout=5.0)
+
+
+class SlowStore(Store):
+    """A store behind a loaded API server: the next `unanswered` requests time out,
+    writes among them having landed all the same; reads among them never did."""
+
+    def __init__(self, unanswered: int) -> None:
+        super().__init__()
+        self.unanswered = unanswered
+
+
+class SlowArbiter(MemoryArbiter):
+    """Each request that goes unanswered also costs the caller a second of its clock."""
+
+    def __init__(self, store: SlowStore, identity: str, clock: FakeClock) -> None:
+        super().__init__(store, identity, clock)
+        self.slow = store
+        self.fake_clock = clock
+
+    def _timed_out(self) -> bool:
+        if self.slow.unanswered <= 0:
+            return False
+        self.slow.unanswered -= 1
+        self.fake_clock.now += 1.0
+        return True
+
+    async def _read(self) -> LeaseRecord | None:
+        if self._timed_out():
+            raise ArbiterUnavailable("reading: read timed out")
+        return await super()._read()
+
+    async def _swap(
+        self, expected: LeaseRecord | None, term: int, holder: str | None, floor: int = 0
+    ) -> LeaseRecord | None:
+        written = await super()._swap(expected, term, holder, floor)
+        if self._timed_out():
+            raise ArbiterUnavailable("updating: outcome unknown: read timed out")
+        return written
+
+
+@pytest.mark.parametrize("unanswered", [1, 2, 5, 12])
+async def test_a_fresh_primary_outlasts_a_slow_store_and_takes_one_term(
+    clock: FakeClock, unanswered: int
+) -> None:
+    # The agent's start: before, a store that stayed slow past three leases ended the agent
+    # ("outcome unknown" raised out of wait_acquire), although nothing was wrong but time.
+    store = SlowStore(unanswered)
+    store.record = LeaseRecord(0, None, "0")  # the operator's fresh Lease
+    a = SlowArbiter(store, "vm-0", clock)
+    started = clock.now
+    assert await a.take_next_term(patience=3.0, retry=0.0) == 1
+    assert clock.now - started >= min(unanswered, 4)  # it did wait out the slow requests
+    assert store.record is not None and (store.record.term, store.record.holder) == (1, "vm-0")
+    assert a.holding and a.term == 1  # a landed write with a lost reply is adopted, not skipped past
+
+
+async def test_a_fresh_primary_still_gives_up_on_a_record_held_by_another(clock: FakeClock) -> None:
+    store = Store()
+    other = MemoryArbiter(store, "vm-0", time.monotonic)
+    assert await other.acquire(1)
+    a = MemoryArbiter(store, "vm-1", time.monotonic)  # real time: wait_acquire sleeps
+    with pytest.raises(ArbiterError, match="held by vm-0"):
+        await a.take_next_term(patience=0.05, retry=0.0)
+    store.down = True
+    b = MemoryArbiter(store, "vm-2", time.monotonic)
+    with pytest.raises(ArbiterError, match="unreachable"):  # not ArbiterUnavailable: not retried
+        await b.take_next_term(patience=0.05, retry=0.0)

@@ -7,13 +7,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 
 from colo_agent.arbiter import from_spec
-from colo_agent.arbiter.base import ArbiterError, LeaseRecord
+from colo_agent.arbiter.base import ArbiterError, ArbiterUnavailable, LeaseRecord
 from colo_agent.arbiter.lease import (
     DURATION_ANNOTATION,
     FLOOR_ANNOTATION,
     KubeLeaseArbiter,
+    RequestTimeout,
     lease_body,
     micro_time,
     record_from_lease,
@@ -153,3 +155,71 @@ def test_from_spec(tmp_path: Path) -> None:
     for bad in ("", "file:", "lease:db", "lease:/db", "lease:prod/", "lease:a/b/c", "etcd:x", "db"):
         with pytest.raises(ValueError, match="--arbiter"):
             from_spec(bad, "db-a", 1.0)
+
+
+class FakeResponse:
+    def __init__(self, status: int, body: dict[str, Any] | None = None) -> None:
+        self.status_code = status
+        self.reason = "reason"
+        self._body = body or {}
+
+    def json(self) -> dict[str, Any]:
+        return self._body
+
+
+class FakeApi:
+    """pykube's HTTPClient as the arbiter uses it; `answers` are popped per request
+    (an exception is raised), and the timeout each request was given is kept."""
+
+    def __init__(self, *answers: FakeResponse | Exception) -> None:
+        self.answers = list(answers)
+        self.timeouts: list[float] = []
+
+    def _next(self, **kwargs: Any) -> FakeResponse:
+        self.timeouts.append(kwargs["timeout"])
+        answer = self.answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    get = put = post = _next
+
+
+def test_request_timeouts_follow_a_slow_api_server_and_come_back_after() -> None:
+    timeout = RequestTimeout(0.8, 10.0)
+    for expected in (1.6, 3.2, 6.4, 10.0, 10.0):
+        timeout.failed(requests.ReadTimeout("read timed out"))
+        assert timeout.current == pytest.approx(expected)
+    timeout.failed(requests.ConnectionError("refused"))  # refused at once: no reason to wait longer
+    assert timeout.current == pytest.approx(10.0)
+    # An answer sets it to twice what that answer took, within the bounds.
+    for elapsed, expected in ((3.0, 6.0), (0.1, 0.8), (1.5, 3.0), (0.0, 0.8), (7.0, 10.0)):
+        timeout.answered(elapsed)
+        assert timeout.current == pytest.approx(expected)
+    with pytest.raises(ValueError):
+        RequestTimeout(0, 1)
+
+
+def test_the_first_request_timeout_is_the_validity_window_not_a_renewal_interval() -> None:
+    # 0.27 s with the default 1 s lease timed out every request of a loaded API server.
+    arbiter = KubeLeaseArbiter("prod", "db", "db-a", 1.0)
+    assert arbiter.timeout.current == pytest.approx(0.8)
+    assert arbiter.timeout.ceiling >= 10.0
+
+
+async def test_a_write_without_an_answer_is_unavailable_and_the_next_waits_longer() -> None:
+    api = FakeApi(
+        requests.ReadTimeout("read timed out"), FakeResponse(503), FakeResponse(429),
+        FakeResponse(403, {"message": "forbidden"}),
+    )
+    arbiter = KubeLeaseArbiter("prod", "db", "db-a", 1.0, api=api)  # type: ignore[arg-type]
+    with pytest.raises(ArbiterUnavailable, match="outcome unknown"):
+        await arbiter._swap(None, 1, "db-a")  # the create's reply was lost: it may have landed
+    with pytest.raises(ArbiterUnavailable, match="HTTP 503"):
+        await arbiter._swap(None, 1, "db-a")
+    with pytest.raises(ArbiterUnavailable, match="HTTP 429"):
+        await arbiter._swap(None, 1, "db-a")
+    with pytest.raises(ArbiterError, match="HTTP 403") as refused:
+        await arbiter._swap(None, 1, "db-a")
+    assert not isinstance(refused.value, ArbiterUnavailable)  # asking again cannot help
+    assert api.timeouts[1] == pytest.approx(2 * api.timeouts[0])

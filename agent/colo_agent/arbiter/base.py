@@ -58,6 +58,12 @@ class ArbiterError(Exception):
     """The arbiter's store cannot be used (unreachable, malformed, permission denied)."""
 
 
+class ArbiterUnavailable(ArbiterError):
+    """The store did not answer in time, or answered that it is busy or failing (a loaded
+    API server): asking again later may succeed. A write that ends so has an unknown
+    outcome; the next read shows which way it went."""
+
+
 class TermTooLow(ArbiterError):
     """`acquire(term)` with a term not above the recorded one: never succeeds, retrying is pointless."""
 
@@ -353,6 +359,32 @@ class Arbiter(abc.ABC):
                 return False
             wake = min(self.acquirable_at(), now + poll, deadline)
             await asyncio.sleep(max(0.0, wake - now))
+
+    async def take_next_term(self, patience: float, retry: float = 0.5) -> int:
+        """A fresh primary: take the term after the highest recorded one and return it.
+
+        A store that is slow or busy (ArbiterUnavailable) costs time, never the caller:
+        reads and writes are retried for as long as it stays so. A write whose outcome
+        was unknown is read back by the next attempt, which adopts it if it landed, so
+        the term is chosen once. False verdicts are not retried forever: a record still
+        held by someone else after `patience` seconds raises ArbiterError, as do errors
+        that asking again cannot cure (permission denied, a malformed record)."""
+        term: int | None = None
+        while True:
+            try:
+                if term is None:
+                    await self.observe()
+                    term = self._term + 1
+                if await self.wait_acquire(term, patience):
+                    return term
+            except ArbiterUnavailable as exc:
+                log.warning("arbiter: the store does not answer yet (%s); asking again", exc)
+                await asyncio.sleep(retry)
+                continue
+            raise ArbiterError(
+                f"could not take the arbiter with term {term} within {patience:.1f} s "
+                f"(held by {self._holder})"
+            )
 
     async def renew(self) -> bool:
         """Extend our lease. False: not extended (store unreachable: `valid_until` keeps

@@ -27,7 +27,15 @@ reads the term from it; agents create it themselves only if it is missing.
 pykube is synchronous: every call runs in a worker thread, one at a time,
 bounded by a request timeout. Reads are retried on transport errors (tenacity);
 writes are not: a write whose reply was lost may have landed, and the next
-compare-and-swap finds out which way it went.
+compare-and-swap finds out which way it went (`ArbiterUnavailable`: the
+outcome is unknown; the base class reads it back and adopts or retries).
+
+The request timeout follows the API server: it starts at what a renewal is
+worth (the lease's validity window), doubles after every request that timed
+out, up to `MAX_REQUEST_TIMEOUT`, and after an answer is twice the time that
+answer took (never below the start). A loaded API server that answers in two
+seconds is then waited for, instead of being asked again and again with a
+timeout it can never meet.
 """
 
 from __future__ import annotations
@@ -44,12 +52,14 @@ import pykube
 import requests
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential
 
-from colo_agent.arbiter.base import Arbiter, ArbiterError, Clock, LeaseRecord
+from colo_agent.arbiter.base import Arbiter, ArbiterError, ArbiterUnavailable, Clock, LeaseRecord
 
 DURATION_ANNOTATION = "colo.dev/lease-duration-ms"
 # The epoch floor (see `LeaseRecord.floor`): not a Lease field, so an annotation.
 FLOOR_ANNOTATION = "colo.dev/epoch-floor"
 API_VERSION = "coordination.k8s.io/v1"
+# The longest a request is waited for once the API server turned slow (see the module doc).
+MAX_REQUEST_TIMEOUT = 10.0
 
 
 class Lease(pykube.objects.NamespacedAPIObject):
@@ -163,8 +173,11 @@ class KubeLeaseArbiter(Arbiter):
             raise ValueError(f"a Lease needs a namespace and a name, got {namespace!r}/{name!r}")
         self.namespace = namespace
         self.name = name
-        # A request that outlives a renewal interval is worth less than the next try.
-        self.request_timeout = max(0.2, self.renew_interval) if request_timeout is None else request_timeout
+        # A renewal answered after the validity window extends nothing, so the first
+        # timeout is that window; it grows while the API server does not meet it.
+        base = max(0.2, self.lease_duration - self.safety_margin)
+        self.request_timeout = base if request_timeout is None else request_timeout
+        self.timeout = RequestTimeout(self.request_timeout, max(MAX_REQUEST_TIMEOUT, self.request_timeout))
         self._api = api
         self._objects: dict[str, Mapping[str, Any]] = {}  # last Lease seen, by resourceVersion
         self._io = asyncio.Lock()
@@ -230,7 +243,7 @@ class KubeLeaseArbiter(Arbiter):
         return {
             "version": API_VERSION,
             "namespace": self.namespace,
-            "timeout": self.request_timeout,
+            "timeout": self.timeout.current,
             **extra,
         }
 
@@ -241,10 +254,13 @@ class KubeLeaseArbiter(Arbiter):
         reraise=True,
     )
     def _get_once(self) -> dict[str, Any] | None:
+        asked = time.monotonic()
         try:
             r = self._client().get(**self._kwargs(url=f"leases/{self.name}"))
         except requests.RequestException as exc:
+            self.timeout.failed(exc)
             raise _Transient(f"cannot reach the API server: {exc}") from exc
+        self.timeout.answered(time.monotonic() - asked)
         if r.status_code == 404:
             return None
         if r.status_code == 429 or r.status_code >= 500:
@@ -257,25 +273,52 @@ class KubeLeaseArbiter(Arbiter):
         try:
             return self._get_once()
         except _Transient as exc:
-            raise ArbiterError(f"reading Lease {self.namespace}/{self.name}: {exc}") from exc
+            raise ArbiterUnavailable(f"reading Lease {self.namespace}/{self.name}: {exc}") from exc
 
     def _write(self, body: dict[str, Any], *, create: bool) -> dict[str, Any] | None:
         what = "creating" if create else "updating"
         data = json.dumps(body)
         headers = {"Content-Type": "application/json"}
+        asked = time.monotonic()
         try:
             if create:
                 r = self._client().post(**self._kwargs(url="leases", data=data, headers=headers))
             else:
                 r = self._client().put(**self._kwargs(url=f"leases/{self.name}", data=data, headers=headers))
         except requests.RequestException as exc:
-            raise ArbiterError(f"{what} Lease {self.namespace}/{self.name}: outcome unknown: {exc}") from exc
+            self.timeout.failed(exc)
+            raise ArbiterUnavailable(
+                f"{what} Lease {self.namespace}/{self.name}: outcome unknown: {exc}"
+            ) from exc
+        self.timeout.answered(time.monotonic() - asked)
         # 409: resourceVersion moved on, or (create) someone created it first. 404: deleted.
         if r.status_code in (409, 404):
             return None
+        if r.status_code == 429 or r.status_code >= 500:
+            # Refused or failed on the way (throttled, etcd timeout): also not known to have landed.
+            raise ArbiterUnavailable(f"{what} Lease {self.namespace}/{self.name}: {_describe(r)}")
         if r.status_code not in (200, 201):
             raise ArbiterError(f"{what} Lease {self.namespace}/{self.name}: {_describe(r)}")
         return _json_object(r)
+
+
+class RequestTimeout:
+    """The timeout of the next request: doubled after a timeout, twice the last answer's
+    time after an answer, always within [floor, ceiling]. Used from one thread at a time."""
+
+    def __init__(self, floor: float, ceiling: float) -> None:
+        if not 0 < floor <= ceiling:
+            raise ValueError(f"request timeouts need 0 < floor <= ceiling, got {floor!r}, {ceiling!r}")
+        self.floor = floor
+        self.ceiling = ceiling
+        self.current = floor
+
+    def failed(self, exc: BaseException) -> None:
+        if isinstance(exc, requests.Timeout):
+            self.current = min(self.ceiling, self.current * 2)
+
+    def answered(self, elapsed: float) -> None:
+        self.current = min(self.ceiling, max(self.floor, 2 * elapsed))
 
 
 def _json_object(r: requests.Response) -> dict[str, Any]:

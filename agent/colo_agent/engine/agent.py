@@ -37,7 +37,7 @@ from colo_agent.api.models import (
     Unavailable,
     WrongRole,
 )
-from colo_agent.arbiter.base import Arbiter, ArbiterError
+from colo_agent.arbiter.base import Arbiter
 from colo_agent.engine.primary import PrimaryRole
 from colo_agent.engine.promotion import RoleChanges
 from colo_agent.engine.roles import AgentRole, AgentSettings, Parts, RoleView, StreamParts, Tasks
@@ -52,8 +52,7 @@ log = logging.getLogger(__name__)
 
 # How long a promotion may wait for the old primary's lease to run out.
 PROMOTE_TIMEOUT_LEASES = 3.0
-# A starting primary retries reading the arbiter this long, this often.
-STARTUP_ARBITER_TIMEOUT = 30.0
+# A starting primary asks a store that did not answer again after this long.
 STARTUP_ARBITER_RETRY = 0.5
 # How long POST /v1/checkpoint waits for the acknowledgement.
 CHECKPOINT_TIMEOUT = 10.0
@@ -131,26 +130,11 @@ class Agent:
         await role.start()
 
     async def _first_term(self) -> int:
-        """A fresh primary takes the term after the highest recorded one.
-
-        The store may be slow or briefly unreachable (an API server under
-        load): reading it is retried for a while rather than failing the pod."""
-        deadline = time.monotonic() + STARTUP_ARBITER_TIMEOUT
-        while True:
-            try:
-                await self.arbiter.observe()
-                break
-            except ArbiterError as exc:
-                if time.monotonic() >= deadline:
-                    raise
-                log.warning("cannot read the arbiter yet (%s); retrying", exc)
-                await asyncio.sleep(STARTUP_ARBITER_RETRY)
-        term = self.arbiter.term + 1
-        timeout = PROMOTE_TIMEOUT_LEASES * self.arbiter.lease_duration
-        if not await self.arbiter.wait_acquire(term, timeout):
-            raise RuntimeError(f"could not take the arbiter with term {term} within {timeout:.1f} s "
-                               f"(held by {self.arbiter.holder})")
-        return term
+        """A fresh primary takes the term after the highest recorded one. A slow or busy
+        store (an API server under load) costs start-up time, never the pod."""
+        return await self.arbiter.take_next_term(
+            PROMOTE_TIMEOUT_LEASES * self.arbiter.lease_duration, STARTUP_ARBITER_RETRY
+        )
 
     # ------------------------------------------------------------------ control API
 
