@@ -86,6 +86,7 @@ class ClientBridge:
         self._listener: socket.socket | None = None
         self._clients: dict[int, _Client] = {}
         self._clients_lock = threading.Lock()
+        self.accepted = 0  # clients ever accepted
         self._sink: OutputCallback = output_sink or self.deliver
         guest.set_output_callback(self._sink)
         guest.set_input_drained_callback(self._input_drained)
@@ -188,6 +189,7 @@ class ClientBridge:
             sock.setblocking(False)
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.accepted += 1
             client = _Client(sock, self.guest.open_connection())
             with self._clients_lock:
                 self._clients[client.conn_id] = client

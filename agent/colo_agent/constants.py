@@ -37,6 +37,12 @@ CHECKPOINT_INTERVAL_MS: Final = 100
 LOCKSTEP_CHECKPOINT_INTERVAL_MS: Final = 2000
 CHANNELS: Final = 2  # data channels by default
 
+# Exit status of an agent that failed before any client reached a guest it booted
+# itself (a fresh primary that could not take its term, or whose clients never
+# came): nothing a client saw is lost, so the operator starts a new primary
+# instead of declaring the VM Failed. Other failures exit 1, usage errors 2.
+EXIT_NEVER_SERVED: Final = 3
+
 # The agent's ports: clients (RESP), the control API, replication.
 CLIENT_PORT: Final = 6379
 CONTROL_PORT: Final = 8080

@@ -2,6 +2,10 @@
 
 Every flag has an environment equivalent (shown in `--help`) so a pod spec
 can configure the agent with `env:` alone; a flag on the command line wins.
+
+Exit status: 0 stopped on request; 1 failed; 2 usage error; 3 failed before
+any client reached the guest it booted (a fresh primary: nothing a client saw
+is lost, and the operator starts a new primary rather than failing the VM).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from colo_agent.constants import (
     CHECKPOINT_INTERVAL_MS,
     CLIENT_PORT,
     CONTROL_PORT,
+    EXIT_NEVER_SERVED,
     HEARTBEAT_INTERVAL_MS,
     HEARTBEAT_TIMEOUT_MS,
     LOCKSTEP_CHECKPOINT_INTERVAL_MS,
@@ -250,6 +255,9 @@ async def _main(args: argparse.Namespace, secret: bytes, identity: str, tls: Tls
         await agent.close()
     if agent.failed:
         log.error("agent stopped: %s", agent.failed)
+        if agent.never_served():
+            log.error("no client ever reached this agent's guest (exit status %d)", EXIT_NEVER_SERVED)
+            return EXIT_NEVER_SERVED
         return 1
     log.info("agent stopped on request")
     return 0

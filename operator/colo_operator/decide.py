@@ -30,6 +30,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from colo_agent.api.models import PeerState, Role
+from colo_agent.constants import EXIT_NEVER_SERVED
 
 from . import constants as c
 from .failover import (
@@ -603,7 +604,11 @@ def _steady(d: _Draft, current: str) -> Plan:
 def _unrecoverable(d: _Draft, r: _Pair, detail: str) -> Plan:
     st = d.s.vm.status
     restarts = int(st.get("primaryRestarts") or 0)
-    never_served = st.get("phase") in (None, Phase.PENDING.value)
+    # Pending: the primary never served. Later (Syncing: it serves alone) only its agent can
+    # tell, by its exit status, that no client reached the guest it booted.
+    never_served = st.get("phase") in (None, Phase.PENDING.value) or (
+        r.primary is not None and r.primary.exit_code == EXIT_NEVER_SERVED
+    )
     if never_served and restarts < MAX_PRIMARY_RESTARTS and isinstance(r.p_health, Lost) and r.primary:
         return _restart_primary(
             d, r.primary, f"{r.p_health.detail}; it never served, so a new primary replaces it"

@@ -57,6 +57,8 @@ class PodView:
     unschedulable: bool = False
     # colo.dev/template-hash: the pod template it was created from (None: created before hashes).
     template: str | None = None
+    # The agent container's exit status once terminated (EXIT_NEVER_SERVED: no client saw its guest).
+    exit_code: int | None = None
 
     @property
     def terminated(self) -> bool:
@@ -184,6 +186,7 @@ def pod_view(pod: Mapping[str, Any]) -> PodView:
     ready = False
     problem: str | None = None
     unschedulable = False
+    exit_code: int | None = None
     for cond in _get(pod, "status", "conditions") or ():
         if not isinstance(cond, Mapping):
             continue
@@ -196,6 +199,8 @@ def pod_view(pod: Mapping[str, Any]) -> PodView:
         terminated = _get(status, "state", "terminated")
         waiting = _get(status, "state", "waiting")
         if isinstance(terminated, Mapping):
+            code = terminated.get("exitCode")
+            exit_code = code if isinstance(code, int) and not isinstance(code, bool) else None
             problem = (
                 f"agent exited: {terminated.get('reason') or 'exit code ' + str(terminated.get('exitCode'))}"
             )
@@ -213,6 +218,7 @@ def pod_view(pod: Mapping[str, Any]) -> PodView:
         problem=problem,
         unschedulable=unschedulable,
         template=annotations.get(c.ANNOTATION_TEMPLATE),
+        exit_code=exit_code,
     )
 
 

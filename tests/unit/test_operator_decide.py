@@ -20,6 +20,7 @@ from support.operator_world import (
 )
 
 from colo_agent.api.models import PeerState, Role
+from colo_agent.constants import EXIT_NEVER_SERVED
 from colo_operator import constants as c
 from colo_operator.decide import (
     CheckpointAgent,
@@ -510,6 +511,26 @@ def test_primary_that_never_served_is_replaced_a_few_times_then_failed() -> None
     # A primary that keeps failing makes the VM Failed eventually.
     exhausted = decide(world(status={**st, "primaryRestarts": 3}, pods=crashed, agents={}))
     assert exhausted.status["phase"] == "Failed"
+
+
+def test_a_syncing_primary_whose_agent_says_no_client_reached_it_is_replaced() -> None:
+    # It serves alone while its first secondary syncs, so only its agent can say nobody came:
+    # exit status 3. Before, any primary past Pending that died made the VM Failed for good.
+    st = {"observedGeneration": 1, "phase": "Syncing", "currentPrimary": "vm-0", "targetPrimary": "vm-0",
+          "podSerial": 2, "term": 1, "primary": {"pod": "vm-0"}, "secondary": {"pod": "vm-1"}}  # fmt: skip
+    syncing = agent(Role.SECONDARY, synced=False, peer=PeerState.LOST, heartbeat_age_ms=None)
+    for code, restarted in ((EXIT_NEVER_SERVED, True), (1, False), (137, False), (None, False)):
+        died = pod("vm-0", "primary", "n1", phase="Failed", problem="agent exited: Error", exit_code=code)
+        plan = decide(world(status=st, pods=(died, pod("vm-1", "secondary", "n2")), agents={"vm-1": syncing}))
+        assert (plan.status["phase"] == "Pending") is restarted, code
+        assert (plan.status["phase"] == "Failed") is not restarted, code
+        if restarted:
+            assert DeletePod("vm-0", force=False, why=plan.actions[0].why) in plan.actions
+            assert plan.status["primaryRestarts"] == 1
+            # The next pass starts over: the secondary of the old guest goes too.
+            again = decide(world(status=plan.status, pods=(pod("vm-1", "secondary", "n2"),), agents={}))
+            assert any(isinstance(x, DeletePod) and x.name == "vm-1" for x in again.actions)
+            assert any(isinstance(x, CreatePod) and x.role == "primary" for x in again.actions)
 
 
 def test_promotable_secondary_stays_promotable_through_a_wait() -> None:

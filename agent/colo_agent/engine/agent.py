@@ -112,6 +112,17 @@ class Agent:
     def stop(self) -> None:
         self.stopping.set()
 
+    def never_served(self) -> bool:
+        """No client ever reached the guest this agent runs, and the guest was booted here
+        (a fresh primary, not a promoted secondary carrying a served VM's state): ending
+        now loses nothing anyone saw. False whenever that cannot be told for sure."""
+        if self.settings.role is not Role.PRIMARY or self.metrics.totals().failovers:
+            return False
+        role = self.role
+        if isinstance(role, _Starting):
+            return True  # the term was never taken: no client port was ever open
+        return isinstance(role, PrimaryRole) and role.boot and role.bridge.accepted == 0
+
     async def close(self) -> None:
         await self.role.close()
         await asyncio.to_thread(self.parts.guest.stop)
