@@ -43,7 +43,16 @@ def test_a_guest_that_outruns_the_stream_is_held_until_the_acknowledgement() -> 
     assert p.hold_during_stream(0.2)  # 2000 pages while streaming: would overflow the next epoch
 
 
-def test_output_lets_the_guest_run_as_long_as_the_last_checkpoint_took() -> None:
+def test_output_lets_the_guest_run_as_long_as_the_last_pause_held_it() -> None:
     pacer = CheckpointPacer(interval=0.1, cache_pages=1000)
-    assert pacer.output_wait(0.004) == 0.004
-    assert pacer.output_wait(0.0) == OUTPUT_MIN_RUN > 0
+    assert pacer.output_wait(paused=0.004, ran=0.0) == 0.004
+    assert pacer.output_wait(paused=0.004, ran=0.001) == pytest.approx(0.003)
+    assert pacer.output_wait(paused=0.0, ran=0.0) == OUTPUT_MIN_RUN > 0
+
+
+def test_output_after_a_stream_the_guest_ran_through_starts_the_next_epoch_at_once() -> None:
+    # The guest ran while the last epoch streamed, longer than its pause held it:
+    # output waiting at the acknowledgement needs no further wait.
+    pacer = CheckpointPacer(interval=0.1, cache_pages=1000)
+    assert pacer.output_wait(paused=0.0005, ran=0.002) == 0.0
+    assert pacer.output_wait(paused=0.0005, ran=OUTPUT_MIN_RUN) == 0.0

@@ -1,11 +1,13 @@
 """When the primary takes its next checkpoint, and whether the guest must wait for it (pure).
 
 A checkpoint is due when the interval has elapsed, or, in checkpoint mode,
-as soon as output waits for one (Remus's output-triggered checkpoint): the
-interval then only bounds how far the secondary's image lags. An
-output-triggered checkpoint still lets the guest run at least as long as
-the previous checkpoint took, so a guest that answers all the time keeps at
-least half of the time for itself. In checkpoint mode an
+as soon as output waits for one and none is in flight (Remus's
+output-triggered checkpoint): the interval then only bounds how far the
+secondary's image lags. The guest runs while an epoch streams, so what an
+output-triggered checkpoint costs it is the pause alone: the next one comes
+no sooner than the guest has run, since its last resume, as long as that
+pause held it (and at least `OUTPUT_MIN_RUN`), so a guest that answers all
+the time keeps at least half of the time for itself. In checkpoint mode an
 epoch must also fit the secondary's cache, which holds one epoch in flight:
 the pacer estimates the guest's dirty rate from the epochs it has seen and
 shortens the wait so that the expected dirty set stays below a fraction of
@@ -22,7 +24,7 @@ CACHE_HEADROOM = 0.5
 # The shortest wait between two checkpoints, so a burst cannot turn the
 # primary into a checkpoint loop that starves the guest.
 MIN_INTERVAL = 0.005
-# The least time the guest runs between an acknowledgement and an output-triggered pause.
+# The least time the guest runs between a resume and an output-triggered pause.
 OUTPUT_MIN_RUN = 0.001
 # Weight of the newest epoch in the dirty-rate estimate.
 RATE_SMOOTHING = 0.5
@@ -48,10 +50,10 @@ class CheckpointPacer:
         fits = CACHE_HEADROOM * self.cache_pages / self.rate
         return max(MIN_INTERVAL, min(self.interval, fits))
 
-    def output_wait(self, last_checkpoint: float) -> float:
-        """Seconds after an acknowledgement before output may trigger the next pause, given
-        how long the last checkpoint (pause to acknowledgement) took."""
-        return max(OUTPUT_MIN_RUN, last_checkpoint)
+    def output_wait(self, paused: float, ran: float) -> float:
+        """Seconds from now before output may trigger the next pause, given how long the
+        last pause held the guest (until its resume) and how long it has run since."""
+        return max(0.0, max(OUTPUT_MIN_RUN, paused) - ran)
 
     def fits(self, pages: int) -> bool:
         return pages <= self.cache_pages

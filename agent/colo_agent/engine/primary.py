@@ -317,7 +317,7 @@ class PrimaryRole:
                 self._checkpoint_done.notify_all()
             if keep_paused:
                 return
-            cause = await self._wait_for_trigger(pairing, capture.started, time.monotonic() - capture.started)
+            cause = await self._wait_for_trigger(pairing, capture.started)
 
     async def _first_sync(self, sender: CheckpointSender) -> _Pairing:
         self.sender = sender
@@ -408,16 +408,19 @@ class PrimaryRole:
         metrics.checkpoint_acknowledged(figures)
         metrics.set_peer(up=True, synced=True)
 
-    async def _wait_for_trigger(self, pairing: _Pairing, started: float, took: float) -> CheckpointCause:
+    async def _wait_for_trigger(self, pairing: _Pairing, started: float) -> CheckpointCause:
         """Until the next checkpoint is due; returns why it is.
 
         Due: on request, when the pace (interval or dirty rate) says so, or,
-        checkpoint mode, once output waits and the guest ran for `took` (what
-        the last checkpoint cost) since its acknowledgement."""
+        checkpoint mode, once output waits (none is in flight: the last one
+        was acknowledged) and the guest has run since its resume as long as
+        the pause held it (`CheckpointPacer.output_wait`)."""
         pace = pairing.pacer.next_wait()
         cause = CheckpointCause.DIRTY_THRESHOLD if pace < pairing.pacer.interval else CheckpointCause.INTERVAL
         due = started + pace
-        output_at = time.monotonic() + pairing.pacer.output_wait(took)
+        now = time.monotonic()
+        resumed = pairing.last_resume
+        output_at = now + pairing.pacer.output_wait(resumed - started, now - resumed)
         while True:
             now = time.monotonic()
             if self._checkpoint_now.is_set():
