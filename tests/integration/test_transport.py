@@ -419,3 +419,56 @@ async def test_a_half_open_pairing_the_secondary_gave_up_on_does_not_keep_it_out
         await sender.close()
         await rx.close()
         listener.close()
+
+
+async def _decode_all(conn: Connection, count: int) -> list[object]:
+    out: list[object] = []
+    while len(out) < count:
+        ev = await asyncio.wait_for(conn.next_event(lambda header: None), 10)
+        assert ev is not None
+        out.append(ev)
+    return out
+
+
+async def test_a_frame_for_an_idle_channel_reaches_the_kernel_before_the_call_returns() -> None:
+    from colo_agent.replication.session import CONTROL, Send
+    from colo_agent.replication.transport import _Pairing
+
+    a, b = socket.socketpair()
+    pairing = _Pairing(time.monotonic, "test")
+    pairing.add(CONTROL, Connection(a, "sender"))
+    peer = Connection(b, "peer")
+    try:
+        pairing.enqueue(Send(CONTROL, p.Heartbeat(1, 7, 3)))
+        # No await in between: the writer task never ran, the bytes are in the socket already.
+        assert b.recv(1 << 16, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        assert await _decode_all(peer, 1) == [p.Heartbeat(1, 7, 3)]
+    finally:
+        pairing.yank("done")
+        peer.close()
+
+
+async def test_what_the_socket_does_not_take_at_once_still_leaves_first_and_in_order() -> None:
+    import numpy as np
+
+    from colo_agent.replication.session import CONTROL, Send
+    from colo_agent.replication.transport import _Pairing
+
+    a, b = socket.socketpair()
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    pairing = _Pairing(time.monotonic, "test")
+    pairing.add(CONTROL, Connection(a, "sender"))
+    peer = Connection(b, "peer")
+    try:
+        data = np.full((64, PAGE), 7, dtype=np.uint8)  # 256 KiB: far more than the send buffer
+        pages = p.Pages(p.MessageType.PAGES, 1, 5, 0, 0, np.arange(64, dtype=np.int64), data)
+        pairing.enqueue(Send(CONTROL, pages))
+        pairing.enqueue(Send(CONTROL, p.Heartbeat(1, 1, 0)))  # must queue behind the rest
+        pairing.enqueue(Send(CONTROL, p.Heartbeat(1, 2, 0)))
+        got = await _decode_all(peer, 3)
+        assert isinstance(got[0], p.PagesComplete) and got[0].count == 64
+        assert got[1:] == [p.Heartbeat(1, 1, 0), p.Heartbeat(1, 2, 0)]
+        await asyncio.wait_for(pairing.drained(), 10)
+    finally:
+        pairing.yank("done")
+        peer.close()
