@@ -274,6 +274,9 @@ async def test_a_switchover_ends_the_primary_guest_frees_the_lease_and_promotes_
         result = await primary.demote()
         assert result.term == term and not result.releasing
         assert not pg.started and not pg.running  # the guest ended with the step-down
+        # The operator retries a step whose answer it missed: the same answers again.
+        assert await primary.checkpoint() == done
+        assert await primary.demote() == result
         assert pg.alone_calls == 0  # never went on alone: nothing left without the secondary
         assert not primary.ready() and not primary.parts.arbiter.holding
         record = json.loads((tmp_path / "arbiter.json").read_text())

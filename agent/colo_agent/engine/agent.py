@@ -204,6 +204,9 @@ class Agent:
 
     async def checkpoint(self) -> CheckpointResult:
         role = self._primary()
+        if isinstance(role, StreamPrimaryRole) and role.stepped_down:
+            # A retried switchover step: the last epoch stands, nothing comes after it.
+            return CheckpointResult(term=self.arbiter.term, epoch=role.epoch)
         if not role.protected:
             raise NotReady("no synced secondary: there is nothing to checkpoint to")
         try:
@@ -219,6 +222,8 @@ class Agent:
 
     async def _demote(self) -> DemoteResult:
         role = self._primary()
+        if isinstance(role, StreamPrimaryRole) and role.stepped_down:
+            return DemoteResult(role=Role.PRIMARY, term=self.arbiter.term, releasing=False)  # a retry
         if not role.protected:
             raise NotReady("no synced secondary: stepping down now would lose the guest")
         if isinstance(role, StreamPrimaryRole):

@@ -61,6 +61,7 @@ class StreamPrimaryRole:
         self._seen = 0  # the backend's checkpoint count already turned into epochs
         self._floor = EpochFloor()  # written by the renewal task
         self._held_for_lease = False  # the guest is paused until the lease is valid again
+        self.stepped_down = False  # a planned switchover ended the guest here
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -267,6 +268,7 @@ class StreamPrimaryRole:
         guest. Order: the pairing and renewals end first (no floor may be written, since the
         secondary's image must stay promotable), then the guest, then the lease."""
         self.protected = False
+        self.stepped_down = True
         await self.tasks.cancel()
         await asyncio.to_thread(self.parts.guest.stop)
         self.parts.metrics.set_peer(up=False, synced=False)
