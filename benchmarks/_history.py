@@ -105,7 +105,7 @@ def check(client: RespClient, history: History) -> tuple[list[str], str | None]:
         acked = dict(history.acked)
         low = history.acked_incr
     keys = sorted(acked)
-    values = client.mget(keys)
+    values = client.mget(keys, window=16)
     counter = client.call("GET", "counter")
     with history.lock:
         high = history.attempted_incr
