@@ -45,6 +45,9 @@ ANNOTATION_RESTARTED_AT: Final = "colo.dev/restartedAt"
 # `kubectl colo upgrade NAME` writes a fresh value here: under updateStrategy Manual it lets the
 # rolling update to the current template start (acted on once, see status.upgradeHandled).
 ANNOTATION_UPGRADE: Final = "colo.dev/upgrade"
+# On the client Service: the annotation keys that came from spec.service.annotations, so a key
+# removed from the spec is removed from the Service and annotations others wrote are left alone.
+ANNOTATION_SERVICE_KEYS: Final = "colo.dev/service-annotations"
 
 # Key of the per-VM Secret holding the agents' shared key / control API token.
 SECRET_KEY: Final = "secret"

@@ -284,9 +284,10 @@ async def ensure_objects(rt: Runtime, vm: VMView) -> None:
     for obj in manifests.base_objects(vm):
         created = await rt.kube.create(obj)
         if not created and obj["kind"] == "Service":
-            # Type and port follow the spec; the selector never changes.
-            spec = {"type": obj["spec"]["type"], "ports": obj["spec"]["ports"]}
-            await rt.kube.patch("Service", vm.namespace, names.service, {"spec": spec}, missing_ok=True)
+            current = await rt.kube.get("Service", vm.namespace, names.service)
+            if current is not None:
+                patch = manifests.service_update(vm, current)
+                await rt.kube.patch("Service", vm.namespace, names.service, patch, missing_ok=True)
 
 
 INSECURE_CLEAR_WARNING = (

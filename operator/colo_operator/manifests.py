@@ -629,7 +629,10 @@ def client_service(vm: VMView) -> dict[str, Any]:
         "kind": "Service",
         "metadata": {
             **_meta(vm, Names(vm.name).service, "client"),
-            "annotations": dict(vm.spec.service.annotations),
+            "annotations": {
+                **vm.spec.service.annotations,
+                c.ANNOTATION_SERVICE_KEYS: ",".join(sorted(vm.spec.service.annotations)),
+            },
         },
         "spec": {
             "type": vm.spec.service.type,
@@ -638,6 +641,23 @@ def client_service(vm: VMView) -> dict[str, Any]:
                 {"name": "resp", "port": vm.spec.service.port, "targetPort": "client", "protocol": "TCP"}
             ],
         },
+    }
+
+
+def service_update(vm: VMView, current: dict[str, Any]) -> dict[str, Any]:
+    """Merge patch of an existing client Service to the spec: type, ports and annotations.
+
+    The selector never changes. Annotation keys the spec dropped since the last update are
+    removed (set to null); keys not listed as ours are someone else's and stay.
+    """
+    desired = client_service(vm)
+    annotations: dict[str, str | None] = dict(desired["metadata"]["annotations"])
+    ours = (current.get("metadata", {}).get("annotations") or {}).get(c.ANNOTATION_SERVICE_KEYS, "")
+    for key in filter(None, ours.split(",")):
+        annotations.setdefault(key, None)
+    return {
+        "metadata": {"annotations": annotations},
+        "spec": {"type": desired["spec"]["type"], "ports": desired["spec"]["ports"]},
     }
 
 

@@ -18,6 +18,7 @@ from colo_operator.manifests import (
     role,
     role_binding,
     secret,
+    service_update,
     template_hash,
 )
 from colo_operator.placement import Place
@@ -259,12 +260,33 @@ def test_service_selects_the_primary_only() -> None:
     svc = client_service(
         vm(spec={"service": {"type": "NodePort", "port": 16379, "annotations": {"lb.example.com/x": "1"}}})
     )
-    assert svc["metadata"]["annotations"] == {"lb.example.com/x": "1"}
+    assert svc["metadata"]["annotations"] == {
+        "lb.example.com/x": "1",
+        c.ANNOTATION_SERVICE_KEYS: "lb.example.com/x",
+    }
     assert svc["spec"]["selector"] == {"colo.dev/vm": "vm", "colo.dev/role": "primary"}
     assert svc["spec"]["ports"] == [
         {"name": "resp", "port": 16379, "targetPort": "client", "protocol": "TCP"}
     ]
     assert svc["spec"]["type"] == "NodePort"
+
+
+def test_service_update_follows_the_spec_annotations_and_leaves_others_alone() -> None:
+    before = client_service(vm(spec={"service": {"annotations": {"a/x": "1", "a/y": "2"}}}))
+    before["metadata"]["annotations"]["other/z"] = "kept"  # written by someone else
+    after = vm(spec={"service": {"type": "NodePort", "annotations": {"a/x": "3"}}})
+    patch = service_update(after, before)
+    assert patch["metadata"]["annotations"] == {
+        "a/x": "3",
+        "a/y": None,  # dropped from the spec: removed from the Service
+        c.ANNOTATION_SERVICE_KEYS: "a/x",
+    }
+    assert patch["spec"]["type"] == "NodePort"
+    assert "selector" not in patch["spec"]
+    # A Service from before the key list existed: only the spec's annotations are set.
+    legacy = {"metadata": {"annotations": {"a/y": "2"}}}
+    annotations = service_update(after, legacy)["metadata"]["annotations"]
+    assert annotations == {"a/x": "3", c.ANNOTATION_SERVICE_KEYS: "a/x"}
 
 
 def test_agents_may_touch_only_their_own_lease() -> None:

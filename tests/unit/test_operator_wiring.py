@@ -34,7 +34,7 @@ from colo_operator import certs, pki
 from colo_operator import constants as c
 from colo_operator.agent_client import AgentClient
 from colo_operator.config import OperatorConfig
-from colo_operator.handlers import Runtime, reconcile
+from colo_operator.handlers import Runtime, ensure_objects, reconcile
 from colo_operator.kube import Kube
 from colo_operator.manifests import secret
 from colo_operator.status import EventNote
@@ -293,6 +293,26 @@ async def test_creation_wires_objects_pods_and_status(world: tuple[Kube, list[Ev
         assert vm is not None
         assert vm["status"]["phase"] == "Syncing"
         assert vm["status"]["primary"]["node"] == "n1"
+
+
+async def test_a_spec_change_updates_the_service_annotations_type_and_port(
+    world: tuple[Kube, list[EventNote]],
+) -> None:
+    kube, events = world
+    body = colovm()
+    body["spec"]["service"] = {"annotations": {"a/x": "1", "a/y": "2"}}
+    await kube.create(body)
+    rt = runtime(kube, events, 1)
+    await ensure_objects(rt, vm_view(spec=body["spec"]))
+    await kube.patch("Service", "ns", "vm", {"metadata": {"annotations": {"other/z": "kept"}}})
+    body["spec"]["service"] = {"type": "NodePort", "port": 16379, "annotations": {"a/x": "3"}}
+    await ensure_objects(rt, vm_view(spec=body["spec"]))
+    svc = await kube.get("Service", "ns", "vm")
+    assert svc is not None
+    annotations = svc["metadata"]["annotations"]
+    assert annotations.get("a/x") == "3" and "a/y" not in annotations
+    assert annotations.get("other/z") == "kept"
+    assert svc["spec"]["type"] == "NodePort" and svc["spec"]["ports"][0]["port"] == 16379
 
 
 async def test_failover_promotes_over_http_and_moves_the_labels(world: tuple[Kube, list[EventNote]]) -> None:
