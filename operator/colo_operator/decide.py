@@ -13,7 +13,9 @@ Promotion follows CloudNativePG's shape: the operator first records
 `targetPrimary` and the transition (the pending step), then asks the target
 agent to promote with `term + 1`; the agent takes the Lease with that term by
 compare-and-swap before it starts serving, so a wrong decision can never make
-two primaries. Only then are the pods relabelled, which moves the Service.
+two primaries. The pods are relabelled, which moves the Service, in the plan
+that promotes, after the promote call succeeded; an unplanned failover takes
+the lost primary out of the Service as soon as it starts.
 
 The rest of a VM's life is decided here too: `runStrategy: Halted` stops it
 (pods deleted, a fresh guest on the next start), and a rolling update
@@ -597,6 +599,8 @@ def _steady(d: _Draft, current: str) -> Plan:
     if planned is not None:
         return planned
     primary = r.primary
+    if isinstance(r.p_health, Healthy):
+        _serve_label(d, current)
     ready = true(ConditionType.READY, Reason.PRIMARY_SERVING, f"primary {current} serves on {primary.node}")
     return _rolling_update(d, current, r, ready) or _manage_secondary(d, primary, r, ready)
 
@@ -870,6 +874,10 @@ def _start_transition(d: _Draft, kind: TransitionKind, cause: Cause, frm: str, t
     )
     d.status["transition"] = t.to_status()
     d.status["targetPrimary"] = to
+    if not t.planned and from_pod is not None and from_pod.role == c.ROLE_PRIMARY:
+        # Out of the Service at once: its clients stop waiting on a primary that cannot
+        # answer and wait for the new one instead (an abort puts the label back).
+        d.act(LabelPod(frm, ROLE_FENCED))
     d.event(
         "Normal" if t.planned else "Warning",
         f"{kind.value}Started",
@@ -996,25 +1004,32 @@ def _promote_step(d: _Draft, t: Transition, h: _Handover, current: str) -> Plan:
         detail = f"waiting for the promotion target {t.to}: {h.to_report.error}"
         return _in_progress(d, t, detail, f"{t.name}: {detail}")
     d.act(PromoteAgent(t.to, t.term))
-    d.again = True
-    detail = f"{t.to} takes the Lease with term {t.term} and promotes"
-    summary = f"{t.name} {t.frm} -> {t.to}: promote with term {t.term}"
-    return _in_progress(d, t, detail, summary, then=Step.RELABEL)
+    # The Service moves in the same plan. A plan stops at its first failed action, so the
+    # labels move only once the target answered that it is primary in the term (what the
+    # Relabel step reads from its report); status is written after all of them, so a crash in
+    # between leaves step Promote, which finds the target promoted and relabels.
+    return _hand_over(d, t, h, t.term, f"{t.name} {t.frm} -> {t.to}: promote with term {t.term}, ")
 
 
 def _relabel_step(d: _Draft, t: Transition, h: _Handover, current: str) -> Plan:
     """The target is primary in the term: move the Service to it and retire the old primary."""
-    s = d.s
     target = h.to_report.status
     if target is None or target.role is not Role.PRIMARY:
         # The promote call failed after the step was recorded: go back and ask again.
         detail = f"{t.to} does not report itself primary yet"
         return _in_progress(d, replace(t, step=Step.PROMOTE), detail, f"{t.name}: {detail}")
-    term = max(t.term, target.term)
-    if h.from_pod is not None:
+    return _hand_over(d, t, h, max(t.term, target.term), f"{t.name} ")
+
+
+def _hand_over(d: _Draft, t: Transition, h: _Handover, term: int, summary: str) -> Plan:
+    """Move the Service to the target (primary in `term`) and retire the old primary."""
+    s = d.s
+    if h.from_pod is not None and h.from_pod.role != ROLE_FENCED:
         d.act(LabelPod(t.frm, ROLE_FENCED))
-        d.act(DeletePod(t.frm, force=not t.planned, why=f"replaced by {t.to} in term {term}"))
+    # The Service follows the label: moved before the old pod's deletion, which no client waits for.
     d.act(LabelPod(t.to, c.ROLE_PRIMARY))
+    if h.from_pod is not None:
+        d.act(DeletePod(t.frm, force=not t.planned, why=f"replaced by {t.to} in term {term}"))
     record = _handover_record(t, s.now)
     d.status.pop("transition", None)
     d.status.update(currentPrimary=t.to, targetPrimary=t.to, term=term, lastFailover=record)
@@ -1031,7 +1046,7 @@ def _relabel_step(d: _Draft, t: Transition, h: _Handover, current: str) -> Plan:
         Phase.DEGRADED,
         serving(ready, false, Reason.NO_SECONDARY, msg),
         msg,
-        f"{t.name} done: {t.to} primary in term {term} ({ms} ms)",
+        f"{summary}done: {t.to} primary in term {term} ({ms} ms)",
     )
 
 
@@ -1059,6 +1074,7 @@ _STEPS: dict[Step, StepFn] = {
 
 
 def _abort(d: _Draft, kind: TransitionKind, current: str, detail: str) -> Plan:
+    _serve_label(d, current)
     d.status.pop("transition", None)
     d.status["targetPrimary"] = current
     d.event("Warning", f"{kind.value}Aborted", detail)
@@ -1070,3 +1086,11 @@ def _abort(d: _Draft, kind: TransitionKind, current: str, detail: str) -> Plan:
         detail,
         f"{kind.value.lower()} aborted: {detail}",
     )
+
+
+def _serve_label(d: _Draft, current: str) -> None:
+    """The primary that serves carries the label the Service selects (a failover that started
+    took it away, and one that was aborted, or whose start was never recorded, gives it back)."""
+    pod = d.s.pod(current)
+    if pod is not None and not pod.deleting and pod.role != c.ROLE_PRIMARY:
+        d.act(LabelPod(current, c.ROLE_PRIMARY))

@@ -205,7 +205,8 @@ def test_operator_cut_off_from_a_primary_its_secondary_still_hears_waits() -> No
 
 def test_lost_primary_records_the_pending_step_before_asking_anything() -> None:
     plan = decide(lost_primary_world())
-    assert plan.actions == ()
+    # No agent is asked yet; the lost primary only leaves the Service.
+    assert plan.actions == (LabelPod("vm-0", "fenced"),)
     t = plan.status["transition"]
     assert (t["kind"], t["step"], t["from"], t["to"], t["term"]) == ("Failover", "Promote", "vm-0", "vm-1", 2)
     assert t["cause"] == "NodeUnknown" and t["fromNode"] == "n1"
@@ -235,23 +236,22 @@ def test_deleted_primary_pod_fails_over_at_once() -> None:
 
 def test_full_failover_sequence_then_reprotection_away_from_both_nodes() -> None:
     start = decide(lost_primary_world())
-    # Step 2: ask the secondary to take the Lease with term 2 and promote.
-    promote = decide(lost_primary_world(status=start.status))
-    assert promote.actions == (PromoteAgent("vm-1", 2),)
-    assert promote.status["transition"]["step"] == "Relabel"
-    # Step 3: the agent reports primary in term 2; move the labels, drop the lost pod.
+    assert start.actions == (LabelPod("vm-0", "fenced"),)
+    # Step 2: ask the secondary to take the Lease with term 2 and promote; once it answered,
+    # move the Service to it and drop the lost pod, in the same plan.
     s = lost_primary_world(
-        status=promote.status,
-        lease=LeaseView(holder="vm-1", term=2),
+        status=start.status,
+        pods=(pod("vm-0", "fenced", "n1"), pod("vm-1", "secondary", "n2")),
         now=NOW + dt.timedelta(milliseconds=800),
     )
-    s = replace(s, agents={"vm-0": UNREACHABLE, "vm-1": agent(Role.PRIMARY, term=2, peer=PeerState.NONE)})
     done = decide(s)
     assert done.actions == (
-        LabelPod("vm-0", "fenced"),
-        DeletePod("vm-0", force=True, why="replaced by vm-1 in term 2"),
+        PromoteAgent("vm-1", 2),
         LabelPod("vm-1", c.ROLE_PRIMARY),
+        DeletePod("vm-0", force=True, why="replaced by vm-1 in term 2"),
     )
+    s = replace(s, agents={"vm-0": UNREACHABLE, "vm-1": agent(Role.PRIMARY, term=2, peer=PeerState.NONE)},
+                lease=LeaseView(holder="vm-1", term=2))
     st = done.status
     assert "transition" not in st
     assert (st["currentPrimary"], st["targetPrimary"], st["term"], st["failovers"]) == ("vm-1", "vm-1", 2, 1)
@@ -298,25 +298,26 @@ def test_transition_with_an_unknown_step_resumes_at_promote() -> None:
     start = decide(lost_primary_world())
     odd = {**start.status, "transition": {**start.status["transition"], "step": "Renamed", "kind": "Other"}}
     plan = decide(lost_primary_world(status=odd))
-    assert plan.actions == (PromoteAgent("vm-1", 2),)
-    assert (plan.status["transition"]["kind"], plan.status["transition"]["step"]) == ("Failover", "Relabel")
+    assert plan.actions[0] == PromoteAgent("vm-1", 2)
+    assert "transition" not in plan.status and plan.status["currentPrimary"] == "vm-1"
 
 
 def test_relabel_step_without_a_promoted_agent_goes_back_to_promote() -> None:
     start = decide(lost_primary_world())
-    promote = decide(lost_primary_world(status=start.status))
-    # The promote request failed after all: the agent is still secondary.
-    plan = decide(lost_primary_world(status=promote.status))
+    # Step Relabel, as an earlier version recorded it after the promote call; the agent is
+    # still secondary after all.
+    relabel = {**start.status, "transition": {**start.status["transition"], "step": "Relabel"}}
+    plan = decide(lost_primary_world(status=relabel))
     assert plan.actions == ()
     assert plan.status["transition"]["step"] == "Promote"
     again = decide(lost_primary_world(status=plan.status))
-    assert again.actions == (PromoteAgent("vm-1", 2),)
+    assert again.actions[0] == PromoteAgent("vm-1", 2)
 
 
 def test_lease_taken_by_someone_else_asks_for_a_higher_term() -> None:
     start = decide(lost_primary_world())
     plan = decide(lost_primary_world(status=start.status, lease=LeaseView(holder="intruder", term=4)))
-    assert plan.actions == (PromoteAgent("vm-1", 5),)
+    assert plan.actions[0] == PromoteAgent("vm-1", 5)
 
 
 def test_failover_aborted_when_the_primary_comes_back_holding_the_lease() -> None:
@@ -326,6 +327,38 @@ def test_failover_aborted_when_the_primary_comes_back_holding_the_lease() -> Non
     assert plan.status["targetPrimary"] == "vm-0"
     assert any(e.reason == "FailoverAborted" for e in plan.events)
     assert not any(isinstance(a, PromoteAgent) for a in plan.actions)
+
+
+def test_an_aborted_failover_puts_the_primary_back_into_the_service() -> None:
+    start = decide(lost_primary_world())
+    back = world(status=start.status, pods=(pod("vm-0", "fenced", "n1"), pod("vm-1", "secondary", "n2")))
+    plan = decide(back)
+    assert any(e.reason == "FailoverAborted" for e in plan.events)
+    assert plan.actions == (LabelPod("vm-0", c.ROLE_PRIMARY),)
+
+
+def test_a_serving_primary_without_the_primary_label_gets_it_back() -> None:
+    # The label was taken at the start of a failover whose status write never landed.
+    plan = decide(world(pods=(pod("vm-0", "fenced", "n1"), pod("vm-1", "secondary", "n2"))))
+    assert "transition" not in plan.status
+    assert plan.actions == (LabelPod("vm-0", c.ROLE_PRIMARY),)
+
+
+def test_a_primary_that_only_looks_lost_keeps_its_label_while_the_verdict_waits() -> None:
+    s = world(agents={"vm-0": UNREACHABLE, "vm-1": agent(Role.SECONDARY, peer=PeerState.CONNECTED)})
+    assert decide(s).actions == ()
+
+
+def test_a_relabel_step_recorded_by_an_earlier_version_moves_the_service_without_promoting() -> None:
+    start = decide(lost_primary_world())
+    relabel = {**start.status, "transition": {**start.status["transition"], "step": "Relabel"}}
+    s = lost_primary_world(status=relabel, lease=LeaseView(holder="vm-1", term=2))
+    s = replace(s, agents={"vm-0": UNREACHABLE, "vm-1": agent(Role.PRIMARY, term=2)})
+    assert decide(s).actions == (
+        LabelPod("vm-0", "fenced"),
+        LabelPod("vm-1", c.ROLE_PRIMARY),
+        DeletePod("vm-0", force=True, why="replaced by vm-1 in term 2"),
+    )
 
 
 def test_primary_lost_before_first_sync_is_failed_and_stays_failed() -> None:
@@ -416,20 +449,23 @@ def test_switchover_request_runs_checkpoint_demote_promote_relabel() -> None:
     start = decide(s)
     t = start.status["transition"]
     assert (t["kind"], t["step"], t["cause"]) == ("Switchover", "Checkpoint", "Switchover")
+    assert start.actions == ()  # the primary stays in the Service until it is demoted
     assert start.status["switchoverHandled"] == "2026-11-25T20:00:00Z"
     assert cond(start, "Ready")["status"] == "True"  # the primary serves until demoted
     step2 = decide(replace(s, vm=replace(s.vm, status=start.status)))
     assert step2.actions == (CheckpointAgent("vm-0"), DemoteAgent("vm-0"))
-    step3 = decide(replace(s, vm=replace(s.vm, status=step2.status)))
-    assert step3.actions == (PromoteAgent("vm-1", 2),)
+    done = decide(replace(s, vm=replace(s.vm, status=step2.status)))
+    assert done.actions == (
+        PromoteAgent("vm-1", 2),
+        LabelPod("vm-0", "fenced"),
+        LabelPod("vm-1", c.ROLE_PRIMARY),
+        DeletePod("vm-0", force=False, why="replaced by vm-1 in term 2"),
+    )
     s4 = replace(
         s,
-        vm=replace(s.vm, status=step3.status),
         agents={"vm-0": agent(Role.PRIMARY), "vm-1": agent(Role.PRIMARY, term=2)},
         lease=LeaseView(holder="vm-1", term=2),
     )
-    done = decide(s4)
-    assert DeletePod("vm-0", force=False, why="replaced by vm-1 in term 2") in done.actions
     assert done.status["failovers"] == 0  # a switchover is not a failover
     assert done.status["lastFailover"]["kind"] == "Switchover"
     # The request is handled once.
