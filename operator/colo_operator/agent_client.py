@@ -34,6 +34,8 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt,
 from colo_agent.api.identity import uri_names
 from colo_agent.api.models import (
     API_VERSION_HEADER,
+    STATUS_HEARTBEAT_WITHIN_MS,
+    STATUS_WAIT_MS,
     SUPPORTED_API_VERSIONS,
     AgentStatus,
     CheckpointResult,
@@ -240,12 +242,24 @@ class AgentClient:
             ) from None
 
     async def status(
-        self, ip: str, port: int, *, peer: str | None = None, suspect: bool = False
+        self,
+        ip: str,
+        port: int,
+        *,
+        peer: str | None = None,
+        suspect: bool = False,
+        wait_s: float = 0.0,
+        heartbeat_within_ms: int = 0,
     ) -> AgentReport:
         """Poll one agent: over TLS when `peer` names the VM its certificate must carry,
         in clear without. `suspect`: its node is not Ready, so one short try is
-        enough; a dead agent must not hold up the decision for several timeouts."""
+        enough; a dead agent must not hold up the decision for several timeouts.
+        `wait_s`: a long poll, answered once the agent's peer is not connected or its
+        heartbeat is older than `heartbeat_within_ms`, or after `wait_s`."""
         extra: dict[str, Any] = {"attempts": 1, "timeout": SUSPECT_TIMEOUT_S} if suspect else {}
+        if wait_s > 0:
+            params = {STATUS_WAIT_MS: round(wait_s * 1000), STATUS_HEARTBEAT_WITHIN_MS: heartbeat_within_ms}
+            extra = {"attempts": 1, "timeout": wait_s + self._timeout_s, "params": params}
         try:
             return AgentReport(
                 status=await self._call(

@@ -25,7 +25,7 @@ from typing import Any
 import kopf
 
 from colo_agent.api.identity import vm_identity
-from colo_agent.api.models import PeerState
+from colo_agent.api.models import PeerState, Role
 
 from . import constants as c
 from . import manifests, pki
@@ -100,6 +100,8 @@ class Runtime:
     credentials: pki.OperatorCredentials | None = None
     tls_checked: dict[VMKey, float] = field(default_factory=dict)
     warned_clear: set[VMKey] = field(default_factory=set)
+    # Per VM: the secondary's address and the long poll that kicks the VM when it loses its primary.
+    watches: dict[VMKey, tuple[str, asyncio.Task[None]]] = field(default_factory=dict)
 
     def kick_event(self, key: VMKey) -> asyncio.Event:
         return self.kicks.setdefault(key, asyncio.Event())
@@ -114,8 +116,16 @@ class Runtime:
             cache.pop(key, None)
         self.warned_clear.discard(key)
         self.metrics.forget(key)
+        self.unwatch(key)
+
+    def unwatch(self, key: VMKey) -> None:
+        watch = self.watches.pop(key, None)
+        if watch is not None:
+            watch[1].cancel()
 
     async def close(self) -> None:
+        for key in list(self.watches):
+            self.unwatch(key)
         await self.agents.aclose()
         self.kube.close()
 
@@ -440,7 +450,63 @@ async def reconcile(rt: Runtime, namespace: str, name: str, logger: Any = log) -
     rt.metrics.observe_status(key, snapshot.vm.status, plan.status)
     for note in plan.events:
         rt.post_event(body, note)
+    timeout_ms = snapshot.vm.spec.failover.heartbeat_timeout_ms
+    watch(rt, key, _watch_target(snapshot, plan), _peer(snapshot.vm), timeout_ms)
     return plan.again
+
+
+# --------------------------------------------------------------------------- the secondary's long poll
+
+# How long one long poll of the secondary lasts; it is renewed at once.
+WATCH_S = 10.0
+
+
+def _watch_target(s: Snapshot, plan: Plan) -> str | None:
+    """The address of the secondary while it hears the primary: it is the first to know when the
+    primary is lost (a heartbeat timeout), long before the operator's next poll would ask."""
+    if plan.status.get("transition"):
+        return None
+    current = plan.status.get("currentPrimary")
+    for pod in s.pods:
+        status = s.agent(pod).status
+        if pod.name != current and pod.ip and not pod.deleting and status is not None and (
+            status.role is Role.SECONDARY and status.peer.state is PeerState.CONNECTED
+        ):
+            return pod.ip
+    return None
+
+
+def watch(rt: Runtime, key: VMKey, target: str | None, peer: str | None, timeout_ms: int) -> None:
+    """Keep one long poll on `target` (None: none) for the VM `key`."""
+    current = rt.watches.get(key)
+    if current is not None and current[0] == target and not current[1].done():
+        return
+    rt.unwatch(key)
+    if target is not None:
+        task = asyncio.get_running_loop().create_task(_watch_secondary(rt, key, target, peer, timeout_ms))
+        rt.watches[key] = (target, task)
+
+
+async def _watch_secondary(rt: Runtime, key: VMKey, ip: str, peer: str | None, timeout_ms: int) -> None:
+    """Long-poll the secondary; kick the VM's reconcile as soon as it stops hearing the primary
+    (or cannot be asked), so a failover starts a heartbeat timeout after the loss, not a poll later."""
+    loop = asyncio.get_running_loop()
+    while True:
+        started = loop.time()
+        report = await rt.agents.status(
+            ip, rt.control_port, peer=peer, wait_s=WATCH_S, heartbeat_within_ms=timeout_ms
+        )
+        status = report.status
+        age = None if status is None else status.peer.last_heartbeat_age_ms
+        if status is None or status.peer.state is not PeerState.CONNECTED or (age or 0.0) > timeout_ms:
+            rt.kick(key)
+            # Until the next reconcile replaces this watch: a failing long poll kicks at most
+            # once per poll interval.
+            await asyncio.sleep(rt.config.poll_interval_s)
+            return
+        if loop.time() - started < WATCH_S / 2:
+            # Answered at once although nothing changed: an agent that predates the long poll.
+            await asyncio.sleep(rt.config.poll_interval_s)
 
 
 async def _write_status(rt: Runtime, s: Snapshot, plan: Plan) -> None:
@@ -550,6 +616,7 @@ async def run_vm(
         )
         for waiter in pending:
             waiter.cancel()
+    rt.unwatch(key)
 
 
 @kopf.on.update(c.GROUP, c.VERSION, c.PLURAL)

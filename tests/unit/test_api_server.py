@@ -52,6 +52,7 @@ class SmallAgent:
         self.synced = True
         self.promotions: list[int] = []
         self.promote_delay = 0.0
+        self.peer = PeerStatus(PeerState.CONNECTED, "127.0.0.1:7700", 5.0)
 
     def status(self) -> AgentStatus:
         return AgentStatus(
@@ -59,7 +60,7 @@ class SmallAgent:
             term=self.term,
             last_acked_epoch=self.epoch,
             mode=ReplicationMode.CHECKPOINT,
-            peer=PeerStatus(PeerState.CONNECTED, "127.0.0.1:7700", 5.0),
+            peer=self.peer,
             guest=GuestStatus("running" if self.role is Role.PRIMARY else "paused", "tcg", 64 << 20),
             totals=self.metrics.totals(),
             synced=self.synced,
@@ -131,6 +132,40 @@ async def test_status_is_open_and_versioned(client: TestClient, agent: SmallAgen
     assert response.headers[API_VERSION_HEADER] == "v1"
     status = AgentStatus.from_json(await response.read())
     assert status == agent.status()
+
+
+async def test_a_long_poll_of_status_answers_when_the_peer_is_lost(
+    client: TestClient, agent: SmallAgent
+) -> None:
+    async def lose_peer() -> None:
+        await asyncio.sleep(0.2)
+        agent.peer = PeerStatus(PeerState.LOST, "127.0.0.1:7700", 600.0)
+
+    losing = asyncio.ensure_future(lose_peer())
+    # Far below the 30 s asked for, however loaded the machine.
+    response = await asyncio.wait_for(client.get("/v1/status?waitMs=30000&heartbeatWithinMs=500"), 20)
+    await losing
+    assert response.status == 200
+    assert AgentStatus.from_json(await response.read()).peer.state is PeerState.LOST
+
+
+async def test_a_long_poll_answers_at_once_when_the_heartbeat_is_already_too_old(
+    client: TestClient, agent: SmallAgent
+) -> None:
+    agent.peer = PeerStatus(PeerState.CONNECTED, "127.0.0.1:7700", 900.0)
+    response = await asyncio.wait_for(client.get("/v1/status?waitMs=30000&heartbeatWithinMs=500"), 20)
+    assert AgentStatus.from_json(await response.read()).peer.last_heartbeat_age_ms == 900.0
+
+
+async def test_a_long_poll_without_news_answers_after_the_wait(client: TestClient, agent: SmallAgent) -> None:
+    response = await client.get("/v1/status?waitMs=100&heartbeatWithinMs=500")
+    assert AgentStatus.from_json(await response.read()) == agent.status()
+
+
+@pytest.mark.parametrize("query", ["waitMs=-1", "waitMs=30001", "waitMs=soon", "heartbeatWithinMs=-5"])
+async def test_a_long_poll_with_a_bad_parameter_is_refused(client: TestClient, query: str) -> None:
+    error = await error_of(await client.get(f"/v1/status?{query}"), 400)
+    assert query.split("=")[0] in error.error
 
 
 async def test_promote_needs_the_secret(client: TestClient, agent: SmallAgent) -> None:

@@ -74,6 +74,20 @@ async def test_transport_errors_are_retried_except_for_suspect_agents() -> None:
     assert len(calls) == 1
 
 
+async def test_a_long_poll_asks_the_agent_to_wait_and_gives_it_time_to() -> None:
+    calls: list[httpx.Request] = []
+
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused", request=request)
+
+    c = client(refuse, calls)
+    await c.status("10.0.0.1", 8080, wait_s=10.0, heartbeat_within_ms=500)
+    assert len(calls) == 1  # a failed long poll is not retried: the caller decides
+    assert dict(calls[0].url.params) == {"waitMs": "10000", "heartbeatWithinMs": "500"}
+    # The read timeout covers the wait plus the ordinary timeout.
+    assert calls[0].extensions["timeout"]["read"] == 11.0
+
+
 async def test_ipv6_addresses_are_bracketed() -> None:
     calls: list[httpx.Request] = []
     c = client(lambda r: httpx.Response(200, text=STATUS.to_json()), calls)

@@ -8,11 +8,12 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from support.operator_world import agent
+from support.operator_world import agent, world
 
 from colo_agent.api.models import PeerState, Role
 from colo_operator import handlers
 from colo_operator.agent_client import SUSPECT_TIMEOUT_S
+from colo_operator.decide import decide
 from colo_operator.snapshot import AgentReport, NodeHealth, NodeView, PodView
 
 
@@ -151,3 +152,16 @@ def test_an_agent_without_a_peer_yet_cuts_nothing_short() -> None:
     except TimeoutError:
         return
     raise AssertionError("the poll gave up on an agent although its peer has nothing to lose track of")
+
+
+def test_the_long_poll_goes_to_the_secondary_only_while_it_hears_the_primary() -> None:
+    steady = world()
+    assert handlers._watch_target(steady, decide(steady)) == "10.0.0.11"
+    syncing = world(agents={"vm-0": agent(Role.PRIMARY),
+                            "vm-1": agent(Role.SECONDARY, peer=PeerState.SYNCING)})
+    assert handlers._watch_target(syncing, decide(syncing)) is None
+    # Once it lost the primary the failover starts; nothing is left to wait for.
+    lost = world(agents={"vm-0": AgentReport(status=None, error="timeout"),
+                         "vm-1": agent(Role.SECONDARY, peer=PeerState.LOST)})
+    plan = decide(lost)
+    assert plan.status.get("transition") and handlers._watch_target(lost, plan) is None

@@ -3,6 +3,7 @@ control API servers (`colo_agent.api.server` over a scripted engine), end to end
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import datetime as dt
@@ -413,3 +414,38 @@ async def test_a_refused_promotion_is_reported_and_retried(world: tuple[Kube, li
     assert "PromoteAgent" in failed.message and ("401" in failed.message or "403" in failed.message)
     vm = await kube.get_vm("ns", "vm")
     assert vm is not None and vm["status"]["transition"]["step"] == "Promote"
+
+
+async def test_the_secondary_losing_the_primary_wakes_the_vm_at_once(
+    world: tuple[Kube, list[EventNote]],
+) -> None:
+    """The operator keeps a long poll on the secondary while it hears the primary; the moment it
+    stops hearing it, the VM's reconcile is kicked instead of waiting for the next poll."""
+    kube, events = world
+    protected = {
+        "observedGeneration": 1, "phase": "Protected", "currentPrimary": "vm-0", "targetPrimary": "vm-0",
+        "podSerial": 2, "term": 1, "secondary": {"pod": "vm-1", "synced": True},
+    }  # fmt: skip
+    await kube.create(colovm(protected))
+    await kube.create(secret(vm_view(), TOKEN))
+    await kube.create(lease("vm-0", 1))
+    for name, role, node_name, ip in (
+        ("vm-0", "primary", "n1", "127.0.0.1"),
+        ("vm-1", "secondary", "n2", "127.0.0.2"),
+    ):
+        await kube.create(agent_pod(name, role))
+        await running(kube, name, node_name, ip)
+    primary, secondary = ScriptedAgent(Role.PRIMARY), ScriptedAgent(Role.SECONDARY)
+    async with agents(("127.0.0.1", primary), ("127.0.0.2", secondary)) as port:
+        rt = runtime(kube, events, port)
+        kick = rt.kick_event(("ns", "vm"))
+        try:
+            await reconcile(rt, "ns", "vm")
+            assert rt.watches[("ns", "vm")][0] == "127.0.0.2"
+            await asyncio.sleep(0.3)
+            assert not kick.is_set()  # a long poll of a secondary that hears its primary waits
+            secondary.peer = PeerState.LOST
+            # Generous for a loaded machine; the long poll itself lasts 10 s.
+            await asyncio.wait_for(kick.wait(), 8)
+        finally:
+            rt.unwatch(("ns", "vm"))

@@ -32,6 +32,13 @@ SUPPORTED_API_VERSIONS: frozenset[str] = frozenset({API_VERSION})
 # response, even one whose body is not ours (a proxy's error page).
 API_VERSION_HEADER = "X-Colo-Api-Version"
 
+# `GET /v1/status` as a long poll (optional query parameters; an agent that predates them
+# answers at once): answer once the peer is not `connected` or its last heartbeat is older
+# than `heartbeatWithinMs`, or after `waitMs` (at most MAX_STATUS_WAIT_MS), whichever first.
+STATUS_WAIT_MS = "waitMs"
+STATUS_HEARTBEAT_WITHIN_MS = "heartbeatWithinMs"
+MAX_STATUS_WAIT_MS = 30_000
+
 
 class ModelError(ValueError):
     """A document does not match the contract. `field` is the dotted path of the culprit."""

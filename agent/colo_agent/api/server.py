@@ -2,7 +2,9 @@
 
 Routes (contract in `colo_agent.api.models`):
 
-- `GET /v1/status` -> `AgentStatus`
+- `GET /v1/status` -> `AgentStatus`; with `?waitMs=N&heartbeatWithinMs=M` a long
+  poll that answers as soon as the peer's heartbeat is gone (`STATUS_WAIT_MS`), so
+  the operator hears of a lost primary when the secondary does, not at its next poll
 - `POST /v1/promote` (bearer) body `{"term": N}` -> `PromoteResult`
 - `POST /v1/checkpoint` (bearer) -> `CheckpointResult`
 - `POST /v1/demote` (bearer) -> `DemoteResult`
@@ -37,6 +39,9 @@ from prometheus_client.exposition import choose_encoder
 from colo_agent.api.models import (
     API_VERSION,
     API_VERSION_HEADER,
+    MAX_STATUS_WAIT_MS,
+    STATUS_HEARTBEAT_WITHIN_MS,
+    STATUS_WAIT_MS,
     AgentStatus,
     CheckpointResult,
     ControlError,
@@ -44,6 +49,7 @@ from colo_agent.api.models import (
     ErrorReason,
     ErrorResponse,
     ModelError,
+    PeerState,
     PromoteRequest,
     PromoteResult,
 )
@@ -54,6 +60,8 @@ log = logging.getLogger(__name__)
 # Control requests are a few bytes; refuse anything large before reading it.
 MAX_BODY_BYTES = 16 * 1024
 JSON = "application/json"
+# How often a long poll of /v1/status looks at the peer again.
+STATUS_WATCH_STEP_S = 0.05
 
 
 class AgentController(Protocol):
@@ -153,6 +161,27 @@ async def _errors_and_version(request: web.Request, handler: Handler) -> web.Str
     return response
 
 
+def _ms_param(request: web.Request, name: str, cap: int | None) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return 0
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0 or (cap is not None and value > cap):
+        limit = f"0 to {cap}" if cap is not None else "0 or more"
+        raise _RequestRefused(400, ErrorReason.BAD_REQUEST, f"{name} must be {limit} ms, got {raw!r}")
+    return value
+
+
+def _hears_peer(status: AgentStatus, within_ms: int) -> bool:
+    """Connected, with a heartbeat no older than `within_ms` (0: any age)."""
+    age = status.peer.last_heartbeat_age_ms
+    stale = bool(within_ms) and age is not None and age > within_ms
+    return status.peer.state is PeerState.CONNECTED and not stale
+
+
 class _ControlApi:
     def __init__(
         self, controller: AgentController, token: bytes, peers: frozenset[str] = frozenset()
@@ -207,7 +236,16 @@ class _ControlApi:
 
     async def status(self, request: web.Request) -> web.Response:
         self._check_peer(request)
-        return _json_response(200, self._controller.status().to_json())
+        wait_ms = _ms_param(request, STATUS_WAIT_MS, MAX_STATUS_WAIT_MS)
+        within_ms = _ms_param(request, STATUS_HEARTBEAT_WITHIN_MS, None)
+        status = self._controller.status()
+        if wait_ms:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + wait_ms / 1000
+            while _hears_peer(status, within_ms) and (left := deadline - loop.time()) > 0:
+                await asyncio.sleep(min(STATUS_WATCH_STEP_S, left))
+                status = self._controller.status()
+        return _json_response(200, status.to_json())
 
     async def promote(self, request: web.Request) -> web.Response:
         self._authorize(request)
