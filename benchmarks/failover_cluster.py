@@ -97,6 +97,7 @@ def one_run(cluster: ClusterHandle, api: Any, name: str) -> dict[str, Any]:
     writer = Writer("k", endpoint, reply_timeout=1.0).start()
     try:
         wait_for(lambda: len(writer.acknowledged) >= 50, 60, "writes acknowledged by the primary")
+        load = round(os.getloadavg()[0], 1)
         kill_wall, kill_mono = time.time(), time.monotonic()
         cluster.kill_node(primary["node"])
         dead = time.monotonic()  # from here on no process of the old node can answer
@@ -129,6 +130,7 @@ def one_run(cluster: ClusterHandle, api: Any, name: str) -> dict[str, Any]:
         "recorded_s": round(recorded - kill_wall, 3),
         "service_s": round(service_s, 3),
         "first_write_s": round(first - kill_mono, 3),
+        "load_1m": load,
     }
 
 
