@@ -126,3 +126,27 @@ async def test_a_peer_that_hangs_up_ends_the_stream_without_a_hang(tmp_path: Pat
         tx.close()
         rx.close()
         assert server_sock.fileno() == -1
+
+
+async def test_a_batch_is_encrypted_in_pieces_that_decrypt_to_it_in_order(tmp_path: Path) -> None:
+    a, b, _ = await tls_pair(tmp_path)
+    assert a._tls is not None and b._tls is not None
+    head = b"header" * 7
+    pages = np.random.default_rng(9).integers(0, 256, (300, PAGE_SIZE), dtype=np.uint8)  # 1.2 MiB
+    try:
+        pieces = a._tls.encrypt([head, memoryview(pages).cast("B"), b"", b"tail"])
+        # The memory BIO is emptied every 256 KiB of plaintext: it never holds a whole batch.
+        assert len(pieces) >= 4 and max(map(len, pieces)) < (1 << 18) + (1 << 15)
+        for piece in pieces:
+            b._tls.feed(piece)
+        want = len(head) + pages.nbytes + 4
+        out = bytearray(want)
+        got = 0
+        while got < want:
+            n = b._tls.decrypt_into(memoryview(out)[got:])
+            assert n
+            got += n
+        assert out == head + pages.tobytes() + b"tail"
+    finally:
+        a.close()
+        b.close()

@@ -14,7 +14,7 @@ from support.transport import PAGE, PAGES, SECRET, VM, Guest, pair
 
 from colo_agent.replication.cache import ColoCache, image_digest
 from colo_agent.replication.handshake import AuthRefused
-from colo_agent.replication.transport import CheckpointReceiver, CheckpointSender, Listener
+from colo_agent.replication.transport import CheckpointReceiver, CheckpointSender, Listener, PeerLostError
 from colo_agent.tls import PeerTls, TlsFiles
 from colo_operator import certs
 
@@ -82,6 +82,59 @@ class Tap:
                 dst.close()
 
         await asyncio.gather(pipe(ur, w, True), pipe(r, uw, False))
+
+
+class CorruptingTap(Tap):
+    """A relay that, once armed, flips one bit of the next large piece the primary sends."""
+
+    armed = False
+
+    async def _relay(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        ur, uw = await asyncio.open_connection("127.0.0.1", self.target)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, from_primary: bool) -> None:
+            try:
+                while data := await src.read(1 << 16):
+                    if from_primary and self.armed and len(data) >= 4096:  # page data, not a heartbeat
+                        self.armed = False
+                        data = bytearray(data)
+                        data[len(data) // 2] ^= 0x10
+                    dst.write(data)
+                    await dst.drain()
+            except OSError:
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pipe(ur, w, True), pipe(r, uw, False))
+
+
+async def test_over_tls_epochs_commit_whole_and_a_flipped_bit_never_reaches_ram(
+    tmp_path: Path, ca: certs.KeyPair
+) -> None:
+    """Page data is outside the frame checksums over TLS (the records' AEAD tags cover
+    it): epochs over 3 channels still commit exactly the primary's pages, and a bit
+    flipped on the wire ends the pairing instead of landing in the committed image."""
+    tls = tls_for(vm_dir(tmp_path / "vm", ca, VM))
+    rx, mem = new_receiver(tls)
+    tap = CorruptingTap()
+    guest = Guest(seed=4)
+    sender = await pair(rx, tls=tls, through=tap.start, channels=3, batch_pages=16)
+    await sender.sync(guest.ram, guest.collect_dirty)
+    for _ in range(3):
+        guest.write(400)
+        epoch, digest = await guest.checkpoint(sender)
+        assert rx.committed_epoch == epoch
+        assert image_digest(mem) == digest
+    committed = image_digest(mem)
+    guest.write(400)
+    tap.armed = True
+    with pytest.raises(PeerLostError):
+        await asyncio.wait_for(guest.checkpoint(sender), 30)
+    assert not tap.armed  # the flip happened
+    assert rx.committed_epoch == epoch and image_digest(mem) == committed
+    await sender.close()
+    await rx.close()
 
 
 MARKER = b"guest-secret-" * 315  # most of one page, easy to find in a capture

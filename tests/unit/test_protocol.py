@@ -368,3 +368,47 @@ def test_mirror_frames_share_the_connection_numbering() -> None:
 def test_mirror_input_larger_than_a_control_frame_is_a_local_error() -> None:
     with pytest.raises(p.LocalProtocolError, match="too large"):
         p.FrameEncoder().encode(p.MirrorInput(1, 0, bytes(p.MAX_CONTROL_PAYLOAD)))
+
+
+def _uncovered_pages_wire(data: bytes, *, cover: bool) -> tuple[bytes, p.Pages]:
+    idx = np.array([2, 5], dtype=np.int64)
+    frame = p.Pages(p.MessageType.PAGES, 1, 3, 0, 1, idx, data)
+    return encode_one(p.FrameEncoder(cover_page_data=cover), frame), frame
+
+
+def test_over_tls_page_data_is_outside_the_payload_hash_and_still_lands() -> None:
+    data = np.random.default_rng(2).integers(0, 256, 2 * p.PAGE_SIZE, dtype=np.uint8).tobytes()
+    wire, frame = _uncovered_pages_wire(data, cover=False)
+    expected = p.pages_payload_hash(1, 3, 0, 1, frame.indices, data, cover_page_data=False)
+    assert expected != p.pages_payload_hash(1, 3, 0, 1, frame.indices, data)
+    for discard in (False, True):
+        dec = p.FrameDecoder(cover_page_data=False)
+        dec.receive(wire)
+        assert isinstance(dec.next_event(), p.PagesHeader)
+        dest = bytearray(2 * p.PAGE_SIZE)
+        dec.begin_payload(None if discard else dest)
+        done = dec.next_event()
+        assert isinstance(done, p.PagesComplete) and done.payload_hash == expected
+        assert done.discarded is discard and bytes(dest) == (bytes(len(dest)) if discard else data)
+
+
+def test_over_tls_the_indices_are_still_checked() -> None:
+    wire = bytearray(_uncovered_pages_wire(bytes(2 * p.PAGE_SIZE), cover=False)[0])
+    wire[p.HEADER_SIZE + p.PAGES_META.size + 8] ^= 0x01  # the second index: 5 -> 4
+    dec = p.FrameDecoder(cover_page_data=False)
+    dec.receive(wire)
+    assert isinstance(dec.next_event(), p.PagesHeader)
+    dec.begin_payload(bytearray(2 * p.PAGE_SIZE))
+    with pytest.raises(p.RemoteProtocolError, match="checksum"):
+        dec.next_event()
+
+
+@pytest.mark.parametrize("sender_covers", [True, False])
+def test_ends_that_disagree_on_covering_page_data_refuse_every_batch(sender_covers: bool) -> None:
+    wire, _ = _uncovered_pages_wire(b"\x07" * (2 * p.PAGE_SIZE), cover=sender_covers)
+    dec = p.FrameDecoder(cover_page_data=not sender_covers)
+    dec.receive(wire)
+    assert isinstance(dec.next_event(), p.PagesHeader)
+    dec.begin_payload(bytearray(2 * p.PAGE_SIZE))
+    with pytest.raises(p.RemoteProtocolError, match="checksum"):
+        dec.next_event()

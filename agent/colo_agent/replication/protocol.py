@@ -19,6 +19,13 @@ of the payload hashes of the epoch's PAGES and DEVICE_STATE frames, which both
 sides get for free, in any order the channels deliver them. `seq` makes a
 dropped, duplicated or reordered frame on one connection a protocol error.
 
+Over TLS the page data of PAGES and SYNC_PAGES is left out of their payload
+hash (`cover_page_data=False` on both ends): every TLS record's AEAD tag
+already authenticates it, and hashing it again would cost as much CPU as the
+socket copy. The fixed part and the indices stay covered, so the epoch digest
+still checks which pages arrived. A corrupted record fails the connection
+instead of a checksum (there is nothing to resume: the peer is lost).
+
 PAGES and SYNC_PAGES carry most of the bytes. Their payload is a fixed part,
 `count` page indices (int64) and `count` pages of data; `count` follows from
 the length, so the decoder knows where the data goes before any of it
@@ -52,7 +59,7 @@ from colo_agent.constants import MAX_CHANNELS as MAX_CHANNELS
 from colo_agent.constants import PAGE_SIZE as PAGE_SIZE
 
 MAGIC: Final = b"COLO"
-WIRE_VERSION: Final = 1
+WIRE_VERSION: Final = 2  # 2: page data outside the payload hash over TLS
 # The semantic protocol version a HELLO announces; bumped when messages change
 # meaning while the frame layout stays.
 PROTOCOL_VERSION: Final = 1
@@ -743,13 +750,16 @@ def _expect_end(payload: memoryview, end: int, what: str) -> None:
 def pages_payload_hash(
     term: int, epoch: int, attempt: int, channel: int,
     indices: npt.NDArray[np.int64], data: memoryview | npt.NDArray[np.uint8],
+    *, cover_page_data: bool = True,
 ) -> int:
     """xxh3_64 of a PAGES/SYNC_PAGES payload, as the frame checksum and the epoch
-    digest use it (the frame type is covered by the header part of the checksum)."""
+    digest use it (the frame type is covered by the header part of the checksum).
+    Without `cover_page_data` (over TLS) the page data is left out."""
     h = xxhash.xxh3_64()
     h.update(PAGES_META.pack(term, epoch, attempt, channel, 0))
     h.update(_as_index_bytes(indices))
-    h.update(byte_view(data))
+    if cover_page_data:
+        h.update(byte_view(data))
     return h.intdigest()
 
 
@@ -776,10 +786,15 @@ def _frame_checksum(header16: bytes, payload_hash: int) -> int:
 
 
 class FrameEncoder:
-    """Turns messages into frames for one connection (it numbers them)."""
+    """Turns messages into frames for one connection (it numbers them).
 
-    def __init__(self) -> None:
+    `cover_page_data=False` (a TLS connection) leaves page data out of the
+    payload hash; the decoder at the other end must agree.
+    """
+
+    def __init__(self, *, cover_page_data: bool = True) -> None:
         self._seq = 0
+        self.cover_page_data = cover_page_data
 
     @property
     def seq(self) -> int:
@@ -823,8 +838,9 @@ class FrameEncoder:
         payload_hash = msg.payload_hash
         if payload_hash is None:
             payload_hash = pages_payload_hash(
-                msg.term, msg.epoch, msg.attempt, msg.channel, msg.indices, data
-            )
+                msg.term, msg.epoch, msg.attempt, msg.channel, msg.indices, data,
+                cover_page_data=self.cover_page_data,
+            )  # fmt: skip
         length = PAGES_META.size + count * _PAGE_ENTRY
         head = self._header(msg.kind, length, payload_hash)
         return [head + meta + bytes(index_bytes), data], payload_hash
@@ -854,9 +870,13 @@ class FrameDecoder:
     A defect raises `RemoteProtocolError` without consuming the frame (except
     a resumable checksum failure of page data, see `RemoteProtocolError`),
     so the decoder is never half-updated.
+
+    `cover_page_data=False` (a TLS connection): page data is not part of the
+    payload hash, as its encoder left it out.
     """
 
     max_payload: int = MAX_PAYLOAD
+    cover_page_data: bool = True
     _buf: bytearray = field(default_factory=bytearray)
     _seq: int = 0
     _payload: _Payload | None = None
@@ -869,6 +889,7 @@ class FrameDecoder:
         if p is not None and p.dest is not None and not p.discard and not self._buf:
             take = min(len(view), p.expected - p.filled)
             p.dest[p.filled : p.filled + take] = view[:take]
+            self._hash_data(p, view[:take])
             p.filled += take
             view = view[take:]
         if len(view):
@@ -921,7 +942,7 @@ class FrameDecoder:
             self._buf.clear()
             if p.discard:
                 take = min(len(pending), p.expected - p.filled)
-                p.prefix_hash.update(pending[:take])
+                self._hash_data(p, pending[:take])
                 p.filled += take
                 self._buf += pending[take:]
             else:
@@ -943,8 +964,13 @@ class FrameDecoder:
         p = self._payload
         if p is None or n < 0 or p.filled + n > p.expected:
             raise LocalProtocolError(f"payload_written({n}) does not fit the expected page data")
+        # Hashed as it arrives, while it is still in the CPU's cache: a whole
+        # batch hashed at its end would be read back from memory.
         if p.discard:
-            p.prefix_hash.update(memoryview(self._scratch)[:n])
+            self._hash_data(p, memoryview(self._scratch)[:n])
+        else:
+            assert p.dest is not None
+            self._hash_data(p, p.dest[p.filled : p.filled + n])
         p.filled += n
 
     def next_event(self) -> Event | NeedData:
@@ -1028,6 +1054,10 @@ class FrameDecoder:
         self._payload = _Payload(header, hasher, head16=head16, expected=count * PAGE_SIZE, checksum=checksum)
         return header
 
+    def _hash_data(self, p: _Payload, data: bytes | memoryview) -> None:
+        if self.cover_page_data:
+            p.prefix_hash.update(data)
+
     def _finish_payload(self) -> Event | NeedData:
         p = self._payload
         assert p is not None
@@ -1035,14 +1065,11 @@ class FrameDecoder:
             raise LocalProtocolError("call begin_payload after a PagesHeader before asking for more events")
         if p.discard and p.filled < p.expected and self._buf:
             take = min(len(self._buf), p.expected - p.filled)
-            p.prefix_hash.update(memoryview(self._buf)[:take])
+            self._hash_data(p, memoryview(self._buf)[:take])
             del self._buf[:take]
             p.filled += take
         if p.filled < p.expected:
             return NEED_DATA
-        if not p.discard:
-            assert p.dest is not None
-            p.prefix_hash.update(p.dest)
         payload_hash = p.prefix_hash.intdigest()
         h = p.header
         self._payload = None

@@ -286,6 +286,7 @@ class PrimarySession:
         batch_pages: int = DEFAULT_BATCH_PAGES,
         max_attempts: int = 3,
         first_epoch: int = 1,
+        cover_page_data: bool = True,
     ) -> None:
         if channels < 1:
             raise ValueError("at least one data channel")
@@ -298,6 +299,8 @@ class PrimarySession:
         self.page_count = page_count
         self.cache_pages = cache_pages
         self.batch_pages = batch_pages
+        # False over TLS: page data out of the payload hashes (`protocol`).
+        self.cover_page_data = cover_page_data
         self.max_attempts = max_attempts
         self.ack_timeout = ack_timeout
         self.state = PrimaryState.NEW
@@ -479,7 +482,8 @@ class PrimarySession:
             ch = self._next_channel()
             idx = e.indices[batch]
             data = e.pages[batch]
-            h = pages_payload_hash(e.term, e.epoch, e.attempt, ch, idx, data)
+            h = pages_payload_hash(e.term, e.epoch, e.attempt, ch, idx, data,
+                                   cover_page_data=self.cover_page_data)  # fmt: skip
             total += h
             counts[ch] += len(idx)
             out.append(

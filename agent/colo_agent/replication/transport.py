@@ -120,8 +120,9 @@ class Connection:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock = sock
         self.name = name
-        self.encoder = FrameEncoder()
-        self.decoder = FrameDecoder()
+        # Over TLS every record's AEAD tag authenticates the page data: no second hash.
+        self.encoder = FrameEncoder(cover_page_data=tls is None)
+        self.decoder = FrameDecoder(cover_page_data=tls is None)
         self.bytes_sent = 0
         self.bytes_received = 0
         self._scratch = bytearray(_SCRATCH)
@@ -145,13 +146,13 @@ class Connection:
     async def sendmsg(self, buffers: list[bytes | memoryview]) -> None:
         """Send every buffer, in order, without joining them (over TLS: their records)."""
         if self._tls is not None:
-            buffers = [self._tls.encrypt(buffers)]
+            buffers = [*self._tls.encrypt(buffers)]
         await self.send_wire(buffers)
 
     def encrypt(self, data: bytes) -> bytes:
         """What goes on the wire for `data` (itself in clear); any thread, in
         the order the wire will carry it (see `ThreadSafeLink`)."""
-        return data if self._tls is None else self._tls.encrypt([data])
+        return data if self._tls is None else b"".join(self._tls.encrypt([data]))
 
     async def send_wire(self, buffers: list[bytes | memoryview]) -> None:
         """Send bytes as they are (ciphertext already, over TLS), in order."""
@@ -169,7 +170,7 @@ class Connection:
         again and raises it where a writer reports it."""
         buffers = self.encoder.encode_pages(msg)[0] if isinstance(msg, Pages) else [self.encoder.encode(msg)]
         if self._tls is not None:
-            buffers = [self._tls.encrypt(buffers)]
+            buffers = [*self._tls.encrypt(buffers)]
         views = [memoryview(b).cast("B") for b in buffers]
         with contextlib.suppress(OSError):
             self._sendmsg(views)
@@ -652,6 +653,7 @@ class CheckpointSender:
             term=term, channels=channels, page_count=page_count, cache_pages=accepted.cache_pages,
             now=clock(), heartbeat_interval=heartbeat_interval, heartbeat_timeout=heartbeat_timeout,
             ack_timeout=ack_timeout, batch_pages=batch_pages, first_epoch=first_epoch,
+            cover_page_data=tls is None,
         )  # fmt: skip
         name = peer_name()
         pairing = _Pairing(clock, f"primary->{name}")
