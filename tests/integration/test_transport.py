@@ -472,3 +472,31 @@ async def test_what_the_socket_does_not_take_at_once_still_leaves_first_and_in_o
     finally:
         pairing.yank("done")
         peer.close()
+
+
+async def test_frames_sent_in_a_batch_leave_together_when_it_ends_in_order_per_connection() -> None:
+    from colo_agent.replication.session import CONTROL, Send, data_channel
+    from colo_agent.replication.transport import _Pairing
+
+    pairing = _Pairing(time.monotonic, "test")
+    peers = {}
+    for ch in (CONTROL, data_channel(0)):
+        a, b = socket.socketpair()
+        pairing.add(ch, Connection(a, f"sender {ch}"))
+        peers[ch] = (b, Connection(b, f"peer {ch}"))
+    try:
+        with pairing.batched():
+            pairing.enqueue(Send(CONTROL, p.Heartbeat(1, 1, 0)))
+            pairing.enqueue(Send(data_channel(0), p.Heartbeat(1, 2, 0)))
+            pairing.enqueue(Send(CONTROL, p.Heartbeat(1, 3, 0)))
+            for raw, _ in peers.values():
+                with pytest.raises(BlockingIOError):
+                    raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        for raw, _ in peers.values():  # at the kernel now, before any await
+            assert raw.recv(1 << 16, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        assert await _decode_all(peers[CONTROL][1], 2) == [p.Heartbeat(1, 1, 0), p.Heartbeat(1, 3, 0)]
+        assert await _decode_all(peers[data_channel(0)][1], 1) == [p.Heartbeat(1, 2, 0)]
+    finally:
+        pairing.yank("done")
+        for _, conn in peers.values():
+            conn.close()

@@ -29,7 +29,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -163,12 +163,17 @@ class Connection:
             except (BlockingIOError, InterruptedError):
                 await self._writable()
 
-    def send_now(self, msg: Message) -> list[memoryview]:
-        """Encode `msg` and hand what the socket takes of it to the kernel at once,
-        without waiting; returns the wire bytes still to send (`send_wire`), in
-        order. A failing socket is left to `send_wire`, which meets the error
-        again and raises it where a writer reports it."""
-        buffers = self.encoder.encode_pages(msg)[0] if isinstance(msg, Pages) else [self.encoder.encode(msg)]
+    def send_now(self, msgs: Sequence[Message]) -> list[memoryview]:
+        """Encode `msgs` and hand what the socket takes of them to the kernel at once,
+        in one call, without waiting; returns the wire bytes still to send
+        (`send_wire`), in order. A failing socket is left to `send_wire`, which
+        meets the error again and raises it where a writer reports it."""
+        buffers: list[bytes | memoryview] = []
+        for msg in msgs:
+            if isinstance(msg, Pages):
+                buffers += self.encoder.encode_pages(msg)[0]
+            else:
+                buffers.append(self.encoder.encode(msg))
         if self._tls is not None:
             buffers = [*self._tls.encrypt(buffers)]
         views = [memoryview(b).cast("B") for b in buffers]
@@ -439,6 +444,8 @@ class _Pairing:
         # Told when a send fails; set by the owner.
         self.on_failure: Callable[[Channel, str], None] = lambda channel, reason: None
         self._bounce: dict[Channel, PageArray] = {}
+        # While `batched()`: messages for idle channels, sent when it ends.
+        self._held: dict[Channel, list[Message]] | None = None
 
     def add(self, channel: Channel, conn: Connection) -> None:
         self.conns[channel] = conn
@@ -461,14 +468,46 @@ class _Pairing:
         box = self.outboxes.get(action.channel)
         if box is None:
             raise PeerLostError(f"{self.name}: no {action.channel} connection")
-        item: Send | SendLivePages | _WireRest = action
-        if isinstance(action, Send) and box.idle.is_set() and box.queue.empty():
-            rest = self.conns[action.channel].send_now(action.message)
-            if not rest:
+        held = self._held
+        if held is not None and action.channel in held:
+            if isinstance(action, Send):
+                held[action.channel].append(action.message)
                 return
-            item = _WireRest(action.channel, rest)
+            self._send_now(action.channel, box, held.pop(action.channel))
+        if isinstance(action, Send) and box.idle.is_set() and box.queue.empty():
+            if held is not None:
+                held[action.channel] = [action.message]
+                return
+            self._send_now(action.channel, box, [action.message])
+            return
         box.idle.clear()
-        box.queue.put_nowait(item)
+        box.queue.put_nowait(action)
+
+    def _send_now(self, channel: Channel, box: _Outbox, msgs: list[Message]) -> None:
+        rest = self.conns[channel].send_now(msgs)
+        if rest:
+            box.idle.clear()
+            box.queue.put_nowait(_WireRest(channel, rest))
+
+    @contextlib.contextmanager
+    def batched(self) -> Iterator[None]:
+        """Messages sent meanwhile to idle channels leave together when the block ends,
+        each channel's in one call, page data before control: an epoch's
+        frames then wake the peer once per connection, not once per frame,
+        and its control frames find the pages they announce already there.
+        Only the order within a connection is ever kept, batched or not."""
+        if self._held is not None:
+            yield
+            return
+        held = self._held = {}
+        try:
+            yield
+        finally:
+            self._held = None
+            for channel in sorted(held, key=lambda ch: (ch.kind is not ChannelKind.DATA, ch.index)):
+                box = self.outboxes.get(channel)
+                if box is not None and self.lost is None:
+                    self._send_now(channel, box, held[channel])
 
     async def drained(self) -> None:
         """Every queued frame has been handed to the kernel."""
@@ -780,6 +819,11 @@ class CheckpointSender:
         self._check()
 
     def _run(self, actions: list[Action]) -> None:
+        with self._pairing.batched():
+            self._act(actions)
+        self._pairing.poke.set()
+
+    def _act(self, actions: list[Action]) -> None:
         for a in actions:
             if isinstance(a, Send | SendLivePages):
                 if self._pairing.lost is None:
@@ -794,7 +838,6 @@ class CheckpointSender:
                 self.rejections.append(a)
             elif isinstance(a, Yank | PeerLost | Closed):
                 self._end(a.reason)
-        self._pairing.poke.set()
 
     def _end(self, reason: str, *, lost: bool = True) -> None:
         """End the pairing; `lost` is False when we close it ourselves."""
