@@ -432,5 +432,20 @@ async def test_a_fresh_primary_still_gives_up_on_a_record_held_by_another(clock:
         await a.take_next_term(patience=0.05, retry=0.0)
     store.down = True
     b = MemoryArbiter(store, "vm-2", time.monotonic)
-    with pytest.raises(ArbiterError, match="unreachable"):  # not ArbiterUnavailable: not retried
-        await b.take_next_term(patience=0.05, retry=0.0)
+    with pytest.raises(ArbiterError, match="unreachable"):  # not ArbiterUnavailable: retried a while
+        await b.take_next_term(patience=0.05, retry=0.01, refusals=0.1)
+
+
+async def test_a_fresh_primary_rides_out_a_refusal_for_a_while(store: Store) -> None:
+    # The Role that lets the agent at its Lease may reach the API server's authorizer a
+    # little after the pod starts: a 403 at start is retried, not the end of the agent.
+    a = MemoryArbiter(store, "vm-0", time.monotonic)
+    store.down = True
+
+    async def granted() -> None:
+        await asyncio.sleep(0.1)
+        store.down = False
+
+    grant = asyncio.create_task(granted())
+    assert await a.take_next_term(patience=1.0, retry=0.01, refusals=30.0) == 1
+    await grant

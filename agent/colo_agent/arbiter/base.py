@@ -360,16 +360,17 @@ class Arbiter(abc.ABC):
             wake = min(self.acquirable_at(), now + poll, deadline)
             await asyncio.sleep(max(0.0, wake - now))
 
-    async def take_next_term(self, patience: float, retry: float = 0.5) -> int:
+    async def take_next_term(self, patience: float, retry: float = 0.5, refusals: float = 30.0) -> int:
         """A fresh primary: take the term after the highest recorded one and return it.
 
         A store that is slow or busy (ArbiterUnavailable) costs time, never the caller:
         reads and writes are retried for as long as it stays so. A write whose outcome
         was unknown is read back by the next attempt, which adopts it if it landed, so
-        the term is chosen once. False verdicts are not retried forever: a record still
-        held by someone else after `patience` seconds raises ArbiterError, as do errors
-        that asking again cannot cure (permission denied, a malformed record)."""
+        the term is chosen once. Other store errors (a permission the API server has
+        not caught up with yet, say) are retried for `refusals` seconds, then raised.
+        A record still held by someone else after `patience` seconds raises ArbiterError."""
         term: int | None = None
+        refused_until = self._clock() + refusals
         while True:
             try:
                 if term is None:
@@ -377,7 +378,11 @@ class Arbiter(abc.ABC):
                     term = self._term + 1
                 if await self.wait_acquire(term, patience):
                     return term
-            except ArbiterUnavailable as exc:
+            except (TermTooLow, StaleImage):
+                raise
+            except ArbiterError as exc:
+                if not isinstance(exc, ArbiterUnavailable) and self._clock() >= refused_until:
+                    raise
                 log.warning("arbiter: the store does not answer yet (%s); asking again", exc)
                 await asyncio.sleep(retry)
                 continue
