@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import signal
+import time
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from cluster import build
-from cluster.noderunner import Probe, _expand, _field, _port
+from cluster.noderunner import NodeRunner, Probe, _expand, _field, _port
 
 
 def test_expand_replaces_known_variables_keeps_unknown_and_unescapes_dollars() -> None:
@@ -106,3 +109,27 @@ def test_a_group_is_current_only_with_its_stamp_and_every_binary(
     assert "kubectl" in build.missing()
     stamp.write_text("{not json")
     assert not build.is_current(group)
+
+
+def test_a_node_keeps_its_heartbeat_while_pod_work_takes_seconds() -> None:
+    # With forty agent pods to probe and report, one tick of pod work took longer than the
+    # node monitor's grace period, and healthy nodes went Unknown in the middle of the
+    # operator benchmark (secondaries replaced as lost, over and over).
+    runner = NodeRunner.__new__(NodeRunner)  # no cluster: only the loops are exercised
+    runner.stopping = False
+    runner.pods = {}
+    beats: list[float] = []
+
+    def heartbeat() -> None:
+        beats.append(time.monotonic())
+
+    def sync_pods() -> None:
+        time.sleep(1.0)  # one slow tick of pod work
+        runner.stopping = True
+
+    runner.heartbeat = heartbeat  # type: ignore[method-assign]
+    runner.sync_pods = sync_pods  # type: ignore[method-assign]
+    runner.shutdown = lambda: None  # type: ignore[method-assign]
+    with mock.patch.object(signal, "signal"):
+        runner.run()
+    assert len(beats) >= 3  # a beat every tick (0.25 s) all through the slow second

@@ -10,7 +10,10 @@ the node is killed).
 What it does, per tick (``TICK`` seconds):
 
 - renews the node Lease in ``kube-node-lease`` and, less often, the Node's
-  Ready condition, both as ``system:node:<name>`` (Node authorizer);
+  Ready condition, both as ``system:node:<name>`` (Node authorizer), from a
+  thread of its own, as a kubelet's node lease controller is independent of
+  its pod workers: a tick of pod work that takes seconds on a loaded machine
+  (dozens of pods to probe and report) must not make the node look lost;
 - lists the pods bound to the node and, for each new one, creates a network
   namespace with its own veth on the cluster bridge and address (so pods
   never collide on ports), writes a bound service-account token from the
@@ -50,6 +53,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -232,6 +236,7 @@ class NodeRunner:
     def __init__(self, spec: NodeSpec) -> None:
         self.spec = spec
         self.kube = Kube.from_kubeconfig(Path(spec.kubeconfig))
+        self.node_kube = Kube.from_kubeconfig(Path(spec.kubeconfig))  # the heartbeat thread's own
         self.workdir = Path(spec.workdir)
         self.pods: dict[str, PodRun] = {}
         self.last_node_status = 0.0
@@ -301,7 +306,7 @@ class NodeRunner:
             "status": self._node_status(),
         }
         try:
-            self.kube.post("/api/v1/nodes", body)
+            self.node_kube.post("/api/v1/nodes", body)
         except ApiError as exc:
             if exc.status != 409:
                 raise
@@ -310,7 +315,7 @@ class NodeRunner:
         log.info("node %s registered", self.spec.name)
 
     def _post_node_status(self) -> None:
-        self.kube.patch(f"/api/v1/nodes/{self.spec.name}/status", {"status": self._node_status()})
+        self.node_kube.patch(f"/api/v1/nodes/{self.spec.name}/status", {"status": self._node_status()})
         self.last_node_status = time.monotonic()
 
     def _renew_lease(self) -> None:
@@ -321,24 +326,24 @@ class NodeRunner:
             "renewTime": now_micro(),
         }
         try:
-            lease = self.kube.get(path)
+            lease = self.node_kube.get(path)
         except ApiError as exc:
             if exc.status != 404:
                 raise
-            node = self.kube.get(f"/api/v1/nodes/{self.spec.name}")
+            node = self.node_kube.get(f"/api/v1/nodes/{self.spec.name}")
             owner = {
                 "apiVersion": "v1",
                 "kind": "Node",
                 "name": self.spec.name,
                 "uid": node["metadata"]["uid"],
             }
-            self.kube.post(
+            self.node_kube.post(
                 "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases",
                 {"metadata": {"name": self.spec.name, "ownerReferences": [owner]}, "spec": spec},
             )
         else:
             lease["spec"].update(spec)
-            self.kube.put(path, lease)
+            self.node_kube.put(path, lease)
         self.last_lease = time.monotonic()
 
     def heartbeat(self) -> None:
@@ -910,28 +915,32 @@ class NodeRunner:
 
     def run(self) -> None:
         signal.signal(signal.SIGTERM, self._on_sigterm)
-        # step -> (message, when first seen): a partition fails every tick,
-        # so the same error is logged once, then every 10 s, then its end.
-        failing: dict[str, tuple[str, float]] = {}
+        beat = threading.Thread(target=self._loop, args=(self.heartbeat,), name="heartbeat", daemon=True)
+        beat.start()
+        self._loop(self.sync_pods)
+        beat.join(5)
+        self.shutdown()
+
+    def _loop(self, step: Any) -> None:
+        """Run `step` every tick until stopping. Errors (cut off from the API server by a
+        partition, or a transient one) keep the pods running and are tried again next tick;
+        the same error is logged once, then every 10 s, then its end."""
+        name = step.__name__
+        failing: tuple[str, float] | None = None
         while not self.stopping:
             started = time.monotonic()
-            for step in (self.heartbeat, self.sync_pods):
-                name = step.__name__
-                try:
-                    step()
-                except (ApiError, OSError, ValueError, KeyError) as exc:
-                    # Cut off from the API server (partition) or a transient
-                    # error: keep the pods running and try again next tick.
-                    message = str(exc)
-                    previous = failing.get(name)
-                    if previous is None or previous[0] != message or started - previous[1] >= 10.0:
-                        log.warning("%s: %s", name, message)
-                        failing[name] = (message, started)
-                else:
-                    if failing.pop(name, None) is not None:
-                        log.info("%s: working again", name)
+            try:
+                step()
+            except (ApiError, OSError, ValueError, KeyError) as exc:
+                message = str(exc)
+                if failing is None or failing[0] != message or started - failing[1] >= 10.0:
+                    log.warning("%s: %s", name, message)
+                    failing = (message, started)
+            else:
+                if failing is not None:
+                    log.info("%s: working again", name)
+                    failing = None
             time.sleep(max(0.0, TICK - (time.monotonic() - started)))
-        self.shutdown()
 
     def _on_sigterm(self, signum: int, frame: object) -> None:
         self.stopping = True
