@@ -293,6 +293,8 @@ def measure_path(path: Path, args: argparse.Namespace) -> dict[str, Any]:
             **{k: max(r[k] for r in runs) for k in best},
             **{k: percentile([r[k] for r in runs], 50) for k in median},
             "iperf3_single_gbps": iperf_one,
+            # Against one iperf3 stream (the best of two, measured after the runs).
+            "single_ratio": percentile([r["stream_gbps"] for r in runs], 50) / iperf_one,
             "runs": runs,
         })  # fmt: skip
     return {"path": path.name, "rows": rows}
@@ -305,17 +307,20 @@ def print_tables(results: dict[str, Any]) -> None:
     print("stream = epoch less commit. GB/s: best run; ratios: median of stream / iperf3 (as many")
     print("parallel streams) measured right around each run")
     print(f"{'path':9} {'ch':>3} {'stream':>7} {'sync':>6} {'epoch':>6} {'commit ms':>9} {'iperf3':>7} "
-          f"{'ratio':>6} {'sync ratio':>10} {'iperf3 x1':>9} {'cpu s/GB':>9} {'iperf3 cpu':>10} {'cpu x':>5} "
+          f"{'ratio':>6} {'sync ratio':>10} {'iperf3 x1':>9} {'/x1':>5} {'cpu s/GB':>9} {'iperf3 cpu':>10} "
+          f"{'cpu x':>5} "
           f"{'+commit':>7}")  # fmt: skip
     for p in results["paths"]:
         for r in p["rows"]:
             print(f"{p['path']:9} {r['channels']:>3} {r['stream_gbps']:>7.2f} {r['sync_gbps']:>6.2f} "
                   f"{r['epoch_gbps']:>6.2f} {r['commit_ms_p50']:>9.1f} {r['iperf3_gbps']:>7.2f} "
                   f"{r['ratio']:>6.0%} {r['sync_ratio']:>10.0%} {r['iperf3_single_gbps']:>9.2f} "
+                  f"{r['single_ratio']:>5.0%} "
                   f"{r['cpu_s_per_gb']:>9.2f} {r['iperf3_cpu_s_per_gb']:>10.2f} {r['cpu_ratio']:>5.2f} "
                   f"{r['epoch_cpu_s_per_gb']:>7.2f}")  # fmt: skip
-    print("(GB/s, except commit in ms and CPU seconds per GB of both processes: the stream's,")
-    print(" its ratio to iperf3's (median of runs), and with the secondary's commit added)")
+    print("(GB/s, except commit in ms; /x1: median stream / one iperf3 stream. CPU seconds per GB of")
+    print(" both processes: the stream's, its ratio to iperf3's (median of runs), and with the")
+    print(" secondary's commit added)")
     print("\nmutual TLS 1.3 (each run right after its clear twin): stream GB/s, TLS / clear, CPU s/GB")
     print(f"{'path':9} {'ch':>3} {'clear':>7} {'tls':>7} {'tls/clear':>9} {'epoch tls/clear':>15} "
           f"{'tls/iperf3':>10} {'cpu s/GB':>9} {'+commit':>7}")  # fmt: skip
