@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import re
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -143,3 +144,38 @@ def test_kill_the_primary_loses_no_acknowledged_write(group: AgentGroup, when: s
     st = secondary.wait_for("serving as primary", lambda s: s.role == "primary")
     assert st.term == term + 1
     assert not missing_writes(secondary, log)
+
+
+def test_a_new_secondary_stalled_in_its_first_sync_costs_the_clients_no_reply(group: AgentGroup) -> None:
+    # A stalled peer is only given up on after the heartbeat timeout, a minute here: until its
+    # first commit a secondary runs none of the primary's input, so output held for it waited
+    # for the sync to end (before a fix, every pairing but a primary's first one did that).
+    extra = (*LOCKSTEP, "--heartbeat-timeout-ms", "60000")
+    primary, first = group.pair(memory="256Mi", extra=extra)
+    with primary.client() as c:
+        assert c.call("SET", "before", "1") == b"OK"
+    first.kill()  # the primary has compared output with a secondary before
+    primary.wait_for("unprotected", lambda s: s.peer.state == "none" and not s.synced)
+    for attempt in range(5):
+        fresh = group.spawn(f"agent-c{attempt}", "secondary", peer=primary, memory="256Mi", extra=extra)
+        primary.wait_for("syncing a new secondary", lambda s: s.peer.state != "none", timeout=60)
+        fresh.signal(signal.SIGSTOP)
+        st = primary.status()
+        if st is not None and st.peer.state == "syncing":
+            break
+        fresh.signal(signal.SIGCONT)  # the sync was over before the stop: again
+        fresh.kill()
+        primary.wait_for("unprotected", lambda s: s.peer.state == "none")
+    else:
+        pytest.skip("no first sync lasted long enough to stop the secondary in it")
+    t0 = time.monotonic()
+    with primary.client(timeout=30.0) as c:
+        assert c.call("SET", "during", "2") == b"OK"
+        assert c.call("MGET", "before", "during") == [b"1", b"2"]
+    assert time.monotonic() - t0 < 20.0
+    st = primary.status()
+    assert st is not None and st.peer.state == "syncing", "the stalled secondary was given up on"
+    fresh.signal(signal.SIGCONT)
+    primary.wait_for("protected again", lambda s: s.synced, timeout=120)
+    with primary.client() as c:
+        assert c.call("MGET", "before", "during") == [b"1", b"2"]

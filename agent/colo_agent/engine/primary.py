@@ -112,7 +112,7 @@ class PrimaryRole:
         self.last_sent_epoch = 0
         self.last_checkpoint: CheckpointFigures | None = None
         self.offsets = OutputOffsets()  # lockstep: output offsets per connection (vCPU thread)
-        self._lockstep_active = False  # output goes through the comparator
+        self._lockstep_active = False  # output goes through `_lockstep_output`
         self._checkpoint_now = asyncio.Event()
         self._output_waiting = False  # checkpoint mode: output of the open epoch is held
         self._trigger = asyncio.Event()  # a checkpoint request or waiting output
@@ -175,11 +175,16 @@ class PrimaryRole:
         self._trigger.set()
 
     def _lockstep_output(self, conn_id: int, offset: int, data: bytes, closed: bool) -> None:
-        if self.mirror is not None:
+        if self.mirror is not None and self.protected:
             self.mirror.primary_output(conn_id, offset, data, closed)
         else:
-            # No secondary: through the gate, which the release loop empties
-            # once the epoch floor allows (`_unprotect`).
+            # No secondary, or one still in its first sync: its guest runs no
+            # input of ours before the first commit, so nothing could match, and
+            # a checkpoint the comparator asks for waits for the sync. Through
+            # the gate, as unprotected output, which the release loop empties
+            # once the epoch floor allows (`_unprotect`); the comparator takes
+            # over at the first epoch's pause (`protected`), and what the guest
+            # produced before it and reaches us after it waits for that epoch.
             self.gate.hold(conn_id, data, closed)
             self._release_event.set()
 
@@ -475,7 +480,9 @@ class PrimaryRole:
         held = mirror.comparator.release_all() if mirror is not None else []
         if was_protected:
             await self._raise_floor()
-        # Oldest first: what the comparator held, then the gate.
+        # Oldest first: what the gate held from before the last pause (lockstep: the
+        # first epoch's, unacknowledged), then what the comparator held, then the gate.
+        self._release(self.gate.release_through(self.gate.open_epoch - 1), alone=True)
         self._release_mirrored(held, alone=True)
         self._release(self.gate.release_all(), alone=True)
         if mirror is not None:
