@@ -255,7 +255,9 @@ REPLICATION = obj(
             default=CHECKPOINT_INTERVAL_MS,
         ),
         "channels": integer(
-            "Data connections the checkpoint stream is striped across.",
+            "Data connections the checkpoint stream is striped across. Backend qemu runs "
+            "single-stream whatever this says (multifd with COLO does not work in QEMU 10.0); "
+            "status.stream.channels shows what it uses.",
             minimum=1,
             maximum=MAX_CHANNELS,
             default=CHANNELS,
