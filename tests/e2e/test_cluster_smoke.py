@@ -3,7 +3,8 @@
 Pods run where they are scheduled, get Ready through their probes, reach
 each other across nodes, back Services through EndpointSlices, carry a
 service-account token whose RBAC the API server enforces, and stop when
-deleted; a killed node goes NotReady within the node-monitor grace period.
+deleted; a killed node goes NotReady within the node-monitor grace period;
+a killed pod is restarted, and pods serve through an API server outage.
 """
 
 from __future__ import annotations
@@ -293,6 +294,13 @@ def test_service_account_token_carries_its_rbac(
         assert result["service_ip"] != "reachable"
 
 
+def ready_web_pod(core: kubernetes.client.CoreV1Api, namespace: str, name: str, node: str) -> Any:
+    """A web pod on ``node``, once Ready."""
+    core.create_namespaced_secret(namespace, model(V1Secret, GREETING))
+    core.create_namespaced_pod(namespace, model(V1Pod, web_pod(name, node)))
+    return wait_for(lambda: pod_ready(core, namespace, name), 90, f"pod {name} to be Ready")
+
+
 def test_killed_node_goes_not_ready_within_grace_and_comes_back(
     cluster: ClusterHandle, kube_api: kubernetes.client.ApiClient, namespace: str
 ) -> None:
@@ -301,9 +309,7 @@ def test_killed_node_goes_not_ready_within_grace_and_comes_back(
         pytest.skip("node loss needs --e2e-driver local")
     core = kubernetes.client.CoreV1Api(kube_api)
     victim = cluster.node_names[-1]
-    core.create_namespaced_secret(namespace, model(V1Secret, GREETING))
-    core.create_namespaced_pod(namespace, model(V1Pod, web_pod("doomed", victim)))
-    pod = wait_for(lambda: pod_ready(core, namespace, "doomed"), 90, "pod doomed to be Ready")
+    pod = ready_web_pod(core, namespace, "doomed", victim)
     pid = container_pid(pod)
 
     killed_at = time.monotonic()
@@ -487,3 +493,35 @@ def test_kubectl_and_helm_see_the_cluster_version(cluster: ClusterHandle, tmp_pa
     assert data == "yes"
     assert run([str(helm), "uninstall", "probe", "-n", namespace]).returncode == 0
     cluster.kubectl("delete", "namespace", namespace, "--wait=false")
+
+
+def test_a_killed_pod_restarts_and_pods_serve_through_an_api_server_outage(
+    cluster: ClusterHandle, kube_api: kubernetes.client.ApiClient, namespace: str
+) -> None:
+    if cluster.local is None:
+        pytest.skip("killing pods and the API server needs --e2e-driver local")
+    local, core = cluster.local, kubernetes.client.CoreV1Api(kube_api)
+    pid = container_pid(pod := ready_web_pod(core, namespace, "phoenix", cluster.node_names[0]))
+    url = f"http://{pod.status.pod_ip}:8080/"
+
+    local.kill_pod(pod.status.pod_ip)
+    wait_for(lambda: not process_alive(pid), 10, "kill_pod to kill the container")
+
+    def restarted() -> Any:
+        p = pod_ready(core, namespace, "phoenix")
+        return p if p and p.status.container_statuses[0].restart_count >= 1 else None
+
+    again = wait_for(restarted, 90, "phoenix restarted by its runner")
+    assert container_pid(again) != pid
+    assert again.status.container_statuses[0].last_state.terminated.exit_code == 137
+
+    local.stop_apiserver()
+    try:
+        with pytest.raises(OSError):
+            local.control_plane.get("/readyz", timeout=2.0)  # type: ignore[union-attr]
+        time.sleep(3)  # long enough for a runner to have noticed
+        with urllib.request.urlopen(url, timeout=5) as response:
+            assert response.status == 200
+    finally:
+        local.start_apiserver()
+    assert wait_for(lambda: pod_ready(core, namespace, "phoenix"), 60, "phoenix seen Ready after the outage")

@@ -476,6 +476,24 @@ class LocalCluster:
         node.killed = False
         self._start_runner(node)
 
+    def kill_pod(self, ip: str) -> None:
+        """SIGKILL every process of the pod at ``ip``; its runner restarts the containers per
+        ``restartPolicy``, as a kubelet does after a crash."""
+        parts = ip.split(".")
+        if len(parts) != 4 or parts[:2] != ["10", str(self.octet)]:
+            raise ValueError(f"{ip} is not a pod address of this cluster")
+        node = self.node(f"node-{parts[2]}")
+        netns.kill_all(f"{node.pod_netns_prefix}{parts[3]}")
+
+    def stop_apiserver(self) -> None:
+        """An API server outage (kube-apiserver killed); nodes and pods keep running."""
+        assert self.control_plane is not None
+        self.control_plane.kill_apiserver()
+
+    def start_apiserver(self, timeout: float = 120.0) -> None:
+        assert self.control_plane is not None
+        self.control_plane.restart_apiserver(timeout)
+
     def partition(self, a: str, b: str) -> None:
         """Cut traffic between nodes ``a`` and ``b`` (and their pods), both ways."""
         first, second = self.node(a), self.node(b)

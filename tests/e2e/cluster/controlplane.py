@@ -303,6 +303,28 @@ class ControlPlane:
         for component in self.components:
             component.check_alive()
 
+    def component(self, name: str) -> Component:
+        for component in self.components:
+            if component.name == name:
+                return component
+        raise ValueError(f"no component {name!r}")
+
+    def kill_apiserver(self) -> None:
+        """An API server outage: kube-apiserver SIGKILLed, etcd and the controllers left running."""
+        proc = self.component("kube-apiserver").process
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    def restart_apiserver(self, timeout: float = 120.0) -> None:
+        """kube-apiserver started again, on the same address and port, and ready."""
+        component = self.component("kube-apiserver")
+        if component.process is not None and component.process.poll() is None:
+            raise ControlPlaneError("kube-apiserver is running")
+        component.start()
+        self._wait_ready(timeout)
+
     def stop(self) -> None:
         for component in reversed(self.components):
             component.stop()
