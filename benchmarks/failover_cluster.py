@@ -24,8 +24,6 @@ VM. Prints min/median/max of each over the runs and writes benchmarks/results/fa
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import os
 import statistics
 import sys
@@ -33,26 +31,22 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "benchmarks"))
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT / "tests" / "e2e"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import kubernetes  # noqa: E402
-from _common import write_results  # noqa: E402
-from cluster import LocalCluster  # noqa: E402
-from cluster.testing import ClusterHandle, ready_endpoints  # noqa: E402
-from operator_e2e import (  # noqa: E402
-    CHART,
-    RELEASE,
-    RELEASE_NAMESPACE,
+import kubernetes
+from _cluster import with_operator
+from _common import write_results
+from cluster import LocalCluster
+from cluster.testing import ClusterHandle, ready_endpoints
+from operator_e2e import (
     Writer,
     colovm,
     cvm_status,
-    helm,
     kubectl_apply,
+    logged_at,
     missing,
     wait_for,
+    wall_time,
 )
 
 NAMESPACE = "colo-failover-bench"
@@ -62,21 +56,6 @@ PHASES = ("detection_s", "decision_to_lease_s", "promotion_s", "service_s", "fir
 
 def _status(cluster: ClusterHandle, name: str) -> dict[str, Any]:
     return cvm_status(cluster, NAMESPACE, name)
-
-
-def _wall(stamp: str) -> float:
-    return dt.datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
-
-
-def _logged_at(log: str, needle: str) -> float | None:
-    """Wall time of the first agent log line containing `needle` (JSON lines, or text in local time)."""
-    for line in log.splitlines():
-        if needle not in line:
-            continue
-        if line.startswith("{"):
-            return _wall(json.loads(line)["time"])
-        return dt.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
-    return None
 
 
 def one_run(cluster: ClusterHandle, api: Any, name: str) -> dict[str, Any]:
@@ -112,11 +91,11 @@ def one_run(cluster: ClusterHandle, api: Any, name: str) -> dict[str, Any]:
             writer.finish()
             cluster.revive_node(primary["node"])
         record = after["lastFailover"]
-        recorded = _wall(record["time"])
+        recorded = wall_time(record["time"])
         decided = recorded - record["durationMs"] / 1000
         log = cluster.pod_log(NAMESPACE, secondary["pod"], "agent")
-        leased = _logged_at(log, "arbiter: took term")
-        promoted = _logged_at(log, "promoted with term")
+        leased = logged_at(log, "arbiter: took term")
+        promoted = logged_at(log, "promoted with term")
         lost = missing(new, dict(writer.acknowledged))
     finally:
         writer.stop.set()
@@ -148,12 +127,7 @@ def main() -> int:
     local.start()
     runs: list[dict[str, Any]] = []
     try:
-        cluster = ClusterHandle("local", local.kubeconfig, local.node_names, local)
-        result = helm(cluster, "upgrade", "--install", RELEASE, str(CHART), "--namespace", RELEASE_NAMESPACE,
-                      "--create-namespace", "--wait", "--timeout", "300s")
-        if result.returncode != 0:
-            raise SystemExit(result.stdout + result.stderr)
-        cluster.kubectl("create", "namespace", NAMESPACE, check=False)
+        cluster = with_operator(local, NAMESPACE)
         api = kubernetes.config.new_client_from_config(config_file=str(local.kubeconfig))
         for i in range(args.runs):
             wait_for(lambda: all(local.node_ready(n) == "True" for n in local.node_names), 120, "nodes Ready")

@@ -3,6 +3,7 @@ Service acknowledged."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import subprocess
 import threading
@@ -87,6 +88,22 @@ def colovm(name: str, **spec: Any) -> dict[str, Any]:
     """A ColoVM of a 16 MiB guest; `spec` adds to (or replaces parts of) its spec."""
     return {"apiVersion": "colo.dev/v1alpha1", "kind": "ColoVM", "metadata": {"name": name},
             "spec": {"guest": {"memory": "16Mi"}, **spec}}  # fmt: skip
+
+
+def wall_time(stamp: str) -> float:
+    """Seconds since the epoch of an RFC 3339 time as status and JSON logs write it."""
+    return dt.datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+
+
+def logged_at(log: str, needle: str) -> float | None:
+    """Wall time of the first agent log line containing `needle` (JSON lines, or text in local time)."""
+    for line in log.splitlines():
+        if needle not in line:
+            continue
+        if line.startswith("{"):
+            return wall_time(json.loads(line)["time"])
+        return dt.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    return None
 
 
 # --------------------------------------------------------------------------- checking writes
