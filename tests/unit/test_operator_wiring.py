@@ -449,3 +449,32 @@ async def test_the_secondary_losing_the_primary_wakes_the_vm_at_once(
             await asyncio.wait_for(kick.wait(), 8)
         finally:
             rt.unwatch(("ns", "vm"))
+
+
+async def test_a_new_vm_s_objects_are_written_at_once_not_one_after_another(
+    world: tuple[Kube, list[EventNote]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Twenty ColoVMs applied together spent seconds each in a dozen API calls in a row
+    # before their first pod was even asked for (a loaded API server answers slowly).
+    kube, events = world
+    body = colovm()
+    await kube.create(body)
+    in_flight, most = 0, 0
+    real = kube.request
+
+    async def slow(*args: Any, **kwargs: Any) -> Any:
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        try:
+            await asyncio.sleep(0.05)
+            return await real(*args, **kwargs)
+        finally:
+            in_flight -= 1
+
+    monkeypatch.setattr(kube, "request", slow)
+    await ensure_objects(runtime(kube, events), vm_view(spec=body["spec"]))
+    assert most >= 5
+    for kind, name in (("Secret", "vm-agent-key"), ("Service", "vm"), ("Lease", "vm-primary"),
+                       ("Role", "vm-agent"), ("NetworkPolicy", "vm-agents")):  # fmt: skip
+        assert await kube.get(kind, "ns", name) is not None, (kind, name)
