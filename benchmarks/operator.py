@@ -58,9 +58,9 @@ class Kubectl:
         binary = build.bin_dir() / "kubectl"
         self.argv = [str(binary) if binary.exists() else "kubectl", f"--kubeconfig={kubeconfig}"]
 
-    def __call__(self, *args: str, stdin: str | None = None, check: bool = True) -> str:
+    def __call__(self, *args: str, stdin: str | None = None, check: bool = True, timeout: float = 300) -> str:
         result = subprocess.run(
-            [*self.argv, *args], input=stdin, capture_output=True, text=True, timeout=300, check=False
+            [*self.argv, *args], input=stdin, capture_output=True, text=True, timeout=timeout, check=False
         )
         if check and result.returncode != 0:
             raise RuntimeError(f"kubectl {' '.join(args)}: {result.stderr.strip()}")
@@ -146,7 +146,14 @@ def run_batch(kubectl: Kubectl, api: Any, operator_pid: int, size: int, memory: 
             if "Protected" not in reached[n]
         },
     }
-    kubectl("delete", "namespace", namespace, "--timeout=300s", check=False)
+    print(json.dumps(result, indent=2), flush=True)
+    started = time.monotonic()
+    try:
+        # Forty or a hundred agents wind down on a loaded machine: this can take minutes.
+        kubectl("delete", "namespace", namespace, "--timeout=600s", check=False, timeout=660)
+    except subprocess.TimeoutExpired:
+        print(f"namespace {namespace} still terminating after 660 s", file=sys.stderr)
+    result["teardown_seconds"] = round(time.monotonic() - started, 1)
     return result
 
 
@@ -200,7 +207,6 @@ def main() -> int:
         for size in sizes:
             batch = run_batch(kubectl, api, operator.pid, size, args.memory, args.timeout)
             results["batches"].append(batch)
-            print(json.dumps(batch, indent=2), flush=True)
         results["operator_peak_rss_mib"] = round(peak_rss_mib(operator.pid), 1)
         results["operator_cpu_seconds_total"] = round(cpu_seconds(operator.pid), 3)
     finally:

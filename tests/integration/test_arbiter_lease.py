@@ -252,8 +252,9 @@ def slow_api(kube_apiserver: ControlPlane, tmp_path: Path) -> Iterator[tuple[Cut
 async def test_a_fresh_primary_takes_its_term_through_a_slow_api_server(
     api: pykube.HTTPClient, slow_api: tuple[CuttableProxy, Path], arbiters: list[Traced], lease_name: str
 ) -> None:
-    # Every answer comes after the first request timeout (0.8 s at a 1 s lease): writes land
-    # and their replies are lost. An agent starting so used to exit ("outcome unknown").
+    # Every answer comes after the first request timeout (the validity window, 0.8 s at a
+    # 1 s lease): writes land and their replies are lost. An agent starting so used to exit
+    # ("outcome unknown"). Order and outcome only: the machine may be far slower still.
     proxy, kubeconfig = slow_api
     create_lease(api, lease_name)
     proxy.reply_delay = 1.2
@@ -263,14 +264,16 @@ async def test_a_fresh_primary_takes_its_term_through_a_slow_api_server(
     assert await a.take_next_term(patience=3.0, retry=0.1) == 1
     spec = server_lease(api, lease_name)["spec"]
     assert (spec["holderIdentity"], spec["leaseTransitions"]) == ("db-a", 1)
-    assert a.timeout.current > 1.2  # the timeout now fits the server
-    # Renewals get through while it stays slow (they extend nothing past the validity
-    # window, but the record stays ours, with no conflict to sort out)...
+    assert a.timeout.current > 1.2  # it follows the server: twice an answer's time, or doubled
+    # Renewals through the slow server keep the record ours (whether or not each reply
+    # arrives in time), and once it is quick again they succeed.
     for _ in range(3):
-        assert await a.renew() or a.holding
-    assert a.holding
-    # ...and once it is quick again, they keep the lease valid.
+        await a.renew()
     proxy.reply_delay = 0.0
-    assert await a.renew()
-    assert await a.renew() and a.is_valid()
-    assert a.timeout.current == pytest.approx(a.timeout.floor)
+    deadline = time.monotonic() + 60
+    while not await a.renew():
+        assert a.holding, "a renewal through a slow API server lost the term"
+        assert time.monotonic() < deadline, "no renewal succeeded within 60 s of the API server recovering"
+        await asyncio.sleep(0.1)
+    spec = server_lease(api, lease_name)["spec"]
+    assert (spec["holderIdentity"], spec["leaseTransitions"]) == ("db-a", 1)
