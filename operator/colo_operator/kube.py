@@ -6,6 +6,12 @@ threads (`asyncio.to_thread`), and come back as the plain JSON the API server
 sent, which the snapshot views parse: the operator never depends on the
 client's generated models. Nothing connects at import time: `Kube.connect`
 loads in-cluster configuration or a kubeconfig when the operator starts.
+
+The request timeout follows the API server (`RequestTimeout`): 10 s at first,
+doubled after a request that timed out (up to the API server's own 60 s),
+twice the last answer's time after an answer. A fixed 10 s livelocked a
+loaded API server: a Service create that needed 12 s was abandoned, its
+handler cancelled with it, and asked again, forever.
 """
 
 from __future__ import annotations
@@ -13,11 +19,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import time
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote
 
 import kubernetes
+import urllib3
 
 from . import constants as c
 from .manifests import Names
@@ -73,10 +81,33 @@ def _path(kind: str, namespace: str, name: str | None = None) -> str:
     return base if name is None else f"{base}/{quote(name, safe='')}"
 
 
+class RequestTimeout:
+    """The timeout of the next request: doubled after a timeout, twice the last answer's time
+    after an answer, always within [floor, ceiling]. Updated from several worker threads;
+    a lost update only makes one request's timeout a little off."""
+
+    def __init__(self, floor: float, ceiling: float) -> None:
+        if not 0 < floor <= ceiling:
+            raise ValueError(f"request timeouts need 0 < floor <= ceiling, got {floor!r}, {ceiling!r}")
+        self.floor = floor
+        self.ceiling = ceiling
+        self.current = floor
+
+    def timed_out(self) -> None:
+        self.current = min(self.ceiling, self.current * 2)
+
+    def answered(self, elapsed: float) -> None:
+        self.current = min(self.ceiling, max(self.floor, 2 * elapsed))
+
+
+# The API server's own default --request-timeout: waiting longer is pointless.
+MAX_REQUEST_TIMEOUT_S = 60.0
+
+
 class Kube:
     def __init__(self, api: kubernetes.client.ApiClient, timeout_s: float = 10.0) -> None:
         self.api = api
-        self.timeout_s = timeout_s
+        self.timeout = RequestTimeout(timeout_s, max(timeout_s, MAX_REQUEST_TIMEOUT_S))
 
     @classmethod
     def connect(cls, kubeconfig: str | None = None, pool_size: int = 32, context: str | None = None) -> Kube:
@@ -108,9 +139,17 @@ class Kube:
         method, url, headers, body, _ = self.api.param_serialize(
             method, path, query_params=query, header_params=headers, body=body, auth_settings=["BearerToken"]
         )
-        response = self.api.call_api(
-            method, url, header_params=headers, body=body, _request_timeout=self.timeout_s
-        )
+        asked = time.monotonic()
+        try:
+            response = self.api.call_api(
+                method, url, header_params=headers, body=body, _request_timeout=self.timeout.current
+            )
+        except (urllib3.exceptions.TimeoutError, urllib3.exceptions.MaxRetryError) as exc:
+            # urllib3 retries a read that timed out, then raises MaxRetryError with the timeout as reason.
+            if isinstance(getattr(exc, "reason", exc), urllib3.exceptions.TimeoutError):
+                self.timeout.timed_out()
+            raise
+        self.timeout.answered(time.monotonic() - asked)
         return int(response.status), bytes(response.read() or b"")
 
     async def request(
