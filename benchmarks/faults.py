@@ -20,9 +20,14 @@ frozen past its lease while the secondary is promoted (`split_brain`), and
 the link dropping, corrupting or cutting a frame.
 
     .venv/bin/python benchmarks/faults.py [--faults 100] [--mode checkpoint|lockstep|both] [--seed 1]
+        [--memory 64Mi] [--logs DIR]
 
 Prints one summary line per mode and writes benchmarks/results/faults.json
-(faults-<mode>.json for one mode).
+(faults-<mode>.json for one mode). Every acknowledged key stays in the
+guest, so its memory bounds a campaign: 32 MiB filled up (OOM replies)
+after about 430,000 writes, some 80 faults in on an idle machine. The
+agents inherit the environment (COLO_HEARTBEAT_TIMEOUT_MS, say, for a
+machine too loaded for the default); the heartbeat timeout is recorded.
 """
 
 from __future__ import annotations
@@ -48,22 +53,24 @@ from support.agents import SYNC_TIMEOUT, AgentGroup, AgentProcess, HarnessError,
 from support.linkproxy import LinkProxy
 
 from colo_agent.api.models import PromoteResult
+from colo_agent.constants import HEARTBEAT_TIMEOUT_MS
 
 KINDS = (
     "kill_primary", "kill_secondary", "stop_primary", "stop_secondary", "split_brain",
     "link_drop", "link_corrupt", "link_cut",
 )
 MODES = {"checkpoint": ("--mode", "checkpoint"), "lockstep": ("--mode", "lockstep", "--interval-ms", "1000")}
-MEMORY = "32Mi"
+MEMORY = "64Mi"
 WRITERS = 2
 
 
 class Cluster:
     """The agents of one VM and the link in front of its primary."""
 
-    def __init__(self, workdir: Path, mode: str) -> None:
+    def __init__(self, workdir: Path, mode: str, memory: str = MEMORY) -> None:
         self.group = AgentGroup(workdir)
         self.extra = MODES[mode]
+        self.memory = memory
         self.n = 0
         self.primary = self._spawn("primary")
         self.primary.wait_for("serving as primary", lambda s: s.role == "primary")
@@ -75,7 +82,7 @@ class Cluster:
 
     def _spawn(self, role: str, **kw: Any) -> AgentProcess:
         self.n += 1
-        return self.group.spawn(f"agent-{self.n}", role, memory=MEMORY, extra=self.extra, **kw)
+        return self.group.spawn(f"agent-{self.n}", role, memory=self.memory, extra=self.extra, **kw)
 
     def _new_secondary(self) -> AgentProcess:
         if self.proxy is not None:
@@ -185,12 +192,12 @@ def schedule(seed: int, faults: int) -> list[str]:
     return [rng.choice(KINDS) for _ in range(faults)]
 
 
-def run_campaign(mode: str, faults: int, seed: int, workdir: Path) -> dict[str, Any]:
+def run_campaign(mode: str, faults: int, seed: int, workdir: Path, memory: str = MEMORY) -> dict[str, Any]:
     """One seeded campaign; returns its figures (`lost`, `fenced_acks` and `counter_errors`
-    must be empty)."""
+    must be empty). The agents' logs stay in `workdir`."""
     kinds = schedule(seed, faults)
     rng = random.Random(seed + 1)  # timings
-    cluster = Cluster(workdir, mode)
+    cluster = Cluster(workdir, mode, memory)
     history = History()
     stop = threading.Event()
     clients = [threading.Thread(target=client_loop, args=(cluster.current, f"w{i}", history, stop, False))
@@ -218,7 +225,9 @@ def run_campaign(mode: str, faults: int, seed: int, workdir: Path) -> dict[str, 
         for t in clients:
             t.join(30)
         cluster.close()
-    return {"mode": mode, "seed": seed, **tally.figures(history, cluster.fenced),
+    heartbeat_timeout_ms = int(os.environ.get("COLO_HEARTBEAT_TIMEOUT_MS", HEARTBEAT_TIMEOUT_MS))
+    return {"mode": mode, "seed": seed, "memory": memory, "heartbeat_timeout_ms": heartbeat_timeout_ms,
+            **tally.figures(history, cluster.fenced),
             "split_brain_store_blocked": history.store_blocked,
             "seconds": round(time.monotonic() - started, 1)}
 
@@ -234,12 +243,18 @@ def main() -> int:
     p.add_argument("--faults", type=int, default=100, help="faults per mode (default: %(default)s)")
     p.add_argument("--mode", choices=["checkpoint", "lockstep", "both"], default="both")
     p.add_argument("--seed", type=int, default=1, help="schedule seed (default: %(default)s)")
+    p.add_argument("--memory", default=MEMORY, help="guest memory (default: %(default)s)")
+    p.add_argument("--logs", type=Path, help="keep the agents' logs in DIR/<mode> (default: removed)")
     args = p.parse_args()
     modes = ["checkpoint", "lockstep"] if args.mode == "both" else [args.mode]
     results = []
     for mode in modes:
+        if args.logs is not None:
+            (args.logs / mode).mkdir(parents=True, exist_ok=True)
+            results.append(run_campaign(mode, args.faults, args.seed, args.logs / mode, args.memory))
+            continue
         with tempfile.TemporaryDirectory(prefix=f"colo-faults-{mode}-") as tmp:
-            results.append(run_campaign(mode, args.faults, args.seed, Path(tmp)))
+            results.append(run_campaign(mode, args.faults, args.seed, Path(tmp), args.memory))
     for r in results:
         print(summary_line(r))
     load = os.getloadavg()

@@ -13,6 +13,7 @@ import pytest
 
 FAULTS = 10
 SEED = 216  # its ten faults cover every kind
+MEMORY = "32Mi"  # ten faults write far fewer keys than fill it; the long campaign's guests are larger
 _TOOL = Path(__file__).resolve().parents[2] / "benchmarks" / "faults.py"
 
 
@@ -28,7 +29,7 @@ def _faults() -> ModuleType:
 @pytest.mark.parametrize("mode", ["checkpoint", "lockstep"])
 def test_a_seeded_fault_campaign_loses_nothing(tmp_path: Path, mode: str) -> None:
     faults = _faults()
-    r = faults.run_campaign(mode, FAULTS, seed=SEED, workdir=tmp_path)
+    r = faults.run_campaign(mode, FAULTS, seed=SEED, workdir=tmp_path, memory=MEMORY)
     print(faults.summary_line(r))
     assert r["faults_total"] == FAULTS
     assert r["lost"] == [], r
