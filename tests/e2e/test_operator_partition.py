@@ -148,8 +148,10 @@ def test_operator_restart_mid_failover_converges(cluster: Any, kube_api: Any, op
     from cluster.testing import ready_endpoints
 
     # A long lease keeps the failover in progress (the secondary waits it out) long enough to
-    # restart the operator in the middle of it.
-    name, lease_s = "restart", 10
+    # restart the operator in the middle of it, also when the kill took the active operator
+    # replica with it and the failover starts only once a standby took over (about 10 s): the
+    # plan that promotes also moves the Service, so nothing else holds the failover open.
+    name, lease_s = "restart", 30
     apply(cluster, colovm(name, failover={"leaseDurationMs": lease_s * 1000}))
     before = wait_for(lambda: protected(cluster, name), 240, "Protected")
     primary, secondary = before["primary"], before["secondary"]
