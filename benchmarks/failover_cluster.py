@@ -69,14 +69,15 @@ def _operator_on(cluster: ClusterHandle, node: str) -> str:
     pods = json.loads(cluster.kubectl("get", "pods", "-n", RELEASE_NAMESPACE, "-o", "json").stdout)["items"]
     here = [p["metadata"]["name"] for p in pods if p["spec"].get("nodeName") == node]
     if not here:
-        return "none"
+        return "none"  # no operator replica ran there
     found = cluster.kubectl("get", "clusterkopfpeering", "-o", "json", check=False)
     peers: dict[str, Any] = {}
     if found.returncode == 0:
         for item in json.loads(found.stdout)["items"]:
             peers.update(item.get("status") or {})
-    if not peers:
-        return "unknown"
+    names = [p["metadata"]["name"] for p in pods]
+    if not any(pod in who for who in peers for pod in names):
+        return "unknown"  # kopf's identities do not name the pods (no POD_ID): cannot tell
     active = max(peers, key=lambda who: peers[who].get("priority", 0))
     return "active" if any(pod in active for pod in here) else "standby"
 
