@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import pytest
 from kindhost import build, cluster
 
 
@@ -46,3 +48,22 @@ def test_every_component_image_is_under_our_registry_name() -> None:
     images = build.component_images()
     assert all(ref.startswith(f"{build.IMAGE_REPOSITORY}/") for ref in images)
     assert set(images.values()) == {*build.CONTROL_PLANE, "kube-proxy", "etcd", "coredns", "pause"}
+
+
+def test_a_build_step_is_tried_again_after_a_network_error_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(build, "RETRY_PAUSE_S", 0.0)
+    count = tmp_path / "count"
+    flaky = (
+        f'n=$(cat {count} 2>/dev/null || echo 0); echo $((n+1)) > {count}; '
+        '[ "$n" -ge 1 ] || { echo "net/http: TLS handshake timeout" >&2; exit 1; }'
+    )
+    assert build._run(["sh", "-c", flaky], "flaky").returncode == 0
+    assert count.read_text().strip() == "2"
+    count.unlink()
+    counted = f"n=$(cat {count} 2>/dev/null || echo 0); echo $((n+1)) > {count}; "
+    broken = counted + 'echo "undefined: x" >&2; false'
+    with pytest.raises(build.EngineError, match="undefined: x"):
+        build._run(["sh", "-c", broken], "broken")
+    assert count.read_text().strip() == "1"  # a build error is not retried

@@ -180,8 +180,21 @@ def _go_env(gobin: Path | None = None) -> dict[str, str]:
     return env
 
 
+# Errors of the path to the module proxy, not of the build: worth another try.
+_TRANSIENT = ("TLS handshake timeout", "i/o timeout", "connection reset by peer", "unexpected EOF",
+              "Client.Timeout exceeded", "502 Bad Gateway", "503 Service Unavailable")  # fmt: skip
+RETRIES = 3
+RETRY_PAUSE_S = 5.0
+
+
 def _run(argv: Sequence[str], what: str, **kw: object) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run(list(argv), capture_output=True, text=True, check=False, **kw)  # type: ignore[call-overload]
+    for attempt in range(1, RETRIES + 1):
+        done = subprocess.run(list(argv), capture_output=True, text=True, check=False, **kw)  # type: ignore[call-overload]
+        output = done.stderr or done.stdout or ""
+        if done.returncode == 0 or attempt == RETRIES or not any(t in output for t in _TRANSIENT):
+            break
+        say(f"{what}: a network error, trying again ({attempt}/{RETRIES - 1}): {output.strip()[-200:]}")
+        time.sleep(RETRY_PAUSE_S)
     if done.returncode != 0:
         raise EngineError(
             f"{what} failed ({done.returncode}): {(done.stderr or done.stdout).strip()[-3000:]}"
