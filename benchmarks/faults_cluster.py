@@ -179,6 +179,7 @@ class Figures:
     outages: list[dict[str, Any]] = field(default_factory=list)
     promotions: int = 0
     recovery_s: dict[str, list[float]] = field(default_factory=dict)
+    interrupted: str | None = None
 
 
 @contextlib.contextmanager
@@ -353,6 +354,9 @@ def run_campaign(local: LocalCluster, faults: int, seed: int, mode: str,
         for t in clients:
             t.start()
         for i, kind in enumerate(planned):
+            if stopping.is_set():
+                figures.interrupted = f"before fault {i + 1}"
+                break
             try:
                 world.nodes_ready()
                 before = world.wait_protected()
@@ -393,6 +397,7 @@ def _figures(seed: int, mode: str, tally: Tally, history: History, world: World,
         "promotions": figures.promotions, "partitions": dict(sorted(figures.partitions.items())),
         "operator_kills": figures.operator_kills, "apiserver_outages": figures.outages,
         "two_ready_endpoints_seen": world.both_ready, "recovery_s": recovery,
+        "interrupted": figures.interrupted,
         "seconds": round(seconds, 1),
     }
 
@@ -402,14 +407,21 @@ def summary_line(r: dict[str, Any]) -> str:
     served = sum(1 for o in outages if o["acknowledged"])
     kills = r["operator_kills"]
     mid = sum(1 for k in kills if k["still_in_progress"])
-    return summary(f"cluster ({r['mode']})", r,
+    label = f"cluster ({r['mode']}{', interrupted ' + r['interrupted'] if r.get('interrupted') else ''})"
+    return summary(label, r,
                    f"{r['promotions']} promotions; API server outages served through "
                    f"{served}/{len(outages)}; "
                    f"operator kills mid-transition {mid}/{len(kills)}; ")
 
 
+# Set by SIGTERM or SIGINT: the campaign ends after the fault in progress, with its figures.
+stopping = threading.Event()
+
+
 def _interrupted(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
+    if stopping.is_set():
+        raise KeyboardInterrupt
+    stopping.set()
 
 
 def main() -> int:
@@ -426,7 +438,8 @@ def main() -> int:
     kinds = tuple(args.kinds.split(","))
     if not kinds or set(kinds) - set(KINDS):
         p.error(f"--kinds: a comma-separated subset of {','.join(KINDS)}")
-    # SIGTERM (or SIGINT, which a shell's background job ignores) tears the cluster down.
+    # SIGTERM (or SIGINT, which a shell's background job ignores) ends the campaign after the
+    # fault in progress; a second one at once, and the cluster is torn down.
     signal.signal(signal.SIGTERM, _interrupted)
     signal.signal(signal.SIGINT, _interrupted)
     local = LocalCluster(3, keep_logs=args.keep_logs)
