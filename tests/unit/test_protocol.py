@@ -403,12 +403,39 @@ def test_over_tls_the_indices_are_still_checked() -> None:
         dec.next_event()
 
 
-@pytest.mark.parametrize("sender_covers", [True, False])
-def test_ends_that_disagree_on_covering_page_data_refuse_every_batch(sender_covers: bool) -> None:
-    wire, _ = _uncovered_pages_wire(b"\x07" * (2 * p.PAGE_SIZE), cover=sender_covers)
-    dec = p.FrameDecoder(cover_page_data=not sender_covers)
+def test_a_version_1_primary_pairs_with_this_version_over_tls_page_data_still_checked() -> None:
+    # A rolling update replaces the secondary first: it reads the old primary's frames, which
+    # cover page data (version 1), and a flipped page byte is still a checksum failure.
+    data = np.random.default_rng(3).integers(0, 256, 2 * p.PAGE_SIZE, dtype=np.uint8).tobytes()
+    wire, frame = _uncovered_pages_wire(data, cover=True)
+    assert wire[4] == 1
+    dec = p.FrameDecoder(cover_page_data=False)
     dec.receive(wire)
+    assert isinstance(dec.next_event(), p.PagesHeader)
+    dest = bytearray(2 * p.PAGE_SIZE)
+    dec.begin_payload(dest)
+    done = dec.next_event()
+    assert isinstance(done, p.PagesComplete) and bytes(dest) == data
+    assert done.payload_hash == p.pages_payload_hash(1, 3, 0, 1, frame.indices, data)
+    flipped = bytearray(wire)
+    flipped[-1] ^= 0x01
+    dec = p.FrameDecoder(cover_page_data=False)
+    dec.receive(flipped)
     assert isinstance(dec.next_event(), p.PagesHeader)
     dec.begin_payload(bytearray(2 * p.PAGE_SIZE))
     with pytest.raises(p.RemoteProtocolError, match="checksum"):
+        dec.next_event()
+
+
+def test_control_frames_say_version_1_so_a_version_1_peer_reads_them() -> None:
+    for cover in (True, False):
+        assert p.FrameEncoder(cover_page_data=cover).encode(p.Ack(1, 1))[4] == 1
+    assert _uncovered_pages_wire(bytes(2 * p.PAGE_SIZE), cover=False)[0][4] == 2
+
+
+def test_uncovered_page_data_on_a_clear_connection_is_refused() -> None:
+    wire, _ = _uncovered_pages_wire(b"\x07" * (2 * p.PAGE_SIZE), cover=False)
+    dec = p.FrameDecoder(cover_page_data=True)
+    dec.receive(wire)
+    with pytest.raises(p.RemoteProtocolError, match="without TLS"):
         dec.next_event()

@@ -60,6 +60,12 @@ from colo_agent.constants import PAGE_SIZE as PAGE_SIZE
 
 MAGIC: Final = b"COLO"
 WIRE_VERSION: Final = 2  # 2: page data outside the payload hash over TLS
+# The oldest version this side still reads. A frame's version byte is the oldest
+# version that reads it the same way: only PAGES/SYNC_PAGES over TLS say 2, so an
+# agent of this version pairs with one of version 1 either way round in clear,
+# and over TLS as the secondary of a version-1 primary (the order of a rolling
+# update: the secondary is replaced first).
+OLDEST_WIRE_VERSION: Final = 1
 # The semantic protocol version a HELLO announces; bumped when messages change
 # meaning while the frame layout stays.
 PROTOCOL_VERSION: Final = 1
@@ -801,8 +807,8 @@ class FrameEncoder:
         """Number the next frame will carry."""
         return self._seq
 
-    def _header(self, mtype: MessageType, length: int, payload_hash: int) -> bytes:
-        head = HEADER.pack(MAGIC, WIRE_VERSION, mtype, 0, length, self._seq)
+    def _header(self, mtype: MessageType, length: int, payload_hash: int, version: int = 1) -> bytes:
+        head = HEADER.pack(MAGIC, version, mtype, 0, length, self._seq)
         self._seq = (self._seq + 1) & 0xFFFFFFFF
         return head + _CHECKSUM.pack(_frame_checksum(head, payload_hash))
 
@@ -842,7 +848,7 @@ class FrameEncoder:
                 cover_page_data=self.cover_page_data,
             )  # fmt: skip
         length = PAGES_META.size + count * _PAGE_ENTRY
-        head = self._header(msg.kind, length, payload_hash)
+        head = self._header(msg.kind, length, payload_hash, 1 if self.cover_page_data else 2)
         return [head + meta + bytes(index_bytes), data], payload_hash
 
 
@@ -860,6 +866,7 @@ class _Payload:
     head16: bytes = b""
     expected: int = 0
     checksum: int = 0
+    covered: bool = True  # page data is part of the payload hash
 
 
 @dataclass
@@ -985,7 +992,7 @@ class FrameDecoder:
         (checksum,) = _CHECKSUM.unpack_from(self._buf, HEADER.size)
         head16 = bytes(self._buf[: HEADER.size])
         if mtype in _PAGES_KINDS:
-            return self._pages_header(mtype, length, head16, checksum)
+            return self._pages_header(mtype, length, head16, checksum, covered=version == 1)
         if len(self._buf) < HEADER_SIZE + length:
             return NEED_DATA
         payload = memoryview(self._buf)[HEADER_SIZE : HEADER_SIZE + length]
@@ -1015,8 +1022,13 @@ class FrameDecoder:
     ) -> None:
         if magic != MAGIC:
             raise RemoteProtocolError(f"bad frame magic {magic!r}")
-        if version != WIRE_VERSION:
-            raise RemoteProtocolError(f"unsupported wire version {version} (this side speaks {WIRE_VERSION})")
+        if not OLDEST_WIRE_VERSION <= version <= WIRE_VERSION:
+            raise RemoteProtocolError(
+                f"unsupported wire version {version} "
+                f"(this side reads {OLDEST_WIRE_VERSION} to {WIRE_VERSION})"
+            )
+        if version >= 2 and mtype in _PAGES_KINDS and self.cover_page_data:
+            raise RemoteProtocolError("page data outside the payload hash on a connection without TLS")
         if mtype not in _KNOWN_TYPES:
             raise RemoteProtocolError(f"unknown frame type {mtype}")
         if flags != 0:
@@ -1030,7 +1042,7 @@ class FrameDecoder:
             raise RemoteProtocolError(f"{MessageType(mtype).name} frame of {length} bytes exceeds {limit}")
 
     def _pages_header(
-        self, mtype: MessageType, length: int, head16: bytes, checksum: int
+        self, mtype: MessageType, length: int, head16: bytes, checksum: int, *, covered: bool
     ) -> Event | NeedData:
         body = length - PAGES_META.size
         if body <= 0 or body % _PAGE_ENTRY:
@@ -1051,11 +1063,13 @@ class FrameDecoder:
         header = PagesHeader(mtype, term, epoch, attempt, channel, indices)
         # Frame accepted structurally: consume it and expect its page data.
         del self._buf[:meta_end]
-        self._payload = _Payload(header, hasher, head16=head16, expected=count * PAGE_SIZE, checksum=checksum)
+        self._payload = _Payload(
+            header, hasher, head16=head16, expected=count * PAGE_SIZE, checksum=checksum, covered=covered
+        )
         return header
 
     def _hash_data(self, p: _Payload, data: bytes | memoryview) -> None:
-        if self.cover_page_data:
+        if p.covered:
             p.prefix_hash.update(data)
 
     def _finish_payload(self) -> Event | NeedData:
