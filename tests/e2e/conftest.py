@@ -20,6 +20,7 @@ import kubernetes
 import pytest
 from cluster import LocalCluster
 from cluster.testing import ClusterHandle, any_test_failed, binaries_or_skip
+from support.qemu import cached_qemu_tools
 
 E2E_DIR = Path(__file__).resolve().parent
 
@@ -53,7 +54,10 @@ def cluster(request: pytest.FixtureRequest) -> Iterator[ClusterHandle]:
     binaries_or_skip()
     if os.geteuid() != 0:
         pytest.skip("the local e2e driver needs root (network namespaces)")
-    local = LocalCluster(3, keep_logs=request.config.getoption("--e2e-keep-logs"))
+    # The qemu backend's QEMU on the pods' PATH, where the agent image has it.
+    qemu = cached_qemu_tools()
+    extra_path = [str(Path(qemu.binaries.qemu).parent)] if qemu is not None else []
+    local = LocalCluster(3, keep_logs=request.config.getoption("--e2e-keep-logs"), extra_path=extra_path)
     local.start()
     try:
         yield ClusterHandle(driver, local.kubeconfig, local.node_names, local)

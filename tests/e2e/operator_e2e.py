@@ -73,6 +73,23 @@ def cvm_status(cluster: Any, namespace: str, name: str) -> dict[str, Any]:
     return json.loads(result.stdout).get("status") or {} if result.returncode == 0 else {}
 
 
+def ready_addresses(cluster: Any, namespace: str, service: str) -> list[str]:
+    """The ready endpoint addresses of a Service, from its EndpointSlices ([] if none)."""
+    result = cluster.kubectl(
+        "get", "endpointslices", "-n", namespace, "-l", f"kubernetes.io/service-name={service}", "-o", "json",
+        check=False,
+    )  # fmt: skip
+    if result.returncode != 0:
+        return []
+    return [
+        address
+        for item in json.loads(result.stdout)["items"]
+        for endpoint in item.get("endpoints") or []
+        if (endpoint.get("conditions") or {}).get("ready")
+        for address in endpoint["addresses"]
+    ]
+
+
 def kubectl_apply(cluster: Any, namespace: str, obj: dict[str, Any]) -> None:
     from cluster import build
 

@@ -5,13 +5,21 @@ re-protected on the third node."""
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from operator_e2e import Writer, colovm, cvm_status, kubectl_apply, missing, operator_installed, wait_for
+from operator_e2e import (
+    Writer,
+    colovm,
+    cvm_status,
+    kubectl_apply,
+    missing,
+    operator_installed,
+    ready_addresses,
+    wait_for,
+)
 
 NAMESPACE = "colo-failover-e2e"
 CLIENT_PORT = 6379
@@ -22,19 +30,7 @@ def status(cluster: Any, name: str) -> dict[str, Any]:
 
 
 def endpoints(cluster: Any, service: str) -> list[str]:
-    result = cluster.kubectl(
-        "get", "endpointslices", "-n", NAMESPACE, "-l", f"kubernetes.io/service-name={service}", "-o", "json",
-        check=False,
-    )  # fmt: skip
-    if result.returncode != 0:
-        return []
-    return [
-        address
-        for item in json.loads(result.stdout)["items"]
-        for endpoint in item.get("endpoints") or []
-        if (endpoint.get("conditions") or {}).get("ready")
-        for address in endpoint["addresses"]
-    ]
+    return ready_addresses(cluster, NAMESPACE, service)
 
 
 @pytest.fixture(scope="module")

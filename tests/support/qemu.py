@@ -8,6 +8,8 @@ the cached paths.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import os
 import shutil
 import socket
 import subprocess
@@ -24,6 +26,7 @@ from colo_agent.qemu.colo import Binaries
 from colo_agent.qemu.command import Endpoint, GuestSpec
 
 ROOT = Path(__file__).resolve().parents[2]
+GUEST_INIT = "agent/colo_agent/qemu/guest-init.sh"  # as .ci/qemu-guest names it
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,24 @@ def _last_line(script: str) -> str:
 def qemu_tools() -> QemuTools:
     qemu = Path(_last_line("qemu-build"))
     guest = Path(_last_line("qemu-guest"))
+    return QemuTools(Binaries(qemu=str(qemu), qemu_img=str(qemu.parent / "qemu-img")), guest)
+
+
+def cached_qemu_tools() -> QemuTools | None:
+    """The tools if `.ci/qemu-build` and `.ci/qemu-guest` have built them, else None; never builds.
+
+    The guest's cache key is `.ci/qemu-guest`'s own: the script and the
+    guest's /init hashed together."""
+    out = subprocess.run(["bash", str(ROOT / ".ci" / "qemu-build"), "--cached"],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    if out.returncode != 0:
+        return None
+    qemu = Path(out.stdout.strip().splitlines()[-1])
+    key = (ROOT / ".ci" / "qemu-guest").read_bytes() + (ROOT / GUEST_INIT).read_bytes()
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "colo-qemu"
+    guest = cache / f"guest-{hashlib.sha256(key).hexdigest()[:12]}"
+    if not all((guest / name).is_file() for name in ("vmlinuz", "initrd.img", "disk.qcow2")):
+        return None
     return QemuTools(Binaries(qemu=str(qemu), qemu_img=str(qemu.parent / "qemu-img")), guest)
 
 

@@ -147,6 +147,9 @@ def _reap_abandoned() -> None:
         print(f"colo-e2e: cleaned up abandoned cluster {path.stem}", file=sys.stderr)
 
 
+SYSTEM_PATH = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
+
+
 class LocalCluster:
     """Control plane + ``nodes`` process nodes; use as a context manager or start()/stop()."""
 
@@ -158,6 +161,7 @@ class LocalCluster:
         node_monitor_grace_seconds: int = 6,
         keep_logs: bool = False,
         node_resources: dict[str, str] | None = None,
+        extra_path: Sequence[str] = (),
     ) -> None:
         if not 1 <= nodes <= 9:
             raise ValueError(f"a local cluster has 1 to 9 nodes, not {nodes}")
@@ -171,6 +175,9 @@ class LocalCluster:
             # agent pods of kvm guests request it.
             node_resources = {KVM_RESOURCE: "1k"} if os.path.exists("/dev/kvm") else {}
         self.node_resources = dict(node_resources)
+        # Directories put first on the pods' PATH, as an image would have them
+        # (e.g. the qemu backend's QEMU bundle).
+        self.extra_path = tuple(str(p) for p in extra_path)
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="colo-e2e-"))
         self.id = secrets.token_hex(2)
         self.octet = 0
@@ -325,7 +332,7 @@ class LocalCluster:
             apiserver_host=self.apiserver_ip,
             apiserver_port=self.control_plane.port,
             blackhole_file=str(node_dir / "blackholes.json"),
-            path=f"{venv_bin}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            path=":".join([*self.extra_path, str(venv_bin), *SYSTEM_PATH]),
             extra_resources=self.node_resources,
         )
         node.spec_path.write_text(json.dumps(dataclasses.asdict(spec), indent=2))
