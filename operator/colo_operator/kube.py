@@ -27,6 +27,8 @@ from urllib.parse import quote
 import kubernetes
 import urllib3
 
+from colo_agent.timeouts import RequestTimeout
+
 from . import constants as c
 from .manifests import Names
 
@@ -79,25 +81,6 @@ _PATHS = {
 def _path(kind: str, namespace: str, name: str | None = None) -> str:
     base = _PATHS[kind].format(ns=quote(namespace, safe=""))
     return base if name is None else f"{base}/{quote(name, safe='')}"
-
-
-class RequestTimeout:
-    """The timeout of the next request: doubled after a timeout, twice the last answer's time
-    after an answer, always within [floor, ceiling]. Updated from several worker threads;
-    a lost update only makes one request's timeout a little off."""
-
-    def __init__(self, floor: float, ceiling: float) -> None:
-        if not 0 < floor <= ceiling:
-            raise ValueError(f"request timeouts need 0 < floor <= ceiling, got {floor!r}, {ceiling!r}")
-        self.floor = floor
-        self.ceiling = ceiling
-        self.current = floor
-
-    def timed_out(self) -> None:
-        self.current = min(self.ceiling, self.current * 2)
-
-    def answered(self, elapsed: float) -> None:
-        self.current = min(self.ceiling, max(self.floor, 2 * elapsed))
 
 
 # The API server's own default --request-timeout: waiting longer is pointless.

@@ -15,12 +15,13 @@ from colo_agent.arbiter.lease import (
     DURATION_ANNOTATION,
     FLOOR_ANNOTATION,
     KubeLeaseArbiter,
-    RequestTimeout,
+    _count_failure,
     lease_body,
     micro_time,
     record_from_lease,
 )
 from colo_agent.arbiter.local import FileArbiter
+from colo_agent.timeouts import RequestTimeout
 
 
 def lease(**spec: Any) -> dict[str, Any]:
@@ -188,9 +189,9 @@ class FakeApi:
 def test_request_timeouts_follow_a_slow_api_server_and_come_back_after() -> None:
     timeout = RequestTimeout(0.8, 10.0)
     for expected in (1.6, 3.2, 6.4, 10.0, 10.0):
-        timeout.failed(requests.ReadTimeout("read timed out"))
+        _count_failure(timeout, requests.ReadTimeout("read timed out"))
         assert timeout.current == pytest.approx(expected)
-    timeout.failed(requests.ConnectionError("refused"))  # refused at once: no reason to wait longer
+    _count_failure(timeout, requests.ConnectionError("refused"))  # refused at once: no reason to wait longer
     assert timeout.current == pytest.approx(10.0)
     # An answer sets it to twice what that answer took, within the bounds.
     for elapsed, expected in ((3.0, 6.0), (0.1, 0.8), (1.5, 3.0), (0.0, 0.8), (7.0, 10.0)):

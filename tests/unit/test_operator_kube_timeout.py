@@ -12,7 +12,8 @@ from collections.abc import Iterator
 import kubernetes
 import pytest
 
-from colo_operator.kube import Kube, KubeError, RequestTimeout
+from colo_agent.timeouts import RequestTimeout
+from colo_operator.kube import Kube, KubeError
 
 DELAY = 0.6  # every answer takes this long
 

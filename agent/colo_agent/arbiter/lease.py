@@ -53,6 +53,7 @@ import requests
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from colo_agent.arbiter.base import Arbiter, ArbiterError, ArbiterUnavailable, Clock, LeaseRecord
+from colo_agent.timeouts import RequestTimeout
 
 DURATION_ANNOTATION = "colo.dev/lease-duration-ms"
 # The epoch floor (see `LeaseRecord.floor`): not a Lease field, so an annotation.
@@ -258,7 +259,7 @@ class KubeLeaseArbiter(Arbiter):
         try:
             r = self._client().get(**self._kwargs(url=f"leases/{self.name}"))
         except requests.RequestException as exc:
-            self.timeout.failed(exc)
+            _count_failure(self.timeout, exc)
             raise _Transient(f"cannot reach the API server: {exc}") from exc
         self.timeout.answered(time.monotonic() - asked)
         if r.status_code == 404:
@@ -286,7 +287,7 @@ class KubeLeaseArbiter(Arbiter):
             else:
                 r = self._client().put(**self._kwargs(url=f"leases/{self.name}", data=data, headers=headers))
         except requests.RequestException as exc:
-            self.timeout.failed(exc)
+            _count_failure(self.timeout, exc)
             raise ArbiterUnavailable(
                 f"{what} Lease {self.namespace}/{self.name}: outcome unknown: {exc}"
             ) from exc
@@ -302,23 +303,10 @@ class KubeLeaseArbiter(Arbiter):
         return _json_object(r)
 
 
-class RequestTimeout:
-    """The timeout of the next request: doubled after a timeout, twice the last answer's
-    time after an answer, always within [floor, ceiling]. Used from one thread at a time."""
-
-    def __init__(self, floor: float, ceiling: float) -> None:
-        if not 0 < floor <= ceiling:
-            raise ValueError(f"request timeouts need 0 < floor <= ceiling, got {floor!r}, {ceiling!r}")
-        self.floor = floor
-        self.ceiling = ceiling
-        self.current = floor
-
-    def failed(self, exc: BaseException) -> None:
-        if isinstance(exc, requests.Timeout):
-            self.current = min(self.ceiling, self.current * 2)
-
-    def answered(self, elapsed: float) -> None:
-        self.current = min(self.ceiling, max(self.floor, 2 * elapsed))
+def _count_failure(timeout: RequestTimeout, exc: requests.RequestException) -> None:
+    """A request that timed out waits longer next time; one refused at once does not."""
+    if isinstance(exc, requests.Timeout):
+        timeout.timed_out()
 
 
 def _json_object(r: requests.Response) -> dict[str, Any]:
