@@ -137,17 +137,28 @@ class Connection:
         return self._tls is not None
 
     async def send(self, msg: Message) -> None:
-        await self.sendmsg([self.encoder.encode(msg)])
+        await self.sendmsg(self._frames([msg]))
 
     async def send_pages(self, msg: Pages) -> None:
-        buffers, _ = self.encoder.encode_pages(msg)
-        await self.sendmsg(buffers)
+        await self.sendmsg(self._frames([msg]))
 
     async def sendmsg(self, buffers: list[bytes | memoryview]) -> None:
         """Send every buffer, in order, without joining them (over TLS: their records)."""
-        if self._tls is not None:
-            buffers = [*self._tls.encrypt(buffers)]
-        await self.send_wire(buffers)
+        await self.send_wire(self._on_wire(buffers))
+
+    def _frames(self, msgs: Sequence[Message]) -> list[bytes | memoryview]:
+        """The frames of `msgs`, numbered in order (PAGES: header and page data apart)."""
+        buffers: list[bytes | memoryview] = []
+        for msg in msgs:
+            if isinstance(msg, Pages):
+                buffers += self.encoder.encode_pages(msg)[0]
+            else:
+                buffers.append(self.encoder.encode(msg))
+        return buffers
+
+    def _on_wire(self, buffers: list[bytes | memoryview]) -> list[bytes | memoryview]:
+        """What goes on the wire for `buffers`: themselves, or over TLS their records."""
+        return buffers if self._tls is None else [*self._tls.encrypt(buffers)]
 
     def encrypt(self, data: bytes) -> bytes:
         """What goes on the wire for `data` (itself in clear); any thread, in
@@ -168,15 +179,7 @@ class Connection:
         in one call, without waiting; returns the wire bytes still to send
         (`send_wire`), in order. A failing socket is left to `send_wire`, which
         meets the error again and raises it where a writer reports it."""
-        buffers: list[bytes | memoryview] = []
-        for msg in msgs:
-            if isinstance(msg, Pages):
-                buffers += self.encoder.encode_pages(msg)[0]
-            else:
-                buffers.append(self.encoder.encode(msg))
-        if self._tls is not None:
-            buffers = [*self._tls.encrypt(buffers)]
-        views = [memoryview(b).cast("B") for b in buffers]
+        views = [memoryview(b).cast("B") for b in self._on_wire(self._frames(msgs))]
         with contextlib.suppress(OSError):
             self._sendmsg(views)
         return views
